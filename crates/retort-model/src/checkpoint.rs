@@ -1,0 +1,222 @@
+//! Loading a model from a GGUF file or a Hugging Face directory, and saving one as a Hugging Face
+//! directory that `transformers` and llama.cpp's converter read.
+//!
+//! A saved directory holds `config.json`, `model.safetensors` (f32, `format = pt`),
+//! `tokenizer.json`, `tokenizer_config.json` (with the chat template) and `generation_config.json`.
+//! It is written to a temporary sibling and renamed into place, so a crash never leaves half a
+//! checkpoint.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
+use crate::model::Model;
+use crate::tokenizer::Tokenizer;
+use crate::weights::{Stored, WeightFormat, Weights};
+
+/// What a model path points at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    Gguf,
+    HfDir,
+}
+
+/// Everything read from a model path, before a [`Model`] is built from it.
+#[derive(Debug)]
+pub struct Checkpoint {
+    pub path: PathBuf,
+    pub kind: SourceKind,
+    pub config: Config,
+    pub weights: Weights,
+    pub tokenizer: Tokenizer,
+}
+
+/// Read a GGUF file or a Hugging Face model directory.
+pub fn read(path: &Path, device: &Device) -> Result<Checkpoint> {
+    if !path.exists() {
+        return Err(Error::invalid(
+            format!("model path `{}` does not exist", path.display()),
+            "pass a .gguf file or a Hugging Face model directory; `scripts/fetch-assets` installs the default teacher under assets/",
+        ));
+    }
+    if path.is_dir() {
+        read_hf_dir(path, device)
+    } else {
+        read_gguf(path, device)
+    }
+}
+
+fn read_gguf(path: &Path, device: &Device) -> Result<Checkpoint> {
+    let mut g = GgufFile::open(path)?;
+    let config = g.config()?;
+    let tokenizer = Tokenizer::from_gguf(&g)?;
+    let weights = g.weights(device)?;
+    Ok(Checkpoint {
+        path: path.to_path_buf(),
+        kind: SourceKind::Gguf,
+        config,
+        weights,
+        tokenizer,
+    })
+}
+
+fn read_hf_dir(dir: &Path, device: &Device) -> Result<Checkpoint> {
+    let cfg_path = dir.join("config.json");
+    if !cfg_path.exists() {
+        return Err(Error::Config {
+            path: cfg_path,
+            field: "(file)".into(),
+            problem: "does not exist".into(),
+            hint: "a Hugging Face model directory needs config.json next to its *.safetensors"
+                .into(),
+        });
+    }
+    let config = Config::from_hf_json(&cfg_path)?;
+    let mut files: Vec<PathBuf> = fs_err::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::Weights {
+            path: dir.to_path_buf(),
+            name: "*.safetensors".into(),
+            problem: "is missing: the directory has no weights".into(),
+        });
+    }
+    let mut tensors = HashMap::new();
+    for f in &files {
+        let bytes = fs_err::read(f)?;
+        let st =
+            safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::CorruptWeights {
+                path: f.clone(),
+                format: "safetensors",
+                reason: e.to_string(),
+            })?;
+        for (name, view) in st.tensors() {
+            let t = candle_core::safetensors::Load::load(&view, device)?;
+            tensors.insert(name, Stored::Dense(t));
+        }
+    }
+    let mut eos = config.eos_token_id.clone();
+    let gen_path = dir.join("generation_config.json");
+    if gen_path.exists() {
+        let g: serde_json::Value =
+            serde_json::from_str(&fs_err::read_to_string(&gen_path)?).unwrap_or_default();
+        let ids: Vec<u32> = match &g["eos_token_id"] {
+            serde_json::Value::Number(n) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+            serde_json::Value::Array(a) => a
+                .iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as u32)
+                .collect(),
+            _ => vec![],
+        };
+        for id in ids {
+            if !eos.contains(&id) {
+                eos.push(id);
+            }
+        }
+    }
+    let tokenizer = Tokenizer::from_hf_dir(dir, &eos)?;
+    let weights = Weights::new(dir, tensors, device);
+    Ok(Checkpoint {
+        path: dir.to_path_buf(),
+        kind: SourceKind::HfDir,
+        config,
+        weights,
+        tokenizer,
+    })
+}
+
+impl Checkpoint {
+    /// A frozen model (teacher or inference).
+    pub fn frozen(&self, format: WeightFormat) -> Result<Model> {
+        Model::frozen(&self.config, &self.weights, format)
+    }
+
+    /// A trainable f32 model (student).
+    pub fn trainable(&self) -> Result<Model> {
+        Model::trainable(&self.config, &self.weights)
+    }
+}
+
+/// Load a frozen model and its tokenizer in one call.
+pub fn load(path: &Path, format: WeightFormat, device: &Device) -> Result<(Model, Tokenizer)> {
+    let ck = read(path, device)?;
+    let model = ck.frozen(format)?;
+    Ok((model, ck.tokenizer))
+}
+
+/// Save `model` and `tokenizer` as a Hugging Face directory at `dir`, atomically.
+/// An existing `dir` is replaced only if `overwrite` is set.
+pub fn save_hf(model: &Model, tokenizer: &Tokenizer, dir: &Path, overwrite: bool) -> Result<()> {
+    if dir.exists() && !overwrite {
+        return Err(Error::invalid(
+            format!("`{}` already exists", dir.display()),
+            "choose another output directory or remove this one",
+        ));
+    }
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs_err::create_dir_all(parent)?;
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "model".into());
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        fs_err::remove_dir_all(&tmp)?;
+    }
+    fs_err::create_dir_all(&tmp)?;
+    let result = write_dir(model, tokenizer, &tmp);
+    if let Err(e) = result {
+        let _ = fs_err::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if dir.exists() {
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        fs_err::rename(dir, &old)?;
+        fs_err::rename(&tmp, dir)?;
+        fs_err::remove_dir_all(&old)?;
+    } else {
+        fs_err::rename(&tmp, dir)?;
+    }
+    Ok(())
+}
+
+fn write_dir(model: &Model, tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
+    let cfg = model.config();
+    let config_json = serde_json::to_string_pretty(&cfg.to_hf_json()).unwrap_or_default();
+    fs_err::write(dir.join("config.json"), config_json)?;
+    let tensors: Vec<(String, candle_core::Tensor)> = model
+        .named_tensors()?
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.to_dtype(DType::F32)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(tensors, Some(metadata), &dir.join("model.safetensors"))
+        .map_err(|e| {
+            Error::invalid(
+                format!("cannot write model.safetensors: {e}"),
+                "check free disk space and permissions",
+            )
+        })?;
+    tokenizer.save_hf(dir)?;
+    let generation = serde_json::json!({
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": tokenizer.stop_ids(),
+        "do_sample": false,
+    });
+    fs_err::write(
+        dir.join("generation_config.json"),
+        serde_json::to_string_pretty(&generation).unwrap_or_default(),
+    )?;
+    Ok(())
+}

@@ -1,0 +1,526 @@
+//! The llama-family decoder (Llama, SmolLM, Qwen2), one implementation for teacher and student.
+//!
+//! Dimension letters used below:
+//! B batch, T new positions in this call, S key positions (cached + new), C hidden size,
+//! H query heads, KVH key/value heads, G = H / KVH query heads per key/value head,
+//! D head dim, F MLP width, V vocabulary.
+//!
+//! [`Model::forward`] returns the final-norm hidden states `(B, T, C)` for every position;
+//! [`Model::lm_head`] maps any `(…, C)` to logits `(…, V)`, so losses can apply the head only where
+//! they take a loss, chunk by chunk.
+//!
+//! Two execution modes with the same numbers: a *frozen* model uses candle's fused kernels
+//! (`rms_norm`, `softmax_last_dim`, `rope`), which carry **no gradient**; a *trainable* model
+//! (weights are [`Var`]s) uses compositions of differentiable ops instead. Tests check both agree
+//! and that every trainable tensor receives a gradient.
+
+use std::path::Path;
+
+use candle_core::{D, DType, Device, Module, Tensor, Var};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCache;
+use crate::rope::Rope;
+use crate::weights::{LinearWeight, WeightFormat, Weights};
+
+/// A linear layer `y = x Wᵀ + b`, dense or quantized.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: LinearWeight,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// `x (…, in) → (…, out)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match &self.weight {
+            LinearWeight::Dense(w) => {
+                // Fold leading dims so one GEMM runs against the transposed (strided) weight.
+                let dims = x.dims().to_vec();
+                let (&inner, lead) = dims.split_last().ok_or_else(|| {
+                    Error::invalid("linear layer got a scalar input", "this is a bug in retort")
+                })?;
+                let (out, _) = w.dims2()?;
+                let rows: usize = lead.iter().product();
+                let y = x.reshape((rows, inner))?.matmul(&w.t()?)?; // (rows, out)
+                let mut out_dims = lead.to_vec();
+                out_dims.push(out);
+                y.reshape(out_dims)?
+            }
+            LinearWeight::Quantized(q) => q.forward(x)?,
+        };
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    fn dense_weight(&self) -> Option<&Tensor> {
+        match &self.weight {
+            LinearWeight::Dense(w) => Some(w),
+            LinearWeight::Quantized(_) => None,
+        }
+    }
+}
+
+/// Whether ops must carry gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Fused candle kernels, no backward.
+    Frozen,
+    /// Differentiable compositions.
+    Trainable,
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, mode: Mode) -> Result<Tensor> {
+    Ok(match mode {
+        Mode::Frozen => candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?,
+        Mode::Trainable => {
+            // x · (mean(x²) + eps)^-½ · w, over the last dim.
+            let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+            x.broadcast_mul(&(ms + eps)?.sqrt()?.recip()?)?
+                .broadcast_mul(w)?
+        }
+    })
+}
+
+fn softmax_last(x: &Tensor, mode: Mode) -> Result<Tensor> {
+    Ok(match mode {
+        Mode::Frozen => candle_nn::ops::softmax_last_dim(x)?,
+        Mode::Trainable => candle_nn::ops::softmax(x, D::Minus1)?,
+    })
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    /// `x (B, T, C)`, `mask (B|1, 1, T, S)` additive → `(B, T, C)`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        pos0: usize,
+        mask: Option<&Tensor>,
+        cache: Option<&mut candle_nn::kv_cache::KvCache>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let (b, t, _c) = x.dims3()?;
+        let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let g = h / kvh;
+        // 1. Projections, heads split out: (B, T, H·D) → (B, H, T, D).
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape((b, t, h, d))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let k = self
+            .k_proj
+            .forward(x)?
+            .reshape((b, t, kvh, d))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((b, t, kvh, d))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        // 2. Rotary position embedding at absolute positions pos0 .. pos0 + T.
+        let q = rope.apply(&q, pos0, mode == Mode::Trainable)?;
+        let k = rope.apply(&k, pos0, mode == Mode::Trainable)?;
+        // 3. Append to the cache: k, v (B, KVH, S, D).
+        let (k, v) = match cache {
+            Some(c) => c.append(&k, &v)?,
+            None => (k, v),
+        };
+        let s = k.dim(2)?;
+        // 4. Grouped-query attention without copying K/V: the G query heads that share one K/V
+        //    head are stacked along the position axis. (B, H, T, D) → (B, KVH, G·T, D).
+        let q = q.reshape((b, kvh, g * t, d))?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let att = (q.matmul(&k.t()?)? * scale)?; // (B, KVH, G·T, S)
+        let att = match mask {
+            Some(m) => att
+                .reshape((b, kvh, g, t, s))?
+                .broadcast_add(&m.unsqueeze(1)?)?
+                .reshape((b, kvh, g * t, s))?,
+            None => att,
+        };
+        let att = softmax_last(&att, mode)?;
+        let y = att.matmul(&v.contiguous()?)?; // (B, KVH, G·T, D)
+        // 5. Heads back together: (B, H, T, D) → (B, T, H·D) → (B, T, C).
+        let y = y
+            .reshape((b, h, t, d))?
+            .transpose(1, 2)?
+            .reshape((b, t, h * d))?;
+        self.o_proj.forward(&y)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    /// SwiGLU: `down(silu(gate(x)) · up(x))`, `(B, T, C) → (B, T, F) → (B, T, C)`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let a = self.gate_proj.forward(x)?.silu()?;
+        self.down_proj.forward(&(a * self.up_proj.forward(x)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    input_layernorm: Tensor,
+    self_attn: Attention,
+    post_attention_layernorm: Tensor,
+    mlp: Mlp,
+}
+
+/// A llama-family decoder with its LM head.
+#[derive(Debug, Clone)]
+pub struct Model {
+    cfg: Config,
+    embed_tokens: Tensor, // (V, C)
+    layers: Vec<Block>,
+    norm: Tensor,    // (C)
+    lm_head: Linear, // (V, C); shares embed_tokens when tied
+    rope: Rope,
+    mode: Mode,
+    /// Trainable parameters by Hugging Face name (empty for a frozen model).
+    vars: Vec<(String, Var)>,
+    device: Device,
+}
+
+impl Model {
+    /// Build a frozen model (a teacher) from loaded weights.
+    pub fn frozen(cfg: &Config, weights: &Weights, format: WeightFormat) -> Result<Model> {
+        Self::build(cfg, weights, format, Mode::Frozen)
+    }
+
+    /// Build a trainable model (a student): every weight becomes an f32 [`Var`].
+    pub fn trainable(cfg: &Config, weights: &Weights) -> Result<Model> {
+        Self::build(cfg, weights, WeightFormat::F32, Mode::Trainable)
+    }
+
+    fn build(cfg: &Config, w: &Weights, format: WeightFormat, mode: Mode) -> Result<Model> {
+        cfg.validate(w.source())?;
+        let device = w.device.clone();
+        let mut vars = Vec::new();
+        let mut param = |name: &str, t: Tensor| -> Result<Tensor> {
+            Ok(match mode {
+                Mode::Frozen => t,
+                Mode::Trainable => {
+                    let v = Var::from_tensor(&t)?;
+                    let t = v.as_tensor().clone();
+                    vars.push((name.to_string(), v));
+                    t
+                }
+            })
+        };
+        let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let (qd, kvd) = (
+            cfg.num_attention_heads * cfg.head_dim,
+            cfg.num_key_value_heads * cfg.head_dim,
+        );
+        let embed_name = "model.embed_tokens.weight";
+        let embed_tokens = param(embed_name, w.dense(embed_name, &[v, c])?)?;
+
+        let mut linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+            let weight = match (
+                mode,
+                w.linear(&format!("{name}.weight"), &[out, inp], format)?,
+            ) {
+                (Mode::Trainable, LinearWeight::Dense(t)) => {
+                    LinearWeight::Dense(param(&format!("{name}.weight"), t)?)
+                }
+                (_, lw) => lw,
+            };
+            let bias = if bias {
+                let bname = format!("{name}.bias");
+                Some(param(&bname, w.dense(&bname, &[out])?)?)
+            } else {
+                None
+            };
+            Ok(Linear { weight, bias })
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        let qkv_bias = cfg.arch.qkv_bias();
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let self_attn = Attention {
+                q_proj: linear(&format!("{p}.self_attn.q_proj"), qd, c, qkv_bias)?,
+                k_proj: linear(&format!("{p}.self_attn.k_proj"), kvd, c, qkv_bias)?,
+                v_proj: linear(&format!("{p}.self_attn.v_proj"), kvd, c, qkv_bias)?,
+                o_proj: linear(&format!("{p}.self_attn.o_proj"), c, qd, false)?,
+                n_heads: cfg.num_attention_heads,
+                n_kv_heads: cfg.num_key_value_heads,
+                head_dim: cfg.head_dim,
+            };
+            let mlp = Mlp {
+                gate_proj: linear(&format!("{p}.mlp.gate_proj"), f, c, false)?,
+                up_proj: linear(&format!("{p}.mlp.up_proj"), f, c, false)?,
+                down_proj: linear(&format!("{p}.mlp.down_proj"), c, f, false)?,
+            };
+            layers.push((p, self_attn, mlp));
+        }
+        let lm_head = if cfg.tie_word_embeddings {
+            match format {
+                // A quantized tied head reuses the quantized embedding (GGUF stores it once).
+                WeightFormat::Quantized if mode == Mode::Frozen => Linear {
+                    weight: w.linear(embed_name, &[v, c], format)?,
+                    bias: None,
+                },
+                _ => Linear {
+                    weight: LinearWeight::Dense(embed_tokens.clone()),
+                    bias: None,
+                },
+            }
+        } else {
+            linear("lm_head", v, c, false)?
+        };
+        // Norm weights last so the closure borrows end above.
+        let mut blocks = Vec::with_capacity(layers.len());
+        for (p, self_attn, mlp) in layers {
+            let n1 = format!("{p}.input_layernorm.weight");
+            let n2 = format!("{p}.post_attention_layernorm.weight");
+            blocks.push(Block {
+                input_layernorm: param(&n1, w.dense(&n1, &[c])?)?,
+                self_attn,
+                post_attention_layernorm: param(&n2, w.dense(&n2, &[c])?)?,
+                mlp,
+            });
+        }
+        let norm = param("model.norm.weight", w.dense("model.norm.weight", &[c])?)?;
+        let rope = Rope::new(
+            cfg.head_dim,
+            cfg.max_position_embeddings,
+            cfg.rope_theta,
+            &device,
+        )?;
+        Ok(Model {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers: blocks,
+            norm,
+            lm_head,
+            rope,
+            mode,
+            vars,
+            device,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Trainable parameters by Hugging Face name; empty for a frozen model.
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    pub fn is_trainable(&self) -> bool {
+        self.mode == Mode::Trainable
+    }
+
+    /// Final-norm hidden states for every position.
+    ///
+    /// - `ids (B, T)` u32 token ids;
+    /// - `pos0`: absolute position of `ids[:, 0]` (the cache length when decoding);
+    /// - `left_pad`: per row, how many leading positions (from position 0) are padding, which no
+    ///   query may attend to; empty when no row is padded;
+    /// - `cache`: key/value cache to read and extend (generation), or `None`.
+    ///
+    /// Returns `(B, T, C)`.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        pos0: usize,
+        left_pad: &[usize],
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let c = self.cfg.hidden_size;
+        if pos0 + t > self.cfg.max_position_embeddings {
+            return Err(Error::invalid(
+                format!(
+                    "sequence of {} positions exceeds max_position_embeddings = {}",
+                    pos0 + t,
+                    self.cfg.max_position_embeddings
+                ),
+                "shorten the input or lower the generation limit",
+            ));
+        }
+        let mut x = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, c))?; // (B, T, C)
+        let mask = attention_mask(b, t, pos0, left_pad, &self.device)?; // (B|1, 1, T, S)
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_cache = match cache.as_deref_mut() {
+                Some(kc) => Some(kc.layer_mut(i)?),
+                None => None,
+            };
+            let h = rms_norm(&x, &layer.input_layernorm, self.cfg.rms_norm_eps, self.mode)?;
+            let a = layer.self_attn.forward(
+                &h,
+                &self.rope,
+                pos0,
+                mask.as_ref(),
+                layer_cache,
+                self.mode,
+            )?;
+            x = (x + a)?;
+            let h = rms_norm(
+                &x,
+                &layer.post_attention_layernorm,
+                self.cfg.rms_norm_eps,
+                self.mode,
+            )?;
+            x = (&x + layer.mlp.forward(&h)?)?;
+        }
+        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, self.mode) // (B, T, C)
+    }
+
+    /// `hidden (…, C) → logits (…, V)`.
+    pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(hidden)
+    }
+
+    /// Logits for every position, `(B, T) → (B, T, V)`: a convenience for small inputs; losses
+    /// should gather the positions they need and call [`Model::lm_head`] on those.
+    pub fn logits(&self, ids: &Tensor) -> Result<Tensor> {
+        self.lm_head(&self.forward(ids, 0, &[], None)?)
+    }
+
+    /// Every dense tensor by Hugging Face name, in checkpoint order. Errors on quantized weights.
+    pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let quantized = || {
+            Error::invalid(
+                "cannot save a model whose linear layers are quantized",
+                "load it with dequantized (f32) weights before saving",
+            )
+        };
+        let dense = |l: &Linear| l.dense_weight().cloned().ok_or_else(quantized);
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.clone(),
+        )];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                l.input_layernorm.clone(),
+            ));
+            for (n, lin) in [
+                ("self_attn.q_proj", &l.self_attn.q_proj),
+                ("self_attn.k_proj", &l.self_attn.k_proj),
+                ("self_attn.v_proj", &l.self_attn.v_proj),
+                ("self_attn.o_proj", &l.self_attn.o_proj),
+                ("mlp.gate_proj", &l.mlp.gate_proj),
+                ("mlp.up_proj", &l.mlp.up_proj),
+                ("mlp.down_proj", &l.mlp.down_proj),
+            ] {
+                out.push((format!("{p}.{n}.weight"), dense(lin)?));
+                if let Some(b) = &lin.bias {
+                    out.push((format!("{p}.{n}.bias"), b.clone()));
+                }
+            }
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                l.post_attention_layernorm.clone(),
+            ));
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        if !self.cfg.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), dense(&self.lm_head)?));
+        }
+        Ok(out)
+    }
+
+    /// Build a [`KvCache`] for `batch` rows and up to `max_len` positions.
+    pub fn new_cache(&self, max_len: usize) -> KvCache {
+        KvCache::new(self.cfg.num_hidden_layers, max_len)
+    }
+
+    /// Keep only the given layers (Minitron-style depth pruning): the result has
+    /// `keep.len()` layers, copied from this model's layers in the given order.
+    pub fn prune_layers(&self, keep: &[usize], source: &Path) -> Result<Model> {
+        if keep.is_empty() {
+            return Err(Error::invalid(
+                "no layers to keep",
+                "pass at least one layer index",
+            ));
+        }
+        if let Some(&bad) = keep.iter().find(|&&i| i >= self.layers.len()) {
+            return Err(Error::invalid(
+                format!(
+                    "layer {bad} does not exist in `{}` ({} layers)",
+                    source.display(),
+                    self.layers.len()
+                ),
+                format!("use indices 0..{}", self.layers.len()),
+            ));
+        }
+        let mut m = self.clone();
+        m.layers = keep.iter().map(|&i| self.layers[i].clone()).collect();
+        m.cfg.num_hidden_layers = keep.len();
+        m.vars.clear();
+        Ok(m)
+    }
+}
+
+/// The additive attention mask `(B|1, 1, T, S)` with `S = pos0 + T`, or `None` when nothing
+/// needs masking (one new position and no padding).
+///
+/// Query `i` (absolute position `pos0 + i`) may see key `j` iff `j ≤ pos0 + i` and `j` is not
+/// padding. A padding query sees only itself, so its row stays finite (its output is never used).
+pub fn attention_mask(
+    b: usize,
+    t: usize,
+    pos0: usize,
+    left_pad: &[usize],
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    let s = pos0 + t;
+    let padded = left_pad.iter().any(|&p| p > 0);
+    if t == 1 && !padded {
+        return Ok(None);
+    }
+    let rows = if padded { b } else { 1 };
+    let mut m = vec![0f32; rows * t * s];
+    for r in 0..rows {
+        let pad = if padded { left_pad[r] } else { 0 };
+        for i in 0..t {
+            let qpos = pos0 + i;
+            for j in 0..s {
+                let visible = j <= qpos && (j >= pad || j == qpos);
+                if !visible {
+                    m[(r * t + i) * s + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    Ok(Some(
+        Tensor::from_vec(m, (rows, 1, t, s), device)?.to_dtype(DType::F32)?,
+    ))
+}

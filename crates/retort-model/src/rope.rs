@@ -1,0 +1,88 @@
+//! Rotary position embedding in Hugging Face's half-split layout (`rotate_half`).
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::Result;
+
+/// Precomputed `cos`/`sin` tables, `(max_positions, D/2)`.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    pub fn new(head_dim: usize, max_positions: usize, theta: f64, device: &Device) -> Result<Rope> {
+        // inv_freq[i] = theta^(-2i/D), computed in f64 then stored as f32 like transformers does.
+        let inv_freq: Vec<f32> = (0..head_dim / 2)
+            .map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32)
+            .collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, head_dim / 2), device)?;
+        let positions = Tensor::arange(0u32, max_positions as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((max_positions, 1))?;
+        let angles = positions.matmul(&inv_freq)?; // (P, D/2)
+        Ok(Rope {
+            cos: angles.cos()?,
+            sin: angles.sin()?,
+        })
+    }
+
+    /// Rotate `x (B, H, T, D)` for absolute positions `pos0 .. pos0 + T`.
+    /// `differentiable` selects the composition of ops that carries gradients over the fused kernel.
+    pub fn apply(&self, x: &Tensor, pos0: usize, differentiable: bool) -> Result<Tensor> {
+        let (_b, _h, t, _d) = x.dims4()?;
+        let cos = self.cos.narrow(0, pos0, t)?; // (T, D/2)
+        let sin = self.sin.narrow(0, pos0, t)?;
+        Ok(if differentiable {
+            candle_nn::rotary_emb::rope_slow(x, &cos, &sin)?
+        } else {
+            candle_nn::rotary_emb::rope(&x.contiguous()?, &cos.contiguous()?, &sin.contiguous()?)?
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fused_and_differentiable_agree_at_an_offset() {
+        let dev = Device::Cpu;
+        let rope = Rope::new(8, 64, 10_000.0, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev).unwrap();
+        let a = rope.apply(&x, 7, false).unwrap();
+        let b = rope.apply(&x, 7, true).unwrap();
+        let diff = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-6, "{diff}");
+    }
+
+    #[test]
+    fn rotation_preserves_pair_norm_and_position_zero_is_identity() {
+        let dev = Device::Cpu;
+        let rope = Rope::new(4, 16, 10_000.0, &dev).unwrap();
+        let x = Tensor::new(&[[[[1f32, 2., 3., 4.]]]], &dev).unwrap();
+        let at0 = rope.apply(&x, 0, true).unwrap();
+        assert_eq!(
+            at0.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![1., 2., 3., 4.]
+        );
+        // Half-split pairs are (x[i], x[i + D/2]); their norm is preserved at any position.
+        let r = rope
+            .apply(&x, 5, true)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(((r[0] * r[0] + r[2] * r[2]) - 10.0).abs() < 1e-4);
+        assert!(((r[1] * r[1] + r[3] * r[3]) - 20.0).abs() < 1e-4);
+    }
+}

@@ -1,0 +1,119 @@
+//! Named weights as read from a file, before they become a [`crate::Model`].
+//!
+//! Names are always Hugging Face's (`model.layers.0.self_attn.q_proj.weight`), whatever the source
+//! format; GGUF names are mapped on load (see [`crate::gguf`]). A tensor is either dense (any float
+//! dtype) or still quantized (GGUF blocks), so a quantized teacher can stay quantized for generation.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+
+/// One stored tensor.
+#[derive(Debug, Clone)]
+pub enum Stored {
+    Dense(Tensor),
+    Quantized(Arc<QTensor>),
+}
+
+impl Stored {
+    pub fn dims(&self) -> Vec<usize> {
+        match self {
+            Stored::Dense(t) => t.dims().to_vec(),
+            Stored::Quantized(q) => q.shape().dims().to_vec(),
+        }
+    }
+}
+
+/// How the linear layers of a loaded model are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    /// Everything dequantized to f32: exact scoring and the only trainable format.
+    #[default]
+    F32,
+    /// Linear layers kept in their GGUF quantization (a quarter of the memory; slower for
+    /// batched input on CPU). Embeddings and norms are f32.
+    Quantized,
+}
+
+/// All tensors of one checkpoint, by Hugging Face name.
+#[derive(Debug)]
+pub struct Weights {
+    pub(crate) source: PathBuf,
+    pub(crate) tensors: HashMap<String, Stored>,
+    pub(crate) device: Device,
+}
+
+impl Weights {
+    pub fn new(source: &Path, tensors: HashMap<String, Stored>, device: &Device) -> Self {
+        Self {
+            source: source.to_path_buf(),
+            tensors,
+            device: device.clone(),
+        }
+    }
+
+    /// The file (or directory) the weights came from.
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys()
+    }
+
+    fn get(&self, name: &str, dims: &[usize]) -> Result<&Stored> {
+        let t = self.tensors.get(name).ok_or_else(|| Error::Weights {
+            path: self.source.clone(),
+            name: name.to_string(),
+            problem: "is missing".into(),
+        })?;
+        if t.dims() != dims {
+            return Err(Error::Weights {
+                path: self.source.clone(),
+                name: name.to_string(),
+                problem: format!("has shape {:?} but the config implies {dims:?}", t.dims()),
+            });
+        }
+        Ok(t)
+    }
+
+    /// A dense f32 tensor of the given shape (dequantized if stored quantized).
+    pub fn dense(&self, name: &str, dims: &[usize]) -> Result<Tensor> {
+        Ok(match self.get(name, dims)? {
+            Stored::Dense(t) => t.to_dtype(DType::F32)?,
+            Stored::Quantized(q) => q.dequantize(&self.device)?,
+        })
+    }
+
+    /// A linear weight `(out, in)`: quantized if asked and available, else dense f32.
+    pub(crate) fn linear(
+        &self,
+        name: &str,
+        dims: &[usize],
+        format: WeightFormat,
+    ) -> Result<LinearWeight> {
+        match (self.get(name, dims)?, format) {
+            (Stored::Quantized(q), WeightFormat::Quantized) => {
+                Ok(LinearWeight::Quantized(QMatMul::from_arc(q.clone())?))
+            }
+            _ => Ok(LinearWeight::Dense(self.dense(name, dims)?)),
+        }
+    }
+}
+
+/// The weight of a linear layer.
+#[derive(Debug, Clone)]
+pub enum LinearWeight {
+    /// `(out, in)`, any float dtype; f32 for training.
+    Dense(Tensor),
+    Quantized(QMatMul),
+}
