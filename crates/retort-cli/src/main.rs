@@ -1,1 +1,56 @@
-fn main() {}
+//! `retort`: knowledge distillation of large language models, in one binary.
+//!
+//! clap arguments ([`cli`]) → one `commands/<verb>.rs` per subcommand → library calls. This crate
+//! is the only place that prints or reads environment variables; data goes to stdout, logs and
+//! progress to stderr.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+mod cli;
+mod commands;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    init_logging(args.global.verbose, args.global.quiet);
+    if let Some(n) = args.global.threads {
+        set_threads(n);
+    }
+    match commands::run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // A closed stdout (e.g. `retort generate … | head`) is not an error.
+            if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = match (quiet, verbose) {
+        (true, _) => "warn",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_env("RETORT_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+/// candle sizes its thread pools from `RAYON_NUM_THREADS` when they are first used, so the variable
+/// must be set before any tensor work.
+#[allow(unsafe_code)]
+fn set_threads(n: usize) {
+    // SAFETY: called at the start of `main`, before any other thread exists.
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+}

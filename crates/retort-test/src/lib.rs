@@ -1,1 +1,133 @@
-//! x
+//! Test helpers shared by retort's crates: tiny seeded random llama-family models and a tiny
+//! word-level tokenizer with a ChatML template, all built in code (no downloads).
+//!
+//! ```
+//! let dir = tempfile::tempdir().unwrap();
+//! let path = retort_test::write_tiny_model(dir.path(), &retort_test::tiny_config(retort_model::Arch::Llama), 0);
+//! assert!(path.join("model.safetensors").exists());
+//! ```
+
+// A test-support crate: a panic here is a failed test set-up, reported where it happens.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use retort_model::chat_template::ChatTemplate;
+use retort_model::weights::Stored;
+use retort_model::{Arch, Config, Model, Tokenizer, WeightFormat, Weights};
+
+/// Words of the tiny vocabulary after the special tokens.
+pub const WORDS: &[&str] = &[
+    "system", "user", "assistant", "the", "sky", "is", "blue", "why", "?", "because", "of", "light", "hello",
+    "world", "a", "b", "c", "d", "yes", "no", "stock", "market", "good", "bad",
+];
+
+/// Special tokens: `[UNK]`=0, `<|im_start|>`=1, `<|im_end|>`=2 (EOS), `<pad>`=3.
+pub const SPECIALS: &[&str] = &["[UNK]", "<|im_start|>", "<|im_end|>", "<pad>"];
+
+/// ChatML without a default system prompt.
+pub const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// A word-level tokenizer over [`SPECIALS`] + [`WORDS`], splitting on whitespace.
+pub fn tiny_hf_tokenizer() -> tokenizers::Tokenizer {
+    use tokenizers::models::wordlevel::WordLevel;
+    use tokenizers::pre_tokenizers::whitespace::WhitespaceSplit;
+    let vocab: HashMap<String, u32> =
+        SPECIALS.iter().chain(WORDS).enumerate().map(|(i, w)| (w.to_string(), i as u32)).collect();
+    let model = WordLevel::builder().vocab(vocab.into_iter().collect()).unk_token("[UNK]".into()).build().unwrap();
+    let mut tok = tokenizers::Tokenizer::new(model);
+    tok.with_pre_tokenizer(Some(WhitespaceSplit));
+    let specials: Vec<tokenizers::AddedToken> =
+        SPECIALS.iter().map(|s| tokenizers::AddedToken::from(s.to_string(), true)).collect();
+    tok.add_special_tokens(specials).unwrap();
+    tok
+}
+
+/// The tiny tokenizer with ChatML and `<|im_end|>` as EOS.
+pub fn tiny_tokenizer() -> Tokenizer {
+    let template = ChatTemplate::new(CHATML, "", "<|im_end|>").unwrap();
+    Tokenizer::new(tiny_hf_tokenizer(), Some(template), None, false, vec![2], Path::new("tiny-tokenizer"))
+}
+
+/// A 2-layer model: C=16, H=4, KVH=2 (grouped-query), D=4, F=32, V = tiny vocabulary.
+pub fn tiny_config(arch: Arch) -> Config {
+    Config {
+        arch,
+        hidden_size: 16,
+        intermediate_size: 32,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 4,
+        vocab_size: SPECIALS.len() + WORDS.len(),
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        max_position_embeddings: 128,
+        tie_word_embeddings: arch == Arch::Llama,
+        bos_token_id: None,
+        eos_token_id: vec![2],
+    }
+}
+
+/// Seeded random weights for `cfg`, by Hugging Face name. Norm weights are near 1, matrices
+/// uniform in ±0.5/√fan_in·√3 (unit-variance activations), biases small.
+pub fn random_weights(cfg: &Config, seed: u64) -> Weights {
+    let dev = Device::Cpu;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut tensors = HashMap::new();
+    let mut put = |name: String, dims: &[usize], scale: f32, offset: f32| {
+        let n: usize = dims.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| offset + scale * (rng.random::<f32>() * 2.0 - 1.0)).collect();
+        tensors.insert(name, Stored::Dense(Tensor::from_vec(v, dims, &dev).unwrap()));
+    };
+    let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let (q, kv) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
+    let w = |fan_in: usize| (3.0 / fan_in as f32).sqrt();
+    put("model.embed_tokens.weight".into(), &[v, c], 1.0, 0.0);
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        put(format!("{p}.input_layernorm.weight"), &[c], 0.2, 1.0);
+        put(format!("{p}.post_attention_layernorm.weight"), &[c], 0.2, 1.0);
+        put(format!("{p}.self_attn.q_proj.weight"), &[q, c], w(c), 0.0);
+        put(format!("{p}.self_attn.k_proj.weight"), &[kv, c], w(c), 0.0);
+        put(format!("{p}.self_attn.v_proj.weight"), &[kv, c], w(c), 0.0);
+        put(format!("{p}.self_attn.o_proj.weight"), &[c, q], w(q), 0.0);
+        if cfg.arch.qkv_bias() {
+            put(format!("{p}.self_attn.q_proj.bias"), &[q], 0.1, 0.0);
+            put(format!("{p}.self_attn.k_proj.bias"), &[kv], 0.1, 0.0);
+            put(format!("{p}.self_attn.v_proj.bias"), &[kv], 0.1, 0.0);
+        }
+        put(format!("{p}.mlp.gate_proj.weight"), &[f, c], w(c), 0.0);
+        put(format!("{p}.mlp.up_proj.weight"), &[f, c], w(c), 0.0);
+        put(format!("{p}.mlp.down_proj.weight"), &[c, f], w(f), 0.0);
+    }
+    put("model.norm.weight".into(), &[c], 0.2, 1.0);
+    if !cfg.tie_word_embeddings {
+        put("lm_head.weight".into(), &[v, c], w(c), 0.0);
+    }
+    Weights::new(Path::new("random-weights"), tensors, &dev)
+}
+
+/// A frozen tiny model.
+pub fn tiny_model(cfg: &Config, seed: u64) -> Model {
+    Model::frozen(cfg, &random_weights(cfg, seed), WeightFormat::F32).unwrap()
+}
+
+/// Write a tiny model with its tokenizer as a Hugging Face directory `dir/tiny`; returns its path.
+pub fn write_tiny_model(dir: &Path, cfg: &Config, seed: u64) -> PathBuf {
+    let out = dir.join("tiny");
+    retort_model::checkpoint::save_hf(&tiny_model(cfg, seed), &tiny_tokenizer(), &out, false).unwrap();
+    out
+}
+
+/// Largest absolute difference between two tensors of the same shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// Re-exported so doc tests and users of this crate need not depend on it.
+pub use retort_data::Message;

@@ -1,0 +1,141 @@
+//! Command-line arguments. Doc comments are the `--help` text.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Knowledge distillation of LLMs: a frozen teacher writes data and trains a smaller student.
+#[derive(Debug, Parser)]
+#[command(name = "retort", version, about, long_about = None)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// More log output on stderr (-v debug, -vv trace). `RETORT_LOG` overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only warnings and errors on stderr; no progress bars.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// CPU threads for tensor work (default: all cores, or `RAYON_NUM_THREADS`).
+    #[arg(long, global = true, value_name = "N")]
+    pub threads: Option<usize>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show a model's configuration, parameter count and tokenizer.
+    Info(InfoArgs),
+    /// Chat with a model interactively, streaming its answers.
+    Chat(ChatArgs),
+    /// Generate completions for one prompt or a JSONL file of prompts (batched).
+    Generate(GenerateArgs),
+    /// Build a depth-pruned student from a teacher and save it as a Hugging Face directory.
+    InitStudent(InitStudentArgs),
+}
+
+/// How weights are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum Weights {
+    /// Dequantized to f32: exact, fastest for batches and scoring.
+    #[default]
+    F32,
+    /// Keep GGUF quantization for linear layers: least memory.
+    Quantized,
+}
+
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// A GGUF file or a Hugging Face model directory (config.json + *.safetensors + tokenizer.json).
+    #[arg(long, short = 'm', value_name = "PATH")]
+    pub model: PathBuf,
+    /// How to hold the weights in memory.
+    #[arg(long, value_enum, default_value_t = Weights::F32)]
+    pub weights: Weights,
+}
+
+#[derive(Debug, Args)]
+pub struct SamplingArgs {
+    /// Maximum new tokens per answer.
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Sampler seed (prompt i of a batch uses seed + i).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when the text contains this string (repeatable).
+    #[arg(long = "stop", value_name = "TEXT")]
+    pub stop: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// System prompt (default: the chat template's own, if any).
+    #[arg(long)]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "prompts"])))]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// One user message to answer.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// JSONL file, one prompt per line: `{"prompt": "…"}` or `{"messages": [{"role": …, "content": …}, …]}`,
+    /// with optional `"id"` and `"system"`.
+    #[arg(long, value_name = "FILE")]
+    pub prompts: Option<PathBuf>,
+    /// System prompt for prompts that have none.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Write the JSONL records here (atomically) instead of stdout.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Prompts decoded together in one forward pass per step.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("depth").required(true).args(["keep_layers", "num_layers"])))]
+pub struct InitStudentArgs {
+    /// The teacher: a GGUF file (dequantized to f32) or a Hugging Face directory.
+    #[arg(long, value_name = "PATH")]
+    pub teacher: PathBuf,
+    /// Teacher layers to keep, comma-separated, e.g. `0,3,6,9`.
+    #[arg(long, value_delimiter = ',', value_name = "I,J,…")]
+    pub keep_layers: Option<Vec<usize>>,
+    /// Keep this many layers, evenly spaced, always including the first and the last.
+    #[arg(long, value_name = "N")]
+    pub num_layers: Option<usize>,
+    /// Output directory (Hugging Face format).
+    #[arg(long, short = 'o', value_name = "DIR")]
+    pub out: PathBuf,
+    /// Replace `--out` if it exists.
+    #[arg(long)]
+    pub force: bool,
+}
