@@ -33,7 +33,7 @@ def chat(q):
 
 
 def main():
-    m = Llama(model_path=GGUF, n_threads=2, n_threads_batch=2, n_ctx=1024, verbose=False, logits_all=False)
+    m = Llama(model_path=GGUF, n_threads=2, n_threads_batch=2, n_ctx=1024, verbose=False, logits_all=True)
     tok_ids = m.tokenize(TOKENIZER_TEXT.encode(), add_bos=False, special=True)
 
     prompt = chat("What is the capital of France?")
@@ -67,7 +67,7 @@ def main():
         "prompt": prompt,
         "prompt_ids": p_ids,
         "top5_ids": top,
-        "top5_logits": [logits[i] for i in top],
+        "top5_logits": [float(logits[i]) for i in top],
         "top5_tokens": [m.detokenize([i]).decode(errors="replace") for i in top],
         "sky_prompt_ids": s_ids,
         "sky_greedy_ids": out,

@@ -8,7 +8,11 @@ use retort_model::{Arch, Model, WeightFormat, checkpoint};
 use retort_test::{max_abs_diff, random_weights, tiny_config, tiny_model, tiny_tokenizer};
 
 fn ids(rows: &[&[u32]]) -> Tensor {
-    Tensor::new(rows.iter().map(|r| r.to_vec()).collect::<Vec<_>>(), &Device::Cpu).unwrap()
+    Tensor::new(
+        rows.iter().map(|r| r.to_vec()).collect::<Vec<_>>(),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 /// Mean next-token cross-entropy over all positions, built from differentiable ops.
@@ -17,25 +21,48 @@ fn next_token_loss(model: &Model, x: &Tensor) -> Tensor {
     let logits = model.logits(&x.narrow(1, 0, t - 1).unwrap()).unwrap(); // (B, T-1, V)
     let v = logits.dim(D::Minus1).unwrap();
     let targets = x.narrow(1, 1, t - 1).unwrap().flatten_all().unwrap();
-    let logp = candle_nn::ops::log_softmax(&logits.reshape((b * (t - 1), v)).unwrap(), D::Minus1).unwrap();
+    let logp =
+        candle_nn::ops::log_softmax(&logits.reshape((b * (t - 1), v)).unwrap(), D::Minus1).unwrap();
     let picked = logp.gather(&targets.unsqueeze(1).unwrap(), 1).unwrap();
     picked.mean_all().unwrap().neg().unwrap()
 }
 
 #[test]
 fn every_trainable_tensor_gets_a_nonzero_gradient() {
-    for (arch, tied) in [(Arch::Llama, true), (Arch::Llama, false), (Arch::Qwen2, false)] {
+    for (arch, tied) in [
+        (Arch::Llama, true),
+        (Arch::Llama, false),
+        (Arch::Qwen2, false),
+    ] {
         let mut cfg = tiny_config(arch);
         cfg.tie_word_embeddings = tied;
         let student = Model::trainable(&cfg, &random_weights(&cfg, 1)).unwrap();
         let expected = student.named_tensors().unwrap().len();
-        assert_eq!(student.vars().len(), expected, "{arch:?}: every saved tensor is a Var");
-        let loss = next_token_loss(&student, &ids(&[&[1, 5, 6, 7, 8, 9, 2], &[1, 10, 11, 12, 13, 14, 2]]));
+        assert_eq!(
+            student.vars().len(),
+            expected,
+            "{arch:?}: every saved tensor is a Var"
+        );
+        let loss = next_token_loss(
+            &student,
+            &ids(&[&[1, 5, 6, 7, 8, 9, 2], &[1, 10, 11, 12, 13, 14, 2]]),
+        );
         let grads = loss.backward().unwrap();
         for (name, var) in student.vars() {
-            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{arch:?}: no gradient for {name}"));
-            let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(norm > 0.0 && norm.is_finite(), "{arch:?}: gradient of {name} has norm² {norm}");
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{arch:?}: no gradient for {name}"));
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                norm > 0.0 && norm.is_finite(),
+                "{arch:?}: gradient of {name} has norm² {norm}"
+            );
         }
     }
 }
@@ -56,21 +83,43 @@ fn gradients_match_finite_differences() {
         "model.norm.weight",
     ] {
         let var = &student.vars().iter().find(|(n, _)| n == name).unwrap().1;
-        let g = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         // Probe the entry with the largest gradient.
-        let k = (0..g.len()).max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs())).unwrap();
-        let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let k = (0..g.len())
+            .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
+            .unwrap();
+        let base = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let eps = 1e-2f32;
         let loss_at = |delta: f32| {
             let mut w = base.clone();
             w[k] += delta;
-            var.set(&Tensor::from_vec(w, var.shape(), &Device::Cpu).unwrap()).unwrap();
-            next_token_loss(&student, &x).to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+            var.set(&Tensor::from_vec(w, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            next_token_loss(&student, &x)
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
         };
         let fd = (loss_at(eps) - loss_at(-eps)) / (2.0 * eps as f64);
         loss_at(0.0);
         let rel = (fd - g[k] as f64).abs() / fd.abs().max(1e-3);
-        assert!(rel < 2e-2, "{name}[{k}]: autograd {} vs finite difference {fd} (rel {rel})", g[k]);
+        assert!(
+            rel < 2e-2,
+            "{name}[{k}]: autograd {} vs finite difference {fd} (rel {rel})",
+            g[k]
+        );
     }
 }
 
@@ -93,10 +142,14 @@ fn kv_cache_decoding_equals_full_forward() {
     let full = model.logits(&ids(&[seq])).unwrap(); // (1, T, V)
     let mut cache = model.new_cache(32);
     // Prefill 4 positions, then one at a time.
-    let h = model.forward(&ids(&[&seq[..4]]), 0, &[], Some(&mut cache)).unwrap();
+    let h = model
+        .forward(&ids(&[&seq[..4]]), 0, &[], Some(&mut cache))
+        .unwrap();
     let mut rows = vec![model.lm_head(&h).unwrap()];
     for (i, &t) in seq.iter().enumerate().skip(4) {
-        let h = model.forward(&ids(&[&[t]]), i, &[], Some(&mut cache)).unwrap();
+        let h = model
+            .forward(&ids(&[&[t]]), i, &[], Some(&mut cache))
+            .unwrap();
         rows.push(model.lm_head(&h).unwrap());
     }
     let inc = Tensor::cat(&rows, 1).unwrap();
@@ -127,12 +180,31 @@ fn batched_generation_equals_one_prompt_at_a_time() {
     let tok = tiny_tokenizer();
     let prompts: Vec<Vec<u32>> = vec![vec![1, 5, 6, 7], vec![1, 8], vec![1, 9, 10, 11, 12, 13]];
     for temperature in [0.0, 0.8] {
-        let params = SamplingParams { max_new_tokens: 12, temperature, top_p: 0.9, seed: 11, stop: vec![] };
+        let params = SamplingParams {
+            max_new_tokens: 12,
+            temperature,
+            top_p: 0.9,
+            seed: 11,
+            stop: vec![],
+        };
         let batched = generate(&model, &tok, &prompts, &params, |_, _| {}).unwrap();
         for (i, p) in prompts.iter().enumerate() {
-            let single_params = SamplingParams { seed: 11 + i as u64, ..params.clone() };
-            let alone = generate(&model, &tok, std::slice::from_ref(p), &single_params, |_, _| {}).unwrap();
-            assert_eq!(batched[i].ids, alone[0].ids, "prompt {i} at temperature {temperature}");
+            let single_params = SamplingParams {
+                seed: 11 + i as u64,
+                ..params.clone()
+            };
+            let alone = generate(
+                &model,
+                &tok,
+                std::slice::from_ref(p),
+                &single_params,
+                |_, _| {},
+            )
+            .unwrap();
+            assert_eq!(
+                batched[i].ids, alone[0].ids,
+                "prompt {i} at temperature {temperature}"
+            );
         }
     }
 }
@@ -142,18 +214,43 @@ fn generation_stops_on_eos_and_on_stop_strings() {
     let cfg = tiny_config(Arch::Llama);
     let model = tiny_model(&cfg, 7);
     let tok = tiny_tokenizer();
-    let params = SamplingParams { max_new_tokens: 40, ..Default::default() };
-    let free = generate(&model, &tok, &[vec![1, 5]], &params, |_, _| {}).unwrap().remove(0);
-    assert!(!free.ids.contains(&2), "EOS is never part of the returned ids");
+    let params = SamplingParams {
+        max_new_tokens: 40,
+        ..Default::default()
+    };
+    let free = generate(&model, &tok, &[vec![1, 5]], &params, |_, _| {})
+        .unwrap()
+        .remove(0);
+    assert!(
+        !free.ids.contains(&2),
+        "EOS is never part of the returned ids"
+    );
     if free.text.split_whitespace().count() >= 2 {
         // Stop at the second word: the text must end right before it.
         let second = free.text.split_whitespace().nth(1).unwrap().to_string();
-        let stop = SamplingParams { stop: vec![second.clone()], ..params.clone() };
+        let stop = SamplingParams {
+            stop: vec![second.clone()],
+            ..params.clone()
+        };
         let mut streamed = String::new();
-        let cut = generate(&model, &tok, &[vec![1, 5]], &stop, |_, s| streamed.push_str(s)).unwrap().remove(0);
-        assert_eq!(cut.finish_reason, retort_model::generation::FinishReason::Stop);
-        assert!(!cut.text.contains(&second), "{:?} still contains {second:?}", cut.text);
-        assert_eq!(streamed, cut.text, "streamed pieces add up to the final text");
+        let cut = generate(&model, &tok, &[vec![1, 5]], &stop, |_, s| {
+            streamed.push_str(s)
+        })
+        .unwrap()
+        .remove(0);
+        assert_eq!(
+            cut.finish_reason,
+            retort_model::generation::FinishReason::Stop
+        );
+        assert!(
+            !cut.text.contains(&second),
+            "{:?} still contains {second:?}",
+            cut.text
+        );
+        assert_eq!(
+            streamed, cut.text,
+            "streamed pieces add up to the final text"
+        );
     }
 }
 
@@ -165,26 +262,49 @@ fn checkpoint_round_trip_is_bit_identical() {
         let model = Model::trainable(&cfg, &random_weights(&cfg, 8)).unwrap();
         let out = dir.path().join(arch.name());
         checkpoint::save_hf(&model, &tiny_tokenizer(), &out, false).unwrap();
-        for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        for f in [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+        ] {
             assert!(out.join(f).exists(), "{f} missing");
         }
         let ck = checkpoint::read(&out, &Device::Cpu).unwrap();
         assert_eq!(ck.config, cfg);
         let back = ck.trainable().unwrap();
-        let (a, b) = (model.named_tensors().unwrap(), back.named_tensors().unwrap());
+        let (a, b) = (
+            model.named_tensors().unwrap(),
+            back.named_tensors().unwrap(),
+        );
         assert_eq!(a.len(), b.len());
         for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
             assert_eq!(na, nb);
-            let (va, vb) = (ta.flatten_all().unwrap().to_vec1::<f32>().unwrap(), tb.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-            assert!(va.iter().zip(&vb).all(|(x, y)| x.to_bits() == y.to_bits()), "{na} differs");
+            let (va, vb) = (
+                ta.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                tb.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            assert!(
+                va.iter().zip(&vb).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{na} differs"
+            );
         }
         let x = ids(&[&[1, 5, 6, 7]]);
-        assert_eq!(max_abs_diff(&model.logits(&x).unwrap(), &back.logits(&x).unwrap()), 0.0);
+        assert_eq!(
+            max_abs_diff(&model.logits(&x).unwrap(), &back.logits(&x).unwrap()),
+            0.0
+        );
         // The chat template survives the round trip.
         let msgs = [retort_data::Message::user("why is the sky blue ?")];
-        assert_eq!(ck.tokenizer.encode_prompt(&msgs).unwrap(), tiny_tokenizer().encode_prompt(&msgs).unwrap());
+        assert_eq!(
+            ck.tokenizer.encode_prompt(&msgs).unwrap(),
+            tiny_tokenizer().encode_prompt(&msgs).unwrap()
+        );
         // Saving onto an existing directory needs overwrite.
-        let e = checkpoint::save_hf(&model, &tiny_tokenizer(), &out, false).unwrap_err().to_string();
+        let e = checkpoint::save_hf(&model, &tiny_tokenizer(), &out, false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("already exists") && e.contains("hint:"), "{e}");
         checkpoint::save_hf(&model, &tiny_tokenizer(), &out, true).unwrap();
     }
@@ -198,16 +318,39 @@ fn pruning_keeps_the_chosen_layers() {
     let model = Model::frozen(&cfg, &w, WeightFormat::F32).unwrap();
     let x = ids(&[&[1, 5, 6, 7]]);
     let all = model.prune_layers(&[0, 1, 2, 3], "m".as_ref()).unwrap();
-    assert_eq!(max_abs_diff(&model.logits(&x).unwrap(), &all.logits(&x).unwrap()), 0.0);
+    assert_eq!(
+        max_abs_diff(&model.logits(&x).unwrap(), &all.logits(&x).unwrap()),
+        0.0
+    );
     let pruned = model.prune_layers(&[0, 3], "m".as_ref()).unwrap();
     assert_eq!(pruned.config().num_hidden_layers, 2);
-    let names: Vec<String> = pruned.named_tensors().unwrap().into_iter().map(|(n, _)| n).collect();
+    let names: Vec<String> = pruned
+        .named_tensors()
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     assert!(names.contains(&"model.layers.1.mlp.up_proj.weight".to_string()));
     assert!(!names.iter().any(|n| n.starts_with("model.layers.2.")));
     // Layer 1 of the pruned model is layer 3 of the original.
-    let orig = model.named_tensors().unwrap().into_iter().find(|(n, _)| n == "model.layers.3.mlp.up_proj.weight").unwrap().1;
-    let new = pruned.named_tensors().unwrap().into_iter().find(|(n, _)| n == "model.layers.1.mlp.up_proj.weight").unwrap().1;
+    let orig = model
+        .named_tensors()
+        .unwrap()
+        .into_iter()
+        .find(|(n, _)| n == "model.layers.3.mlp.up_proj.weight")
+        .unwrap()
+        .1;
+    let new = pruned
+        .named_tensors()
+        .unwrap()
+        .into_iter()
+        .find(|(n, _)| n == "model.layers.1.mlp.up_proj.weight")
+        .unwrap()
+        .1;
     assert_eq!(max_abs_diff(&orig, &new), 0.0);
-    let e = model.prune_layers(&[0, 9], "m".as_ref()).unwrap_err().to_string();
+    let e = model
+        .prune_layers(&[0, 9], "m".as_ref())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("layer 9") && e.contains("hint:"), "{e}");
 }

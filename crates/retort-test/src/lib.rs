@@ -22,8 +22,30 @@ use retort_model::{Arch, Config, Model, Tokenizer, WeightFormat, Weights};
 
 /// Words of the tiny vocabulary after the special tokens.
 pub const WORDS: &[&str] = &[
-    "system", "user", "assistant", "the", "sky", "is", "blue", "why", "?", "because", "of", "light", "hello",
-    "world", "a", "b", "c", "d", "yes", "no", "stock", "market", "good", "bad",
+    "system",
+    "user",
+    "assistant",
+    "the",
+    "sky",
+    "is",
+    "blue",
+    "why",
+    "?",
+    "because",
+    "of",
+    "light",
+    "hello",
+    "world",
+    "a",
+    "b",
+    "c",
+    "d",
+    "yes",
+    "no",
+    "stock",
+    "market",
+    "good",
+    "bad",
 ];
 
 /// Special tokens: `[UNK]`=0, `<|im_start|>`=1, `<|im_end|>`=2 (EOS), `<pad>`=3.
@@ -36,13 +58,23 @@ pub const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + messag
 pub fn tiny_hf_tokenizer() -> tokenizers::Tokenizer {
     use tokenizers::models::wordlevel::WordLevel;
     use tokenizers::pre_tokenizers::whitespace::WhitespaceSplit;
-    let vocab: HashMap<String, u32> =
-        SPECIALS.iter().chain(WORDS).enumerate().map(|(i, w)| (w.to_string(), i as u32)).collect();
-    let model = WordLevel::builder().vocab(vocab.into_iter().collect()).unk_token("[UNK]".into()).build().unwrap();
+    let vocab: HashMap<String, u32> = SPECIALS
+        .iter()
+        .chain(WORDS)
+        .enumerate()
+        .map(|(i, w)| (w.to_string(), i as u32))
+        .collect();
+    let model = WordLevel::builder()
+        .vocab(vocab.into_iter().collect())
+        .unk_token("[UNK]".into())
+        .build()
+        .unwrap();
     let mut tok = tokenizers::Tokenizer::new(model);
     tok.with_pre_tokenizer(Some(WhitespaceSplit));
-    let specials: Vec<tokenizers::AddedToken> =
-        SPECIALS.iter().map(|s| tokenizers::AddedToken::from(s.to_string(), true)).collect();
+    let specials: Vec<tokenizers::AddedToken> = SPECIALS
+        .iter()
+        .map(|s| tokenizers::AddedToken::from(s.to_string(), true))
+        .collect();
     tok.add_special_tokens(specials).unwrap();
     tok
 }
@@ -50,7 +82,14 @@ pub fn tiny_hf_tokenizer() -> tokenizers::Tokenizer {
 /// The tiny tokenizer with ChatML and `<|im_end|>` as EOS.
 pub fn tiny_tokenizer() -> Tokenizer {
     let template = ChatTemplate::new(CHATML, "", "<|im_end|>").unwrap();
-    Tokenizer::new(tiny_hf_tokenizer(), Some(template), None, false, vec![2], Path::new("tiny-tokenizer"))
+    Tokenizer::new(
+        tiny_hf_tokenizer(),
+        Some(template),
+        None,
+        false,
+        vec![2],
+        Path::new("tiny-tokenizer"),
+    )
 }
 
 /// A 2-layer model: C=16, H=4, KVH=2 (grouped-query), D=4, F=32, V = tiny vocabulary.
@@ -81,17 +120,30 @@ pub fn random_weights(cfg: &Config, seed: u64) -> Weights {
     let mut tensors = HashMap::new();
     let mut put = |name: String, dims: &[usize], scale: f32, offset: f32| {
         let n: usize = dims.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| offset + scale * (rng.random::<f32>() * 2.0 - 1.0)).collect();
-        tensors.insert(name, Stored::Dense(Tensor::from_vec(v, dims, &dev).unwrap()));
+        let v: Vec<f32> = (0..n)
+            .map(|_| offset + scale * (rng.random::<f32>() * 2.0 - 1.0))
+            .collect();
+        tensors.insert(
+            name,
+            Stored::Dense(Tensor::from_vec(v, dims, &dev).unwrap()),
+        );
     };
     let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let (q, kv) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
+    let (q, kv) = (
+        cfg.num_attention_heads * cfg.head_dim,
+        cfg.num_key_value_heads * cfg.head_dim,
+    );
     let w = |fan_in: usize| (3.0 / fan_in as f32).sqrt();
     put("model.embed_tokens.weight".into(), &[v, c], 1.0, 0.0);
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
         put(format!("{p}.input_layernorm.weight"), &[c], 0.2, 1.0);
-        put(format!("{p}.post_attention_layernorm.weight"), &[c], 0.2, 1.0);
+        put(
+            format!("{p}.post_attention_layernorm.weight"),
+            &[c],
+            0.2,
+            1.0,
+        );
         put(format!("{p}.self_attn.q_proj.weight"), &[q, c], w(c), 0.0);
         put(format!("{p}.self_attn.k_proj.weight"), &[kv, c], w(c), 0.0);
         put(format!("{p}.self_attn.v_proj.weight"), &[kv, c], w(c), 0.0);
@@ -120,13 +172,23 @@ pub fn tiny_model(cfg: &Config, seed: u64) -> Model {
 /// Write a tiny model with its tokenizer as a Hugging Face directory `dir/tiny`; returns its path.
 pub fn write_tiny_model(dir: &Path, cfg: &Config, seed: u64) -> PathBuf {
     let out = dir.join("tiny");
-    retort_model::checkpoint::save_hf(&tiny_model(cfg, seed), &tiny_tokenizer(), &out, false).unwrap();
+    retort_model::checkpoint::save_hf(&tiny_model(cfg, seed), &tiny_tokenizer(), &out, false)
+        .unwrap();
     out
 }
 
 /// Largest absolute difference between two tensors of the same shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// Re-exported so doc tests and users of this crate need not depend on it.

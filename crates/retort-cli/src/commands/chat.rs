@@ -12,7 +12,9 @@ pub fn run(args: ChatArgs, quiet: bool) -> Result<()> {
     let (model, tok) = super::load_model(&args.model, quiet)?;
     let params = super::sampling_params(&args.sampling)?;
     let mut history: Vec<Message> = args.system.iter().map(Message::system).collect();
-    eprintln!("Type a message and press Enter; an empty line or Ctrl-D ends the chat, /reset forgets the conversation.");
+    eprintln!(
+        "Type a message and press Enter; an empty line or Ctrl-D ends the chat, /reset forgets the conversation."
+    );
     let stdin = std::io::stdin();
     let mut stdout = std::io::stdout();
     loop {
@@ -34,14 +36,21 @@ pub fn run(args: ChatArgs, quiet: bool) -> Result<()> {
         let t0 = std::time::Instant::now();
         let mut write_err = None;
         let out = generate(&model, &tok, &[prompt], &params, |_, piece| {
-            if let Err(e) = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()) {
+            if let Err(e) = stdout
+                .write_all(piece.as_bytes())
+                .and_then(|_| stdout.flush())
+            {
                 write_err.get_or_insert(e);
             }
         })?;
         if let Some(e) = write_err {
             return Err(e.into());
         }
-        let answer = out.into_iter().next().map(|c| (c.text, c.ids.len())).unwrap_or_default();
+        let answer = out
+            .into_iter()
+            .next()
+            .map(|c| (c.text, c.ids.len()))
+            .unwrap_or_default();
         writeln!(stdout)?;
         tracing::debug!("{} tokens in {:.2}s", answer.1, t0.elapsed().as_secs_f64());
         history.push(Message::assistant(answer.0));

@@ -47,24 +47,42 @@ fn read_prompts(path: &Path, default_system: Option<&str>) -> Result<Vec<Prompt>
         let mut messages = match (p.prompt, p.messages) {
             (Some(text), None) => vec![Message::user(text)],
             (None, Some(m)) => m,
-            (Some(_), Some(_)) => bail!("{}:{n}: has both `prompt` and `messages`\nhint: keep one of them", path.display()),
-            (None, None) => bail!("{}:{n}: has neither `prompt` nor `messages`\nhint: add the user's text as \"prompt\"", path.display()),
+            (Some(_), Some(_)) => bail!(
+                "{}:{n}: has both `prompt` and `messages`\nhint: keep one of them",
+                path.display()
+            ),
+            (None, None) => bail!(
+                "{}:{n}: has neither `prompt` nor `messages`\nhint: add the user's text as \"prompt\"",
+                path.display()
+            ),
         };
         if messages.is_empty() || messages.iter().any(|m| m.content.trim().is_empty()) {
-            bail!("{}:{n}: a message is empty\nhint: remove the line or write the message", path.display());
+            bail!(
+                "{}:{n}: a message is empty\nhint: remove the line or write the message",
+                path.display()
+            );
         }
         if messages.last().is_some_and(|m| m.role == Role::Assistant) {
-            bail!("{}:{n}: the last message is the assistant's, so there is nothing to answer\nhint: end with a user message", path.display());
+            bail!(
+                "{}:{n}: the last message is the assistant's, so there is nothing to answer\nhint: end with a user message",
+                path.display()
+            );
         }
         if let Some(s) = system
             && messages[0].role != Role::System
         {
             messages.insert(0, Message::system(s));
         }
-        out.push(Prompt { id: p.id.unwrap_or_else(|| serde_json::json!(out.len())), messages });
+        out.push(Prompt {
+            id: p.id.unwrap_or_else(|| serde_json::json!(out.len())),
+            messages,
+        });
     }
     if out.is_empty() {
-        bail!("{}: no prompts\nhint: write one JSON prompt record per line", path.display());
+        bail!(
+            "{}: no prompts\nhint: write one JSON prompt record per line",
+            path.display()
+        );
     }
     Ok(out)
 }
@@ -75,7 +93,10 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
         (Some(p), _) => {
             let mut messages: Vec<Message> = args.system.iter().map(Message::system).collect();
             messages.push(Message::user(p.clone()));
-            vec![Prompt { id: serde_json::json!(0), messages }]
+            vec![Prompt {
+                id: serde_json::json!(0),
+                messages,
+            }]
         }
         (None, Some(path)) => read_prompts(path, args.system.as_deref())?,
         (None, None) => bail!("pass --prompt or --prompts"),
@@ -85,21 +106,33 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
 
     // Write to a temporary file next to --out and rename at the end: no half-written output.
     let tmp_path = args.out.as_ref().map(|o| {
-        let name = o.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let name = o
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
         o.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
     });
     let mut sink: Box<dyn Write> = match &tmp_path {
         Some(t) => Box::new(std::io::BufWriter::new(fs_err::File::create(t)?)),
         None => Box::new(std::io::stdout().lock()),
     };
-    let pb = progress::bar(prompts.len() as u64, "generating", quiet || prompts.len() == 1);
+    let pb = progress::bar(
+        prompts.len() as u64,
+        "generating",
+        quiet || prompts.len() == 1,
+    );
     let t0 = std::time::Instant::now();
     let mut generated = 0usize;
     let result = (|| -> Result<()> {
         for (chunk_idx, chunk) in prompts.chunks(args.batch_size).enumerate() {
-            let ids: Vec<Vec<u32>> = chunk.iter().map(|p| tok.encode_prompt(&p.messages)).collect::<retort_model::Result<_>>()?;
+            let ids: Vec<Vec<u32>> = chunk
+                .iter()
+                .map(|p| tok.encode_prompt(&p.messages))
+                .collect::<retort_model::Result<_>>()?;
             let batch_params = retort_model::generation::SamplingParams {
-                seed: params.seed.wrapping_add((chunk_idx * args.batch_size) as u64),
+                seed: params
+                    .seed
+                    .wrapping_add((chunk_idx * args.batch_size) as u64),
                 ..params.clone()
             };
             let outs = generate(&model, &tok, &ids, &batch_params, |_, _| {})?;

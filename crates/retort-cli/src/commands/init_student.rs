@@ -13,7 +13,9 @@ pub fn evenly_spaced(n: usize, total: usize) -> Vec<usize> {
     match n {
         0 => vec![],
         1 => vec![0],
-        _ => (0..n).map(|i| (i * (total - 1) + (n - 1) / 2) / (n - 1)).collect(),
+        _ => (0..n)
+            .map(|i| (i * (total - 1) + (n - 1) / 2) / (n - 1))
+            .collect(),
     }
 }
 
@@ -63,7 +65,10 @@ mod tests {
 
     #[test]
     fn evenly_spaced_keeps_first_and_last() {
-        assert_eq!(evenly_spaced(10, 30), vec![0, 3, 6, 10, 13, 16, 19, 23, 26, 29]);
+        assert_eq!(
+            evenly_spaced(10, 30),
+            vec![0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
+        );
         assert_eq!(evenly_spaced(2, 30), vec![0, 29]);
         assert_eq!(evenly_spaced(30, 30), (0..30).collect::<Vec<_>>());
         assert_eq!(evenly_spaced(1, 30), vec![0]);

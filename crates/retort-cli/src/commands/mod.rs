@@ -46,9 +46,19 @@ pub(crate) fn load_model(args: &ModelArgs, quiet: bool) -> Result<(Model, Tokeni
     Ok((model, tok))
 }
 
-pub(crate) fn sampling_params(s: &SamplingArgs) -> Result<retort_model::generation::SamplingParams> {
-    anyhow::ensure!(s.temperature >= 0.0, "--temperature must be ≥ 0 (0 is greedy), got {}", s.temperature);
-    anyhow::ensure!(s.top_p > 0.0 && s.top_p <= 1.0, "--top-p must be in (0, 1], got {}", s.top_p);
+pub(crate) fn sampling_params(
+    s: &SamplingArgs,
+) -> Result<retort_model::generation::SamplingParams> {
+    anyhow::ensure!(
+        s.temperature >= 0.0,
+        "--temperature must be ≥ 0 (0 is greedy), got {}",
+        s.temperature
+    );
+    anyhow::ensure!(
+        s.top_p > 0.0 && s.top_p <= 1.0,
+        "--top-p must be in (0, 1], got {}",
+        s.top_p
+    );
     anyhow::ensure!(s.max_new_tokens > 0, "--max-new-tokens must be at least 1");
     Ok(retort_model::generation::SamplingParams {
         max_new_tokens: s.max_new_tokens,
