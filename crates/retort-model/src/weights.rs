@@ -70,6 +70,11 @@ impl Weights {
         self.tensors.keys()
     }
 
+    /// All tensors by Hugging Face name.
+    pub fn tensors(&self) -> &HashMap<String, Stored> {
+        &self.tensors
+    }
+
     fn get(&self, name: &str, dims: &[usize]) -> Result<&Stored> {
         let t = self.tensors.get(name).ok_or_else(|| Error::Weights {
             path: self.source.clone(),

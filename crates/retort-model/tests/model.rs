@@ -354,3 +354,172 @@ fn pruning_keeps_the_chosen_layers() {
         .to_string();
     assert!(e.contains("layer 9") && e.contains("hint:"), "{e}");
 }
+
+/// A config whose matrix widths are multiples of 32, so GGUF block quantization applies.
+fn gguf_config(arch: Arch) -> retort_model::Config {
+    let mut cfg = tiny_config(arch);
+    cfg.hidden_size = 32;
+    cfg.head_dim = 8;
+    cfg.intermediate_size = 64;
+    cfg
+}
+
+#[test]
+fn gguf_and_safetensors_give_the_same_model() {
+    use candle_core::quantized::GgmlDType;
+    let dir = tempfile::tempdir().unwrap();
+    for arch in [Arch::Llama, Arch::Qwen2] {
+        let cfg = gguf_config(arch);
+        let w = random_weights(&cfg, 10);
+        let reference = Model::frozen(&cfg, &w, WeightFormat::F32).unwrap();
+        let x = ids(&[&[1, 5, 6, 7, 8, 9, 10]]);
+        let want = reference.logits(&x).unwrap();
+        // F32 GGUF: exact, including the un-permutation of llama's Q/K rows.
+        let path = dir.path().join(format!("{}-f32.gguf", arch.name()));
+        retort_test::write_tiny_gguf(&path, &cfg, &w, GgmlDType::F32);
+        let ck = checkpoint::read(&path, &Device::Cpu).unwrap();
+        assert_eq!(ck.config.tie_word_embeddings, cfg.tie_word_embeddings);
+        assert_eq!(ck.config.num_key_value_heads, cfg.num_key_value_heads);
+        let got = ck.frozen(WeightFormat::F32).unwrap().logits(&x).unwrap();
+        assert!(max_abs_diff(&want, &got) < 1e-5, "{arch:?} f32 GGUF");
+        // Q8_0 GGUF: dequantized and kept quantized both stay close to the f32 model.
+        let path = dir.path().join(format!("{}-q8.gguf", arch.name()));
+        retort_test::write_tiny_gguf(&path, &cfg, &w, GgmlDType::Q8_0);
+        let ck = checkpoint::read(&path, &Device::Cpu).unwrap();
+        // Quantized matmuls also round the activations to Q8, hence the looser bound.
+        for (format, tol) in [(WeightFormat::F32, 0.02), (WeightFormat::Quantized, 0.05)] {
+            let got = ck.frozen(format).unwrap().logits(&x).unwrap();
+            // Relative to the logit scale: Q8_0 rounds each weight to 1/254 of its block's range.
+            let scale = want
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let d = max_abs_diff(&want, &got) / scale;
+            assert!(d < tol, "{arch:?} Q8_0 GGUF as {format:?}: relative {d}");
+        }
+        assert_eq!(
+            ck.tokenizer
+                .encode_prompt(&[retort_data::Message::user("hello")])
+                .unwrap()
+                .len(),
+            5
+        );
+    }
+}
+
+mod bad_input {
+    use super::*;
+
+    fn err(path: &std::path::Path) -> String {
+        checkpoint::read(path, &Device::Cpu)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn truncated_gguf_names_the_file_and_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = gguf_config(Arch::Llama);
+        let path = dir.path().join("m.gguf");
+        retort_test::write_tiny_gguf(
+            &path,
+            &cfg,
+            &random_weights(&cfg, 1),
+            candle_core::quantized::GgmlDType::Q8_0,
+        );
+        let bytes = fs_err::read(&path).unwrap();
+        fs_err::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+        let e = err(&path);
+        assert!(
+            e.contains("m.gguf")
+                && e.contains("GGUF")
+                && e.contains("ends at byte")
+                && e.contains("hint:"),
+            "{e}"
+        );
+        fs_err::write(&path, &bytes[..20]).unwrap();
+        let e = err(&path);
+        assert!(
+            e.contains("m.gguf") && e.contains("truncated") && e.contains("hint:"),
+            "{e}"
+        );
+        fs_err::write(&path, b"not a gguf file at all, just text").unwrap();
+        assert!(err(&path).contains("cannot read"), "{}", err(&path));
+    }
+
+    #[test]
+    fn corrupt_safetensors_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = retort_test::write_tiny_model(dir.path(), &tiny_config(Arch::Llama), 1);
+        let st = path.join("model.safetensors");
+        let bytes = fs_err::read(&st).unwrap();
+        fs_err::write(&st, &bytes[..bytes.len() / 2]).unwrap();
+        let e = err(&path);
+        assert!(
+            e.contains("model.safetensors") && e.contains("safetensors") && e.contains("hint:"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn shape_mismatch_names_tensor_and_shapes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = retort_test::write_tiny_model(dir.path(), &tiny_config(Arch::Llama), 1);
+        let cfg_path = path.join("config.json");
+        let text = fs_err::read_to_string(&cfg_path)
+            .unwrap()
+            .replace("\"intermediate_size\": 32", "\"intermediate_size\": 48");
+        fs_err::write(&cfg_path, text).unwrap();
+        let e = checkpoint::read(&path, &Device::Cpu)
+            .unwrap()
+            .frozen(WeightFormat::F32)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("gate_proj.weight")
+                && e.contains("[32, 16]")
+                && e.contains("[48, 16]")
+                && e.contains("hint:"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn missing_tokenizer_and_missing_config_say_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = retort_test::write_tiny_model(dir.path(), &tiny_config(Arch::Llama), 1);
+        fs_err::remove_file(path.join("tokenizer.json")).unwrap();
+        let e = err(&path);
+        assert!(e.contains("tokenizer.json") && e.contains("hint:"), "{e}");
+        fs_err::remove_file(path.join("config.json")).unwrap();
+        let e = err(&path);
+        assert!(
+            e.contains("config.json") && e.contains("does not exist") && e.contains("hint:"),
+            "{e}"
+        );
+        let e = err(&dir.path().join("nope"));
+        assert!(
+            e.contains("does not exist") && e.contains("fetch-assets"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unsupported_architecture_in_gguf() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.gguf");
+        let v = candle_core::quantized::gguf_file::Value::String("mamba".into());
+        let mut f = fs_err::File::create(&path).unwrap();
+        candle_core::quantized::gguf_file::write(&mut f, &[("general.architecture", &v)], &[])
+            .unwrap();
+        drop(f);
+        let e = err(&path);
+        assert!(
+            e.contains("mamba") && e.contains("x.gguf") && e.contains("supported architectures"),
+            "{e}"
+        );
+    }
+}

@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -175,6 +176,119 @@ pub fn write_tiny_model(dir: &Path, cfg: &Config, seed: u64) -> PathBuf {
     retort_model::checkpoint::save_hf(&tiny_model(cfg, seed), &tiny_tokenizer(), &out, false)
         .unwrap();
     out
+}
+
+/// Write `weights` (dense, Hugging Face names) as a llama.cpp-style GGUF file: GGUF tensor names,
+/// Q/K rows permuted for interleaved RoPE (llama only), matrices stored as `dtype`, norms as F32,
+/// and a BPE tokenizer over the tiny vocabulary in the metadata.
+pub fn write_tiny_gguf(path: &Path, cfg: &Config, weights: &Weights, dtype: GgmlDType) {
+    use candle_core::quantized::gguf_file::Value;
+    let a = cfg.arch.name();
+    let u = |x: usize| Value::U32(x as u32);
+    let tokens: Vec<Value> = SPECIALS
+        .iter()
+        .chain(WORDS)
+        .map(|t| Value::String(t.to_string()))
+        .collect();
+    let types: Vec<Value> = (0..tokens.len())
+        .map(|i| Value::I32(if i < SPECIALS.len() { 3 } else { 1 }))
+        .collect();
+    let meta: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(a.into())),
+        (format!("{a}.embedding_length"), u(cfg.hidden_size)),
+        (format!("{a}.feed_forward_length"), u(cfg.intermediate_size)),
+        (format!("{a}.block_count"), u(cfg.num_hidden_layers)),
+        (
+            format!("{a}.attention.head_count"),
+            u(cfg.num_attention_heads),
+        ),
+        (
+            format!("{a}.attention.head_count_kv"),
+            u(cfg.num_key_value_heads),
+        ),
+        (
+            format!("{a}.attention.layer_norm_rms_epsilon"),
+            Value::F32(cfg.rms_norm_eps as f32),
+        ),
+        (
+            format!("{a}.rope.freq_base"),
+            Value::F32(cfg.rope_theta as f32),
+        ),
+        (
+            format!("{a}.context_length"),
+            u(cfg.max_position_embeddings),
+        ),
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
+        ("tokenizer.ggml.token_type".into(), Value::Array(types)),
+        ("tokenizer.ggml.merges".into(), Value::Array(vec![])),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
+        (
+            "tokenizer.chat_template".into(),
+            Value::String(CHATML.into()),
+        ),
+    ];
+    let gguf_name = |hf: &str| -> String {
+        let fixed = [
+            ("model.embed_tokens.weight", "token_embd.weight"),
+            ("model.norm.weight", "output_norm.weight"),
+            ("lm_head.weight", "output.weight"),
+        ];
+        if let Some((_, g)) = fixed.iter().find(|(h, _)| *h == hf) {
+            return g.to_string();
+        }
+        let rest = hf.strip_prefix("model.layers.").unwrap();
+        let (layer, rest) = rest.split_once('.').unwrap();
+        let (module, kind) = rest.rsplit_once('.').unwrap();
+        let g = match module {
+            "self_attn.q_proj" => "attn_q",
+            "self_attn.k_proj" => "attn_k",
+            "self_attn.v_proj" => "attn_v",
+            "self_attn.o_proj" => "attn_output",
+            "mlp.gate_proj" => "ffn_gate",
+            "mlp.up_proj" => "ffn_up",
+            "mlp.down_proj" => "ffn_down",
+            "input_layernorm" => "attn_norm",
+            "post_attention_layernorm" => "ffn_norm",
+            other => panic!("{other}"),
+        };
+        format!("blk.{layer}.{g}.{kind}")
+    };
+    let mut names: Vec<&String> = weights.names().collect();
+    names.sort();
+    let mut tensors = Vec::new();
+    for name in names {
+        let dims = weights.tensors()[name].dims();
+        let mut t = weights.dense(name, &dims).unwrap();
+        let heads = if name.ends_with("q_proj.weight") {
+            Some(cfg.num_attention_heads)
+        } else if name.ends_with("k_proj.weight") {
+            Some(cfg.num_key_value_heads)
+        } else {
+            None
+        };
+        if let (Some(h), Arch::Llama) = (heads, cfg.arch) {
+            // llama.cpp's converter: w.reshape(H, 2, D/2, C).swapaxes(1, 2).reshape(H·D, C).
+            let (rows, cols) = t.dims2().unwrap();
+            t = t
+                .reshape((h, 2, rows / h / 2, cols))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((rows, cols))
+                .unwrap();
+        }
+        let q = if dims.len() == 2 {
+            QTensor::quantize(&t, dtype).unwrap()
+        } else {
+            QTensor::quantize(&t, GgmlDType::F32).unwrap()
+        };
+        tensors.push((gguf_name(name), q));
+    }
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = fs_err::File::create(path).unwrap();
+    candle_core::quantized::gguf_file::write(&mut f, &meta_refs, &tensor_refs).unwrap();
 }
 
 /// Largest absolute difference between two tensors of the same shape.
