@@ -125,7 +125,7 @@ impl Config {
                 return Err(bad(f, "is 0".into()));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(bad(
                 "num_key_value_heads",
                 format!(
@@ -134,7 +134,7 @@ impl Config {
                 ),
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(bad(
                 "head_dim",
                 format!("({}) must be even for RoPE", self.head_dim),
@@ -166,7 +166,7 @@ impl Config {
             .or_else(|| hf.architectures.as_ref().and_then(|a| a.first().cloned()))
             .unwrap_or_default();
         let arch = Arch::parse(&arch_name)
-            .or_else(|| match arch_name.as_str() {
+            .or(match arch_name.as_str() {
                 "LlamaForCausalLM" | "MistralForCausalLM" => Some(Arch::Llama),
                 "Qwen2ForCausalLM" => Some(Arch::Qwen2),
                 _ => None,

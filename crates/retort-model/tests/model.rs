@@ -2,6 +2,8 @@
 //! differentiable paths agree, the KV cache and batching change nothing, checkpoints round-trip
 //! bit for bit, GGUF and safetensors give the same model, and bad files give clear errors.
 
+#![allow(clippy::unwrap_used, clippy::print_stderr)] // test code: a panic is a failed test
+
 use candle_core::{D, DType, Device, IndexOp, Tensor};
 use retort_model::generation::{SamplingParams, generate};
 use retort_model::{Arch, Model, WeightFormat, checkpoint};

@@ -5,6 +5,8 @@
 //! Reference: `tests/fixtures/smollm2_llamacpp.json`, written by
 //! `scripts/reference/llamacpp_smollm2.py` (llama-cpp-python 0.3.36).
 
+#![allow(clippy::unwrap_used, clippy::print_stderr)] // test code: a panic is a failed test
+
 use std::path::PathBuf;
 
 use candle_core::{D, Device, IndexOp, Tensor};
@@ -246,4 +248,28 @@ fn greedy_answer_is_coherent() {
         out.text
     );
     assert!(out.text.contains("Rayleigh scattering"), "{:?}", out.text);
+}
+
+#[test]
+fn ten_layer_student_reloads_with_identical_logits() {
+    let Some(path) = gguf() else { return };
+    let ck = checkpoint::read(&path, &Device::Cpu).unwrap();
+    let keep = [0, 3, 6, 10, 13, 16, 19, 23, 26, 29];
+    let student = ck.frozen(WeightFormat::F32).unwrap().prune_layers(&keep, &path).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("student");
+    checkpoint::save_hf(&student, &ck.tokenizer, &out, false).unwrap();
+    let back = checkpoint::read(&out, &Device::Cpu).unwrap();
+    assert_eq!(back.config.num_hidden_layers, 10);
+    let reloaded = back.trainable().unwrap();
+    let p = ck.tokenizer.encode_prompt(&[Message::user("Why is the sky blue?")]).unwrap();
+    let x = Tensor::new(p.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let (a, b) = (student.logits(&x).unwrap(), reloaded.logits(&x).unwrap());
+    let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    // The reloaded student is trainable (differentiable ops); compare it with the same mode too.
+    let b_frozen = back.frozen(WeightFormat::F32).unwrap().logits(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(a.iter().zip(&b_frozen).all(|(x, y)| x.to_bits() == y.to_bits()), "frozen logits differ after reload");
+    let d = a.iter().zip(b.flatten_all().unwrap().to_vec1::<f32>().unwrap()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(d < 1e-3, "trainable path differs by {d}");
+    assert_eq!(back.tokenizer.encode_prompt(&[Message::user("hi")]).unwrap(), ck.tokenizer.encode_prompt(&[Message::user("hi")]).unwrap());
 }

@@ -1,0 +1,125 @@
+//! End-to-end runs of the real `retort` binary in temporary directories, on tiny models built in
+//! code and, where `scripts/fetch-assets` has run, on the real default teacher.
+
+#![allow(clippy::unwrap_used, clippy::print_stderr)] // test code: a panic is a failed test
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use retort_model::Arch;
+
+fn retort(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_retort")).args(["--quiet", "--threads", "2"]).args(args).output().unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn fail(out: &Output) -> String {
+    assert!(!out.status.success(), "unexpectedly succeeded: {}", String::from_utf8_lossy(&out.stdout));
+    String::from_utf8(out.stderr.clone()).unwrap()
+}
+
+fn tiny(dir: &Path, layers: usize) -> PathBuf {
+    let mut cfg = retort_test::tiny_config(Arch::Llama);
+    cfg.num_hidden_layers = layers;
+    retort_test::write_tiny_model(dir, &cfg, 3)
+}
+
+#[test]
+fn every_subcommand_has_help() {
+    let top = ok(&retort(&["--help"]));
+    for sub in ["info", "chat", "generate", "init-student"] {
+        assert!(top.contains(sub), "{sub} missing from --help");
+        let help = ok(&retort(&[sub, "--help"]));
+        assert!(help.contains("Usage: retort"), "{sub}: {help}");
+    }
+}
+
+#[test]
+fn generate_writes_one_record_per_prompt_and_batching_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny(dir.path(), 2);
+    let prompts = dir.path().join("prompts.jsonl");
+    fs_err::write(
+        &prompts,
+        "{\"id\": \"a\", \"prompt\": \"why is the sky blue ?\"}\n\n{\"messages\": [{\"role\": \"user\", \"content\": \"hello world\"}]}\n{\"prompt\": \"stock market\", \"system\": \"yes\"}\n",
+    )
+    .unwrap();
+    let mut results = vec![];
+    for bs in ["1", "3"] {
+        let out = dir.path().join(format!("out-{bs}.jsonl"));
+        let m = model.to_str().unwrap();
+        ok(&retort(&["generate", "-m", m, "--prompts", prompts.to_str().unwrap(), "--out", out.to_str().unwrap(), "--batch-size", bs, "--max-new-tokens", "6"]));
+        let text = fs_err::read_to_string(&out).unwrap();
+        let recs: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(recs.len(), 3);
+        assert_eq!(recs[0]["id"], "a");
+        assert_eq!(recs[1]["id"], 1);
+        assert_eq!(recs[2]["messages"][0]["role"], "system");
+        for r in &recs {
+            assert!(r["completion_tokens"].as_u64().unwrap() <= 6);
+            assert!(["stop", "length"].contains(&r["finish_reason"].as_str().unwrap()));
+        }
+        results.push(recs);
+    }
+    assert_eq!(results[0], results[1], "batch size 1 and 3 give the same greedy completions");
+}
+
+#[test]
+fn bad_prompt_line_names_file_and_line_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny(dir.path(), 1);
+    let prompts = dir.path().join("p.jsonl");
+    fs_err::write(&prompts, "{\"prompt\": \"hello\"}\n{\"promt\": \"typo\"}\n").unwrap();
+    let out = dir.path().join("out.jsonl");
+    let err = fail(&retort(&["generate", "-m", model.to_str().unwrap(), "--prompts", prompts.to_str().unwrap(), "-o", out.to_str().unwrap()]));
+    assert!(err.contains("p.jsonl:2") && err.contains("hint:"), "{err}");
+    assert!(!out.exists());
+    let err = fail(&retort(&["generate", "-m", dir.path().join("missing").to_str().unwrap(), "--prompt", "x"]));
+    assert!(err.contains("does not exist") && err.contains("hint:"), "{err}");
+}
+
+#[test]
+fn init_student_prunes_and_saves_a_loadable_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = tiny(dir.path(), 4);
+    let out = dir.path().join("student");
+    let t = teacher.to_str().unwrap();
+    ok(&retort(&["init-student", "--teacher", t, "--keep-layers", "0,3", "--out", out.to_str().unwrap()]));
+    let info: serde_json::Value = serde_json::from_str(&ok(&retort(&["info", "-m", out.to_str().unwrap()]))).unwrap();
+    assert_eq!(info["config"]["num_hidden_layers"], 2);
+    // Refuses to overwrite without --force; duplicate and out-of-range layers are errors.
+    let err = fail(&retort(&["init-student", "--teacher", t, "--num-layers", "2", "--out", out.to_str().unwrap()]));
+    assert!(err.contains("already exists"), "{err}");
+    ok(&retort(&["init-student", "--teacher", t, "--num-layers", "3", "--out", out.to_str().unwrap(), "--force"]));
+    let err = fail(&retort(&["init-student", "--teacher", t, "--keep-layers", "1,1", "--out", dir.path().join("x").to_str().unwrap()]));
+    assert!(err.contains("twice"), "{err}");
+    let err = fail(&retort(&["init-student", "--teacher", t, "--keep-layers", "0,7", "--out", dir.path().join("y").to_str().unwrap()]));
+    assert!(err.contains("layer 7") && err.contains("hint:"), "{err}");
+}
+
+#[test]
+fn real_teacher_generate_and_ten_layer_student() {
+    let gguf = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../assets/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !gguf.exists() {
+        assert!(std::env::var_os("RETORT_REQUIRE_ASSETS").is_none(), "run scripts/fetch-assets");
+        eprintln!("skipping: {} not found", gguf.display());
+        return;
+    }
+    let g = gguf.to_str().unwrap();
+    let out: serde_json::Value =
+        serde_json::from_str(&ok(&retort(&["generate", "-m", g, "--prompt", "Why is the sky blue?", "--max-new-tokens", "40"]))).unwrap();
+    let text = out["completion"].as_str().unwrap();
+    assert!(text.contains("Rayleigh scattering"), "{text}");
+    let dir = tempfile::tempdir().unwrap();
+    let student = dir.path().join("student-10l");
+    ok(&retort(&["init-student", "--teacher", g, "--num-layers", "10", "--out", student.to_str().unwrap()]));
+    let info: serde_json::Value = serde_json::from_str(&ok(&retort(&["info", "-m", student.to_str().unwrap()]))).unwrap();
+    assert_eq!(info["config"]["num_hidden_layers"], 10);
+    // 28,311,552 (tied embedding) + 10 × 3,540,096 (layers) + 576 (final norm).
+    assert_eq!(info["parameters"], 63_713_088);
+    assert!(info["tokenizer"]["chat_template"].as_str().unwrap().contains("<|im_start|>"));
+}
