@@ -42,10 +42,13 @@ pub enum Command {
 /// How weights are held in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
 pub enum Weights {
-    /// Dequantized to f32: exact, fastest for batches and scoring.
-    #[default]
+    /// Dequantized to f32: exact; the format for scoring and training.
     F32,
-    /// Keep GGUF quantization for linear layers: least memory.
+    /// Linear layers as Q8_0: ~3× faster token-by-token generation on CPU than f32, nearly the
+    /// same outputs (Q8_0 rounding of each weight ≤ 1/254 of its block's range).
+    #[default]
+    Q8,
+    /// Keep the file's own GGUF quantization for linear layers: least memory.
     Quantized,
 }
 
@@ -55,7 +58,7 @@ pub struct ModelArgs {
     #[arg(long, short = 'm', value_name = "PATH")]
     pub model: PathBuf,
     /// How to hold the weights in memory.
-    #[arg(long, value_enum, default_value_t = Weights::F32)]
+    #[arg(long, value_enum, default_value_t = Weights::Q8)]
     pub weights: Weights,
 }
 

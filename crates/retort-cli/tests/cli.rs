@@ -9,16 +9,28 @@ use std::process::{Command, Output};
 use retort_model::Arch;
 
 fn retort(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_retort")).args(["--quiet", "--threads", "2"]).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_retort"))
+        .args(["--quiet", "--threads", "2"])
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout.clone()).unwrap()
 }
 
 fn fail(out: &Output) -> String {
-    assert!(!out.status.success(), "unexpectedly succeeded: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        !out.status.success(),
+        "unexpectedly succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     String::from_utf8(out.stderr.clone()).unwrap()
 }
 
@@ -52,9 +64,24 @@ fn generate_writes_one_record_per_prompt_and_batching_changes_nothing() {
     for bs in ["1", "3"] {
         let out = dir.path().join(format!("out-{bs}.jsonl"));
         let m = model.to_str().unwrap();
-        ok(&retort(&["generate", "-m", m, "--prompts", prompts.to_str().unwrap(), "--out", out.to_str().unwrap(), "--batch-size", bs, "--max-new-tokens", "6"]));
+        ok(&retort(&[
+            "generate",
+            "-m",
+            m,
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--batch-size",
+            bs,
+            "--max-new-tokens",
+            "6",
+        ]));
         let text = fs_err::read_to_string(&out).unwrap();
-        let recs: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let recs: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(recs.len(), 3);
         assert_eq!(recs[0]["id"], "a");
         assert_eq!(recs[1]["id"], 1);
@@ -65,7 +92,10 @@ fn generate_writes_one_record_per_prompt_and_batching_changes_nothing() {
         }
         results.push(recs);
     }
-    assert_eq!(results[0], results[1], "batch size 1 and 3 give the same greedy completions");
+    assert_eq!(
+        results[0], results[1],
+        "batch size 1 and 3 give the same greedy completions"
+    );
 }
 
 #[test]
@@ -75,11 +105,28 @@ fn bad_prompt_line_names_file_and_line_and_writes_nothing() {
     let prompts = dir.path().join("p.jsonl");
     fs_err::write(&prompts, "{\"prompt\": \"hello\"}\n{\"promt\": \"typo\"}\n").unwrap();
     let out = dir.path().join("out.jsonl");
-    let err = fail(&retort(&["generate", "-m", model.to_str().unwrap(), "--prompts", prompts.to_str().unwrap(), "-o", out.to_str().unwrap()]));
+    let err = fail(&retort(&[
+        "generate",
+        "-m",
+        model.to_str().unwrap(),
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]));
     assert!(err.contains("p.jsonl:2") && err.contains("hint:"), "{err}");
     assert!(!out.exists());
-    let err = fail(&retort(&["generate", "-m", dir.path().join("missing").to_str().unwrap(), "--prompt", "x"]));
-    assert!(err.contains("does not exist") && err.contains("hint:"), "{err}");
+    let err = fail(&retort(&[
+        "generate",
+        "-m",
+        dir.path().join("missing").to_str().unwrap(),
+        "--prompt",
+        "x",
+    ]));
+    assert!(
+        err.contains("does not exist") && err.contains("hint:"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -88,38 +135,108 @@ fn init_student_prunes_and_saves_a_loadable_model() {
     let teacher = tiny(dir.path(), 4);
     let out = dir.path().join("student");
     let t = teacher.to_str().unwrap();
-    ok(&retort(&["init-student", "--teacher", t, "--keep-layers", "0,3", "--out", out.to_str().unwrap()]));
-    let info: serde_json::Value = serde_json::from_str(&ok(&retort(&["info", "-m", out.to_str().unwrap()]))).unwrap();
+    ok(&retort(&[
+        "init-student",
+        "--teacher",
+        t,
+        "--keep-layers",
+        "0,3",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(&retort(&["info", "-m", out.to_str().unwrap()]))).unwrap();
     assert_eq!(info["config"]["num_hidden_layers"], 2);
     // Refuses to overwrite without --force; duplicate and out-of-range layers are errors.
-    let err = fail(&retort(&["init-student", "--teacher", t, "--num-layers", "2", "--out", out.to_str().unwrap()]));
+    let err = fail(&retort(&[
+        "init-student",
+        "--teacher",
+        t,
+        "--num-layers",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
     assert!(err.contains("already exists"), "{err}");
-    ok(&retort(&["init-student", "--teacher", t, "--num-layers", "3", "--out", out.to_str().unwrap(), "--force"]));
-    let err = fail(&retort(&["init-student", "--teacher", t, "--keep-layers", "1,1", "--out", dir.path().join("x").to_str().unwrap()]));
+    ok(&retort(&[
+        "init-student",
+        "--teacher",
+        t,
+        "--num-layers",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+        "--force",
+    ]));
+    let err = fail(&retort(&[
+        "init-student",
+        "--teacher",
+        t,
+        "--keep-layers",
+        "1,1",
+        "--out",
+        dir.path().join("x").to_str().unwrap(),
+    ]));
     assert!(err.contains("twice"), "{err}");
-    let err = fail(&retort(&["init-student", "--teacher", t, "--keep-layers", "0,7", "--out", dir.path().join("y").to_str().unwrap()]));
+    let err = fail(&retort(&[
+        "init-student",
+        "--teacher",
+        t,
+        "--keep-layers",
+        "0,7",
+        "--out",
+        dir.path().join("y").to_str().unwrap(),
+    ]));
     assert!(err.contains("layer 7") && err.contains("hint:"), "{err}");
 }
 
 #[test]
 fn real_teacher_generate_and_ten_layer_student() {
-    let gguf = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../assets/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let gguf = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../assets/SmolLM2-135M-Instruct.Q4_1.gguf");
     if !gguf.exists() {
-        assert!(std::env::var_os("RETORT_REQUIRE_ASSETS").is_none(), "run scripts/fetch-assets");
+        assert!(
+            std::env::var_os("RETORT_REQUIRE_ASSETS").is_none(),
+            "run scripts/fetch-assets"
+        );
         eprintln!("skipping: {} not found", gguf.display());
         return;
     }
     let g = gguf.to_str().unwrap();
-    let out: serde_json::Value =
-        serde_json::from_str(&ok(&retort(&["generate", "-m", g, "--prompt", "Why is the sky blue?", "--max-new-tokens", "40"]))).unwrap();
+    let out: serde_json::Value = serde_json::from_str(&ok(&retort(&[
+        "generate",
+        "-m",
+        g,
+        "--weights",
+        "f32",
+        "--prompt",
+        "Why is the sky blue?",
+        "--max-new-tokens",
+        "40",
+    ])))
+    .unwrap();
     let text = out["completion"].as_str().unwrap();
     assert!(text.contains("Rayleigh scattering"), "{text}");
     let dir = tempfile::tempdir().unwrap();
     let student = dir.path().join("student-10l");
-    ok(&retort(&["init-student", "--teacher", g, "--num-layers", "10", "--out", student.to_str().unwrap()]));
-    let info: serde_json::Value = serde_json::from_str(&ok(&retort(&["info", "-m", student.to_str().unwrap()]))).unwrap();
+    ok(&retort(&[
+        "init-student",
+        "--teacher",
+        g,
+        "--num-layers",
+        "10",
+        "--out",
+        student.to_str().unwrap(),
+    ]));
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(&retort(&["info", "-m", student.to_str().unwrap()]))).unwrap();
     assert_eq!(info["config"]["num_hidden_layers"], 10);
     // 28,311,552 (tied embedding) + 10 × 3,540,096 (layers) + 576 (final norm).
     assert_eq!(info["parameters"], 63_713_088);
-    assert!(info["tokenizer"]["chat_template"].as_str().unwrap().contains("<|im_start|>"));
+    assert!(
+        info["tokenizer"]["chat_template"]
+            .as_str()
+            .unwrap()
+            .contains("<|im_start|>")
+    );
 }

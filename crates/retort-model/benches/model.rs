@@ -1,1 +1,165 @@
-fn main() {}
+//! Throughput of the real default teacher on this CPU: scoring (full-sequence logits, 4×256),
+//! single-stream generation and batched generation (8 streams), plus the f32 GEMM roofline.
+//!
+//!     scripts/fetch-assets
+//!     RAYON_NUM_THREADS=2 cargo bench -p retort-model --bench model
+//!
+//! Reports medians of several runs. Not a test: nothing here asserts a speed.
+
+#![allow(clippy::unwrap_used, clippy::print_stdout)] // a benchmark binary
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use retort_data::Message;
+use retort_model::generation::{SamplingParams, generate};
+use retort_model::{WeightFormat, checkpoint};
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let only = |name: &str| {
+        args.iter()
+            .skip(1)
+            .filter(|a| !a.starts_with('-'))
+            .all(|a| name.contains(a.as_str()))
+    };
+    let gguf = std::env::var_os("RETORT_BENCH_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../assets/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    if !gguf.exists() {
+        println!("{} not found: run scripts/fetch-assets", gguf.display());
+        return;
+    }
+    let dev = Device::Cpu;
+    let threads = candle_core::utils::get_num_threads();
+    println!("retort model bench: {} | threads {threads}", gguf.display());
+    let runs = 5;
+
+    if only("gemm") {
+        let n = 1024;
+        let a = Tensor::randn(0f32, 1., (n, n), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1., (n, n), &dev).unwrap();
+        let _ = a.matmul(&b).unwrap();
+        let times: Vec<f64> = (0..runs)
+            .map(|_| {
+                let t0 = Instant::now();
+                std::hint::black_box(a.matmul(&b).unwrap());
+                t0.elapsed().as_secs_f64()
+            })
+            .collect();
+        println!(
+            "gemm f32 1024³: {:.1} GFLOP/s",
+            2.0 * (n as f64).powi(3) / median(times) / 1e9
+        );
+    }
+
+    if only("linear") {
+        // The LM head's shape, (V, C) = (49152, 576), at decoding batch sizes: x·Wᵀ vs W·xᵀ.
+        let w = Tensor::randn(0f32, 0.02, (49152, 576), &dev).unwrap();
+        for rows in [1usize, 8, 32] {
+            let x = Tensor::randn(0f32, 1., (rows, 576), &dev).unwrap();
+            let time = |f: &dyn Fn() -> Tensor| {
+                f();
+                median(
+                    (0..9)
+                        .map(|_| {
+                            let t0 = Instant::now();
+                            std::hint::black_box(f());
+                            t0.elapsed().as_secs_f64()
+                        })
+                        .collect(),
+                )
+            };
+            let a = time(&|| x.matmul(&w.t().unwrap()).unwrap());
+            let b = time(&|| {
+                w.matmul(&x.t().unwrap())
+                    .unwrap()
+                    .t()
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+            });
+            println!(
+                "lm_head rows {rows}: x·Wᵀ {:.2} ms, W·xᵀ {:.2} ms",
+                a * 1e3,
+                b * 1e3
+            );
+        }
+    }
+
+    let ck = checkpoint::read(&gguf, &dev).unwrap();
+    let tok = ck.tokenizer.clone();
+    for format in [
+        WeightFormat::F32,
+        WeightFormat::Quantized,
+        WeightFormat::Q8_0,
+    ] {
+        let model = ck.frozen(format).unwrap();
+        let fname = format!("{format:?}").to_lowercase();
+        if only(&format!("score-{fname}")) && format == WeightFormat::F32 {
+            // 4 × 256 tokens of real text through the model and the full LM head.
+            // Real text (this crate's sources), cycled to 1024 tokens.
+            let text = [
+                include_str!("../src/model.rs"),
+                include_str!("../../../README.md"),
+            ]
+            .concat();
+            let ids = tok.encode(&text).unwrap();
+            let (b, t) = (4usize, 256usize);
+            let ids: Vec<u32> = ids.iter().copied().cycle().take(b * t).collect();
+            let x = Tensor::from_vec(ids, (b, t), &dev).unwrap();
+            let _ = model.logits(&x.narrow(1, 0, 16).unwrap()).unwrap();
+            let times: Vec<f64> = (0..3)
+                .map(|_| {
+                    let t0 = Instant::now();
+                    std::hint::black_box(model.logits(&x).unwrap());
+                    t0.elapsed().as_secs_f64()
+                })
+                .collect();
+            let m = median(times);
+            println!(
+                "score {fname} 4x256 (full logits): {:.3}s = {:.1} tok/s",
+                m,
+                (b * t) as f64 / m
+            );
+        }
+        let prompt = tok
+            .encode_prompt(&[Message::user("Why is the sky blue?")])
+            .unwrap();
+        let n_new = 128;
+        let params = SamplingParams {
+            max_new_tokens: n_new,
+            temperature: 0.8,
+            top_p: 0.95,
+            seed: 1,
+            stop: vec![],
+        };
+        for streams in [1usize, 8] {
+            if !only(&format!("gen{streams}-{fname}")) {
+                continue;
+            }
+            let prompts = vec![prompt.clone(); streams];
+            let mut rates = vec![];
+            for _ in 0..3 {
+                let t0 = Instant::now();
+                let out = generate(&model, &tok, &prompts, &params, |_, _| {}).unwrap();
+                let tokens: usize = out.iter().map(|c| c.ids.len()).sum();
+                rates.push(tokens as f64 / t0.elapsed().as_secs_f64());
+            }
+            println!(
+                "generate {fname} {streams} stream(s), ≤{n_new} new tokens each, prompt {}: {:.1} tok/s aggregate",
+                prompt.len(),
+                median(rates)
+            );
+        }
+    }
+}

@@ -125,7 +125,10 @@ impl Config {
                 return Err(bad(f, "is 0".into()));
             }
         }
-        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(bad(
                 "num_key_value_heads",
                 format!(

@@ -91,17 +91,7 @@ impl Sampler {
             .collect();
         let total: f32 = probs.iter().map(|p| p.1).sum();
         if self.top_p < 1.0 {
-            probs.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
-            let mut acc = 0.0;
-            let mut keep = probs.len();
-            for (i, p) in probs.iter().enumerate() {
-                acc += p.1 / total;
-                if acc >= self.top_p as f32 {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            probs.truncate(keep);
+            probs = nucleus(probs, total, self.top_p as f32);
         }
         let kept: f32 = probs.iter().map(|p| p.1).sum();
         let mut u = self.rng.random::<f32>() * kept;
@@ -113,6 +103,37 @@ impl Sampler {
         }
         probs.last().map_or(0, |p| p.0)
     }
+}
+
+/// The smallest set of most probable tokens whose mass reaches `top_p · total`, most probable
+/// first. Exact; sorts only the 256 largest unless the nucleus is wider than that.
+fn nucleus(mut probs: Vec<(u32, f32)>, total: f32, top_p: f32) -> Vec<(u32, f32)> {
+    let by_prob_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
+    let target = top_p * total;
+    const HEAD: usize = 256;
+    if probs.len() > HEAD {
+        probs.select_nth_unstable_by(HEAD - 1, by_prob_desc);
+        let mut head = probs[..HEAD].to_vec();
+        head.sort_unstable_by(by_prob_desc);
+        let mut acc = 0.0;
+        for (i, p) in head.iter().enumerate() {
+            acc += p.1;
+            if acc >= target {
+                head.truncate(i + 1);
+                return head;
+            }
+        }
+    }
+    probs.sort_unstable_by(by_prob_desc);
+    let mut acc = 0.0;
+    for (i, p) in probs.iter().enumerate() {
+        acc += p.1;
+        if acc >= target {
+            probs.truncate(i + 1);
+            break;
+        }
+    }
+    probs
 }
 
 fn argmax(xs: &[f32]) -> u32 {
@@ -258,6 +279,31 @@ mod tests {
             xs.iter().any(|&x| x != xs[0]),
             "temperature 1 should vary: {xs:?}"
         );
+    }
+
+    #[test]
+    fn nucleus_over_a_large_vocabulary_equals_a_full_sort() {
+        // Both branches: a peaked distribution (nucleus inside the top 256) and a flat one.
+        for (peak, top_p) in [(8.0f32, 0.9f32), (0.5, 0.5), (2.0, 0.99)] {
+            let probs: Vec<(u32, f32)> = (0..5000u32)
+                .map(|i| (i, ((i * 7919 % 5000) as f32 / 5000.0 * peak).exp()))
+                .collect();
+            let total: f32 = probs.iter().map(|p| p.1).sum();
+            let mut sorted = probs.clone();
+            sorted.sort_by(|a, b| b.1.total_cmp(&a.1));
+            let mut acc = 0.0;
+            let k = sorted
+                .iter()
+                .position(|p| {
+                    acc += p.1;
+                    acc >= top_p * total
+                })
+                .unwrap()
+                + 1;
+            let got: Vec<u32> = nucleus(probs, total, top_p).iter().map(|p| p.0).collect();
+            let want: Vec<u32> = sorted[..k].iter().map(|p| p.0).collect();
+            assert_eq!(got, want, "peak {peak}, top_p {top_p}");
+        }
     }
 
     #[test]

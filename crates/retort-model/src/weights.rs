@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
@@ -38,6 +38,10 @@ pub enum WeightFormat {
     /// Linear layers kept in their GGUF quantization (a quarter of the memory; slower for
     /// batched input on CPU). Embeddings and norms are f32.
     Quantized,
+    /// Linear layers (re)quantized to Q8_0 from their f32 values: about a quarter of f32's
+    /// memory traffic and candle's SIMD kernels cover Q8_0 (not Q4_1), so it is the fastest
+    /// format for token-by-token generation on CPU. Rounding error ≤ max|w|/254 per block of 32.
+    Q8_0,
 }
 
 /// All tensors of one checkpoint, by Hugging Face name.
@@ -109,6 +113,13 @@ impl Weights {
         match (self.get(name, dims)?, format) {
             (Stored::Quantized(q), WeightFormat::Quantized) => {
                 Ok(LinearWeight::Quantized(QMatMul::from_arc(q.clone())?))
+            }
+            (Stored::Quantized(q), WeightFormat::Q8_0) if q.dtype() == GgmlDType::Q8_0 => {
+                Ok(LinearWeight::Quantized(QMatMul::from_arc(q.clone())?))
+            }
+            (_, WeightFormat::Q8_0) if dims.last().is_some_and(|c| c % 32 == 0) => {
+                let q = QTensor::quantize(&self.dense(name, dims)?, GgmlDType::Q8_0)?;
+                Ok(LinearWeight::Quantized(QMatMul::from_qtensor(q)?))
             }
             _ => Ok(LinearWeight::Dense(self.dense(name, dims)?)),
         }

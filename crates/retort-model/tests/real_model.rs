@@ -142,7 +142,6 @@ fn quantized_and_f32_weights_agree() {
     let Some(path) = gguf() else { return };
     let ck = checkpoint::read(&path, &Device::Cpu).unwrap();
     let f = ck.frozen(WeightFormat::F32).unwrap();
-    let q = ck.frozen(WeightFormat::Quantized).unwrap();
     let p = ck
         .tokenizer
         .encode_prompt(&[Message::user("Why is the sky blue?")])
@@ -151,20 +150,27 @@ fn quantized_and_f32_weights_agree() {
         .unwrap()
         .unsqueeze(0)
         .unwrap();
-    let (lf, lq) = (f.logits(&x).unwrap(), q.logits(&x).unwrap());
-    let same_argmax = lf
-        .argmax(D::Minus1)
-        .unwrap()
-        .eq(&lq.argmax(D::Minus1).unwrap())
-        .unwrap();
-    let agree = same_argmax
-        .to_dtype(candle_core::DType::F32)
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert!(agree > 0.9, "argmax agreement {agree}");
+    let lf = f.logits(&x).unwrap();
+    for format in [WeightFormat::Quantized, WeightFormat::Q8_0] {
+        let lq = ck.frozen(format).unwrap().logits(&x).unwrap();
+        let same = lf
+            .argmax(D::Minus1)
+            .unwrap()
+            .eq(&lq.argmax(D::Minus1).unwrap())
+            .unwrap();
+        let agree = same
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        eprintln!(
+            "{format:?}: argmax agreement with f32 over {} positions: {agree}",
+            p.len()
+        );
+        assert!(agree > 0.9, "{format:?}: argmax agreement {agree}");
+    }
 }
 
 #[test]
@@ -255,21 +261,53 @@ fn ten_layer_student_reloads_with_identical_logits() {
     let Some(path) = gguf() else { return };
     let ck = checkpoint::read(&path, &Device::Cpu).unwrap();
     let keep = [0, 3, 6, 10, 13, 16, 19, 23, 26, 29];
-    let student = ck.frozen(WeightFormat::F32).unwrap().prune_layers(&keep, &path).unwrap();
+    let student = ck
+        .frozen(WeightFormat::F32)
+        .unwrap()
+        .prune_layers(&keep, &path)
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("student");
     checkpoint::save_hf(&student, &ck.tokenizer, &out, false).unwrap();
     let back = checkpoint::read(&out, &Device::Cpu).unwrap();
     assert_eq!(back.config.num_hidden_layers, 10);
     let reloaded = back.trainable().unwrap();
-    let p = ck.tokenizer.encode_prompt(&[Message::user("Why is the sky blue?")]).unwrap();
-    let x = Tensor::new(p.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let p = ck
+        .tokenizer
+        .encode_prompt(&[Message::user("Why is the sky blue?")])
+        .unwrap();
+    let x = Tensor::new(p.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let (a, b) = (student.logits(&x).unwrap(), reloaded.logits(&x).unwrap());
     let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     // The reloaded student is trainable (differentiable ops); compare it with the same mode too.
-    let b_frozen = back.frozen(WeightFormat::F32).unwrap().logits(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    assert!(a.iter().zip(&b_frozen).all(|(x, y)| x.to_bits() == y.to_bits()), "frozen logits differ after reload");
-    let d = a.iter().zip(b.flatten_all().unwrap().to_vec1::<f32>().unwrap()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let b_frozen = back
+        .frozen(WeightFormat::F32)
+        .unwrap()
+        .logits(&x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!(
+        a.iter()
+            .zip(&b_frozen)
+            .all(|(x, y)| x.to_bits() == y.to_bits()),
+        "frozen logits differ after reload"
+    );
+    let d = a
+        .iter()
+        .zip(b.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
     assert!(d < 1e-3, "trainable path differs by {d}");
-    assert_eq!(back.tokenizer.encode_prompt(&[Message::user("hi")]).unwrap(), ck.tokenizer.encode_prompt(&[Message::user("hi")]).unwrap());
+    assert_eq!(
+        back.tokenizer
+            .encode_prompt(&[Message::user("hi")])
+            .unwrap(),
+        ck.tokenizer.encode_prompt(&[Message::user("hi")]).unwrap()
+    );
 }

@@ -26,6 +26,7 @@ pub fn run(cli: Cli) -> Result<()> {
 pub(crate) fn load_model(args: &ModelArgs, quiet: bool) -> Result<(Model, Tokenizer)> {
     let format = match args.weights {
         Weights::F32 => WeightFormat::F32,
+        Weights::Q8 => WeightFormat::Q8_0,
         Weights::Quantized => WeightFormat::Quantized,
     };
     let pb = progress::spinner(&format!("loading {}", args.model.display()), quiet);
