@@ -240,3 +240,47 @@ fn real_teacher_generate_and_ten_layer_student() {
             .contains("<|im_start|>")
     );
 }
+
+#[test]
+fn chat_answers_each_line_from_stdin_and_ends_on_eof() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny(dir.path(), 2);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_retort"))
+        .args([
+            "--quiet",
+            "chat",
+            "-m",
+            model.to_str().unwrap(),
+            "--max-new-tokens",
+            "5",
+            "--system",
+            "yes",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"hello world\n/reset\nwhy is the sky blue ?\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    // One answer line per user line (each at most 5 tiny-vocabulary words).
+    assert_eq!(stdout.lines().count(), 2, "{stdout:?}");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(
+        stderr.matches("> ").count(),
+        4,
+        "three prompts read, then EOF at the fourth: {stderr:?}"
+    );
+}
