@@ -241,23 +241,30 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
-    /// Plain text → ids, special tokens in the text recognised, BOS per the model's setting.
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| {
+    /// Text → encoding with offsets, special tokens in the text recognised, no BOS.
+    fn encode_raw(&self, text: &str) -> Result<tokenizers::Encoding> {
+        self.inner.encode(text, false).map_err(|e| {
             tok_err(
                 &self.source,
                 format!("cannot encode: {e}"),
                 "this is a bug in retort or the tokenizer",
             )
-        })?;
-        let mut ids = Vec::with_capacity(enc.len() + 1);
-        if self.add_bos
-            && let Some(b) = self.bos_token_id
-        {
-            ids.push(b);
-        }
-        ids.extend_from_slice(enc.get_ids());
-        Ok(ids)
+        })
+    }
+
+    /// The BOS id to prepend, if the model asks for one.
+    fn bos_prefix(&self) -> Option<u32> {
+        self.bos_token_id.filter(|_| self.add_bos)
+    }
+
+    /// Plain text → ids, special tokens in the text recognised, BOS per the model's setting.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.encode_raw(text)?;
+        Ok(self
+            .bos_prefix()
+            .into_iter()
+            .chain(enc.get_ids().iter().copied())
+            .collect())
     }
 
     /// Ids → text; `skip_special` drops special tokens such as `<|im_end|>`.
@@ -291,21 +298,9 @@ impl Tokenizer {
     /// answer and its end-of-turn marker carries loss; role headers, system and user turns don't.
     pub fn encode_chat(&self, messages: &[Message]) -> Result<EncodedChat> {
         let (text, spans) = self.require_template()?.assistant_spans(messages)?;
-        let enc = self.inner.encode(text.as_str(), false).map_err(|e| {
-            tok_err(
-                &self.source,
-                format!("cannot encode: {e}"),
-                "this is a bug in retort or the tokenizer",
-            )
-        })?;
-        let mut ids = Vec::with_capacity(enc.len() + 1);
-        let mut loss_mask = Vec::with_capacity(enc.len() + 1);
-        if self.add_bos
-            && let Some(b) = self.bos_token_id
-        {
-            ids.push(b);
-            loss_mask.push(false);
-        }
+        let enc = self.encode_raw(&text)?;
+        let mut ids: Vec<u32> = self.bos_prefix().into_iter().collect();
+        let mut loss_mask = vec![false; ids.len()];
         for (&id, &(start, _end)) in enc.get_ids().iter().zip(enc.get_offsets()) {
             ids.push(id);
             loss_mask.push(spans.iter().any(|s| s.contains(&start)));

@@ -44,6 +44,18 @@ fn fixture() -> serde_json::Value {
     serde_json::from_str(&text).unwrap()
 }
 
+/// "Why is the sky blue?" as a chat prompt: ids and `(1, T)` tensor.
+fn sky_prompt(tok: &retort_model::Tokenizer) -> (Vec<u32>, Tensor) {
+    let p = tok
+        .encode_prompt(&[Message::user("Why is the sky blue?")])
+        .unwrap();
+    let x = Tensor::new(p.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    (p, x)
+}
+
 fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array()
         .unwrap()
@@ -142,14 +154,7 @@ fn quantized_and_f32_weights_agree() {
     let Some(path) = gguf() else { return };
     let ck = checkpoint::read(&path, &Device::Cpu).unwrap();
     let f = ck.frozen(WeightFormat::F32).unwrap();
-    let p = ck
-        .tokenizer
-        .encode_prompt(&[Message::user("Why is the sky blue?")])
-        .unwrap();
-    let x = Tensor::new(p.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
+    let (p, x) = sky_prompt(&ck.tokenizer);
     let lf = f.logits(&x).unwrap();
     for format in [WeightFormat::Quantized, WeightFormat::Q8_0] {
         let lq = ck.frozen(format).unwrap().logits(&x).unwrap();
@@ -272,14 +277,7 @@ fn ten_layer_student_reloads_with_identical_logits() {
     let back = checkpoint::read(&out, &Device::Cpu).unwrap();
     assert_eq!(back.config.num_hidden_layers, 10);
     let reloaded = back.trainable().unwrap();
-    let p = ck
-        .tokenizer
-        .encode_prompt(&[Message::user("Why is the sky blue?")])
-        .unwrap();
-    let x = Tensor::new(p.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
+    let (p, x) = sky_prompt(&ck.tokenizer);
     let (a, b) = (student.logits(&x).unwrap(), reloaded.logits(&x).unwrap());
     let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     // The reloaded student is trainable (differentiable ops); compare it with the same mode too.
