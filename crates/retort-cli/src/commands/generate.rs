@@ -135,7 +135,16 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
                     .wrapping_add((chunk_idx * args.batch_size) as u64),
                 ..params.clone()
             };
-            let outs = generate(&model, &tok, &ids, &batch_params, |_, _| {})?;
+            let mut pieces = 0usize;
+            let outs = generate(&model, &tok, &ids, &batch_params, |_, _| {
+                pieces += 1;
+                if pieces.is_multiple_of(16) {
+                    pb.set_message(format!(
+                        "generating (~{} tokens so far)",
+                        generated + pieces
+                    ));
+                }
+            })?;
             for (p, c) in chunk.iter().zip(outs) {
                 generated += c.ids.len();
                 let rec = serde_json::json!({
