@@ -277,7 +277,7 @@ fn ten_layer_student_reloads_with_identical_logits() {
     let back = checkpoint::read(&out, &Device::Cpu).unwrap();
     assert_eq!(back.config.num_hidden_layers, 10);
     let reloaded = back.trainable().unwrap();
-    let (p, x) = sky_prompt(&ck.tokenizer);
+    let (_, x) = sky_prompt(&ck.tokenizer);
     let (a, b) = (student.logits(&x).unwrap(), reloaded.logits(&x).unwrap());
     let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     // The reloaded student is trainable (differentiable ops); compare it with the same mode too.
