@@ -60,7 +60,21 @@ impl Linear {
                 out_dims.push(out);
                 y.reshape(out_dims)?
             }
-            LinearWeight::Quantized(q) => q.forward(&x.contiguous()?)?,
+            LinearWeight::Quantized { w, pad_in } => {
+                let x = if *pad_in > 0 {
+                    let mut zeros_dims = x.dims().to_vec();
+                    if let Some(last) = zeros_dims.last_mut() {
+                        *last = *pad_in;
+                    }
+                    Tensor::cat(
+                        &[x, &Tensor::zeros(zeros_dims, x.dtype(), x.device())?],
+                        D::Minus1,
+                    )?
+                } else {
+                    x.contiguous()?
+                };
+                w.forward(&x)?
+            }
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -71,7 +85,7 @@ impl Linear {
     fn dense_weight(&self) -> Option<&Tensor> {
         match &self.weight {
             LinearWeight::Dense(w) => Some(w),
-            LinearWeight::Quantized(_) => None,
+            LinearWeight::Quantized { .. } => None,
         }
     }
 }

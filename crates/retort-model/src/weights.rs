@@ -111,15 +111,30 @@ impl Weights {
         format: WeightFormat,
     ) -> Result<LinearWeight> {
         match (self.get(name, dims)?, format) {
-            (Stored::Quantized(q), WeightFormat::Quantized) => {
-                Ok(LinearWeight::Quantized(QMatMul::from_arc(q.clone())?))
-            }
-            (Stored::Quantized(q), WeightFormat::Q8_0) if q.dtype() == GgmlDType::Q8_0 => {
-                Ok(LinearWeight::Quantized(QMatMul::from_arc(q.clone())?))
-            }
+            (Stored::Quantized(q), WeightFormat::Quantized) => Ok(LinearWeight::Quantized {
+                w: QMatMul::from_arc(q.clone())?,
+                pad_in: 0,
+            }),
             (_, WeightFormat::Q8_0) if dims.last().is_some_and(|c| c % 32 == 0) => {
-                let q = QTensor::quantize(&self.dense(name, dims)?, GgmlDType::Q8_0)?;
-                Ok(LinearWeight::Quantized(QMatMul::from_qtensor(q)?))
+                // candle's tiled AVX-512 VNNI kernels need the input width to be a multiple of
+                // 256; pad the weight with zero columns (the input gets zeros to match), which
+                // costs the extra columns' work but runs the fast kernel.
+                let w = self.dense(name, dims)?; // (out, in)
+                let (out, inp) = w.dims2()?;
+                let pad_in = inp.next_multiple_of(Q8_TILE_K) - inp;
+                let w = if pad_in > 0 {
+                    Tensor::cat(
+                        &[&w, &Tensor::zeros((out, pad_in), DType::F32, &self.device)?],
+                        1,
+                    )?
+                } else {
+                    w
+                };
+                let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
+                Ok(LinearWeight::Quantized {
+                    w: QMatMul::from_qtensor(q)?,
+                    pad_in,
+                })
             }
             _ => Ok(LinearWeight::Dense(self.dense(name, dims)?)),
         }
@@ -131,5 +146,9 @@ impl Weights {
 pub enum LinearWeight {
     /// `(out, in)`, any float dtype; f32 for training.
     Dense(Tensor),
-    Quantized(QMatMul),
+    /// Quantized `(out, in + pad_in)`; the input is padded with `pad_in` zeros before the product.
+    Quantized { w: QMatMul, pad_in: usize },
 }
+
+/// Input width granularity of candle's repacked x86 quantized kernels (`QK_K`).
+const Q8_TILE_K: usize = 256;

@@ -177,36 +177,41 @@ fn left_padded_batch_equals_each_sequence_alone() {
 
 #[test]
 fn batched_generation_equals_one_prompt_at_a_time() {
-    let cfg = tiny_config(Arch::Llama);
-    let model = tiny_model(&cfg, 6);
     let tok = tiny_tokenizer();
     let prompts: Vec<Vec<u32>> = vec![vec![1, 5, 6, 7], vec![1, 8], vec![1, 9, 10, 11, 12, 13]];
-    for temperature in [0.0, 0.8] {
-        let params = SamplingParams {
-            max_new_tokens: 12,
-            temperature,
-            top_p: 0.9,
-            seed: 11,
-            stop: vec![],
-        };
-        let batched = generate(&model, &tok, &prompts, &params, |_, _| {}).unwrap();
-        for (i, p) in prompts.iter().enumerate() {
-            let single_params = SamplingParams {
-                seed: 11 + i as u64,
-                ..params.clone()
+    // Q8_0 pads the input width to 256 and quantizes activations row by row: batching must
+    // still change nothing.
+    let cfg = gguf_config(Arch::Llama);
+    let weights = random_weights(&cfg, 6);
+    for format in [WeightFormat::F32, WeightFormat::Q8_0] {
+        let model = Model::frozen(&cfg, &weights, format).unwrap();
+        for temperature in [0.0, 0.8] {
+            let params = SamplingParams {
+                max_new_tokens: 12,
+                temperature,
+                top_p: 0.9,
+                seed: 11,
+                stop: vec![],
             };
-            let alone = generate(
-                &model,
-                &tok,
-                std::slice::from_ref(p),
-                &single_params,
-                |_, _| {},
-            )
-            .unwrap();
-            assert_eq!(
-                batched[i].ids, alone[0].ids,
-                "prompt {i} at temperature {temperature}"
-            );
+            let batched = generate(&model, &tok, &prompts, &params, |_, _| {}).unwrap();
+            for (i, p) in prompts.iter().enumerate() {
+                let single_params = SamplingParams {
+                    seed: 11 + i as u64,
+                    ..params.clone()
+                };
+                let alone = generate(
+                    &model,
+                    &tok,
+                    std::slice::from_ref(p),
+                    &single_params,
+                    |_, _| {},
+                )
+                .unwrap();
+                assert_eq!(
+                    batched[i].ids, alone[0].ids,
+                    "{format:?}: prompt {i} at temperature {temperature}"
+                );
+            }
         }
     }
 }
@@ -389,7 +394,11 @@ fn gguf_and_safetensors_give_the_same_model() {
         retort_test::write_tiny_gguf(&path, &cfg, &w, GgmlDType::Q8_0);
         let ck = checkpoint::read(&path, &Device::Cpu).unwrap();
         // Quantized matmuls also round the activations to Q8, hence the looser bound.
-        for (format, tol) in [(WeightFormat::F32, 0.02), (WeightFormat::Quantized, 0.05)] {
+        for (format, tol) in [
+            (WeightFormat::F32, 0.02),
+            (WeightFormat::Quantized, 0.05),
+            (WeightFormat::Q8_0, 0.05),
+        ] {
             let got = ck.frozen(format).unwrap().logits(&x).unwrap();
             // Relative to the logit scale: Q8_0 rounds each weight to 1/254 of its block's range.
             let scale = want
