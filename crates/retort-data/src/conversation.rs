@@ -33,6 +33,10 @@ impl std::fmt::Display for Role {
 pub struct Message {
     pub role: Role,
     pub content: String,
+    /// OpenAI fine-tuning's per-turn `weight`: `Some(0.0)` keeps an assistant turn as context
+    /// but takes no loss on it; absent or `1` trains on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<f32>,
 }
 
 impl Message {
@@ -40,7 +44,13 @@ impl Message {
         Self {
             role,
             content: content.into(),
+            weight: None,
         }
+    }
+
+    /// Whether this turn carries a training loss: an assistant turn whose weight is not 0.
+    pub fn trains(&self) -> bool {
+        self.role == Role::Assistant && self.weight != Some(0.0)
     }
     pub fn system(content: impl Into<String>) -> Self {
         Self::new(Role::System, content)

@@ -1,4 +1,5 @@
-//! Records that flow through retort, independent of any tensor library.
+//! Records that flow through retort, independent of any tensor library, and the readers that
+//! turn users' dataset files into them.
 //!
 //! A [`Conversation`] is a list of [`Message`]s with a [`Role`] each; it is what a chat template
 //! renders and what the trainer learns from (the assistant turns carry the loss).
@@ -12,7 +13,17 @@
 //! ]);
 //! assert_eq!(conv.assistant_turns(), 1);
 //! ```
+//!
+//! Datasets (JSONL, JSON arrays, Parquet; OpenAI `messages`, Alpaca, ShareGPT) are read and
+//! validated by [`dataset::read`].
 
 mod conversation;
+pub mod dataset;
+mod error;
+pub mod formats;
+mod parquet;
 
 pub use conversation::{Conversation, Message, Role};
+pub use dataset::{Dataset, ReadOptions, Record};
+pub use error::{Error, Location, RecordError, Result};
+pub use formats::Format;

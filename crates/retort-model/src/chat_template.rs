@@ -3,7 +3,7 @@
 //! assistant-only loss mask derived from it.
 
 use minijinja::{Environment, ErrorKind, context};
-use retort_data::{Message, Role};
+use retort_data::Message;
 
 use crate::error::{Error, Result};
 
@@ -95,7 +95,7 @@ impl ChatTemplate {
         let full = self.render(messages, false)?;
         let mut spans = Vec::new();
         for (i, m) in messages.iter().enumerate() {
-            if m.role != Role::Assistant {
+            if !m.trains() {
                 continue;
             }
             let head = self.render(&messages[..i], true)?;
