@@ -3,15 +3,12 @@
 
 use std::path::Path;
 
-use parquet::file::reader::{FileReader, SerializedFileReader};
 use crate::dataset::RawRecords;
 use crate::error::{Error, Location, Result};
+use parquet::file::reader::{FileReader, SerializedFileReader};
 
 /// Every row of a Parquet file as (row index, JSON object).
-pub(crate) fn rows(
-    path: &Path,
-    bytes: Vec<u8>,
-) -> Result<RawRecords> {
+pub(crate) fn rows(path: &Path, bytes: Vec<u8>) -> Result<RawRecords> {
     let bad = |e: parquet::errors::ParquetError| Error::File {
         path: path.to_path_buf(),
         reason: format!("cannot read as Parquet: {e}"),

@@ -1,0 +1,8 @@
+//! Knowledge distillation for retort: token-level losses, the chunked objective that applies the
+//! LM head only where a loss is taken, and the trainer.
+
+mod error;
+pub mod loss;
+
+pub use error::{Error, Result};
+pub use loss::Divergence;
