@@ -1,5 +1,7 @@
 //! The Parquet reader on a file written by pyarrow (`scripts/fixtures/make_parquet.py`).
 
+#![allow(clippy::unwrap_used)] // test code: a panic is a failed test
+
 use std::path::PathBuf;
 
 use retort_data::{Format, Location, ReadOptions, Role, dataset};

@@ -6,3 +6,6 @@ pub mod loss;
 
 pub use error::{Error, Result};
 pub use loss::Divergence;
+pub mod batch;
+pub mod grads;
+pub mod objective;

@@ -1,6 +1,8 @@
 //! KD losses against PyTorch: values and gradients from `scripts/reference/kd_losses.py`
 //! (output committed as `tests/fixtures/kd_losses_torch.json`).
 
+#![allow(clippy::unwrap_used)] // test code: a panic is a failed test
+
 use candle_core::{Device, Tensor, Var};
 use retort_distill::Divergence;
 use retort_distill::loss::{cross_entropy_sum, divergence_sum};

@@ -1,0 +1,190 @@
+//! The training objective on one micro-batch: `(1 − α)·CE + α·KD` over the positions that carry
+//! loss, normalised by the **global** number of loss tokens of the optimizer step.
+//!
+//! The LM head runs only on the gathered loss positions, `chunk_rows` rows at a time, so student
+//! and teacher logits exist for one chunk at most (never `B × T × V`). Each chunk is a separate
+//! backward from a detached copy of its hidden states; the hidden-state gradients of all chunks
+//! are then pushed through the decoder in one more backward (`Σ hidden · ∂L/∂hidden`), which
+//! gives exactly the gradients of the unchunked loss.
+//!
+//! Shapes: `ids (B, T)` u32 right-padded; `positions (N)` u32 flat indices `b·T + t` of the
+//! positions whose next token is a loss token; `targets (N)` u32 those next tokens.
+
+use candle_core::{DType, Tensor, Var};
+use retort_model::Model;
+
+use crate::error::{Error, Result};
+use crate::grads::Grads;
+use crate::loss::{Divergence, cross_entropy_sum, divergence_sum};
+
+/// The KD term of the objective.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KdTerm {
+    pub divergence: Divergence,
+    pub temperature: f64,
+    /// Weight of KD in `(1 − α)·CE + α·KD`.
+    pub alpha: f64,
+}
+
+/// What one micro-batch is trained on.
+#[derive(Debug, Clone)]
+pub struct Objective {
+    /// `None` for SFT (cross-entropy only).
+    pub kd: Option<KdTerm>,
+    /// Rows of logits computed at once.
+    pub chunk_rows: usize,
+    /// Logit columns compared between teacher and student (the shared vocabulary); `None` = all.
+    pub vocab_limit: Option<usize>,
+}
+
+/// One micro-batch, ready for the model.
+#[derive(Debug, Clone)]
+pub struct MicroBatch {
+    /// `(B, T)` u32.
+    pub ids: Tensor,
+    /// `(N)` u32 flat indices of loss positions.
+    pub positions: Tensor,
+    /// `(N)` u32 next-token targets.
+    pub targets: Tensor,
+    /// N.
+    pub loss_tokens: usize,
+    /// Tokens in the batch that are not padding.
+    pub real_tokens: usize,
+}
+
+/// Loss sums of a micro-batch (not normalised): Σ CE and Σ KD (× T²) over its loss tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LossSums {
+    pub ce: f64,
+    pub kd: f64,
+    pub tokens: usize,
+}
+
+impl LossSums {
+    pub fn add(&mut self, o: &LossSums) {
+        self.ce += o.ce;
+        self.kd += o.kd;
+        self.tokens += o.tokens;
+    }
+
+    /// The objective's value per token: `(1 − α)·CE + α·KD` (CE alone for SFT).
+    pub fn loss(&self, kd: Option<&KdTerm>) -> f64 {
+        let n = self.tokens.max(1) as f64;
+        match kd {
+            None => self.ce / n,
+            Some(k) => ((1.0 - k.alpha) * self.ce + k.alpha * self.kd) / n,
+        }
+    }
+}
+
+fn hidden_at(model: &Model, mb: &MicroBatch) -> Result<Tensor> {
+    let h = model.forward(&mb.ids, 0, &[], None)?; // (B, T, C)
+    let (b, t, c) = h.dims3()?;
+    Ok(h.reshape((b * t, c))?.index_select(&mb.positions, 0)?) // (N, C)
+}
+
+fn narrow_vocab(logits: Tensor, limit: Option<usize>) -> Result<Tensor> {
+    Ok(match limit {
+        Some(v) if v < logits.dim(1)? => logits.narrow(1, 0, v)?,
+        _ => logits,
+    })
+}
+
+fn scalar(x: &Tensor) -> Result<f64> {
+    Ok(x.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// Run one micro-batch forward and backward; add `∂(loss_sum / normalizer)/∂θ` into `grads`.
+/// `teacher` is required when the objective has a KD term.
+pub fn accumulate(
+    student: &Model,
+    teacher: Option<&Model>,
+    obj: &Objective,
+    mb: &MicroBatch,
+    normalizer: f64,
+    grads: &mut Grads,
+) -> Result<LossSums> {
+    run(student, teacher, obj, mb, Some((normalizer, grads)))
+}
+
+/// Loss sums of one micro-batch without gradients (evaluation).
+pub fn evaluate(
+    student: &Model,
+    teacher: Option<&Model>,
+    obj: &Objective,
+    mb: &MicroBatch,
+) -> Result<LossSums> {
+    run(student, teacher, obj, mb, None)
+}
+
+fn run(
+    student: &Model,
+    teacher: Option<&Model>,
+    obj: &Objective,
+    mb: &MicroBatch,
+    mut backward: Option<(f64, &mut Grads)>,
+) -> Result<LossSums> {
+    let n = mb.loss_tokens;
+    if n == 0 {
+        return Ok(LossSums::default()); // nothing to learn from: no gradient, no NaN
+    }
+    let teacher = match (&obj.kd, teacher) {
+        (Some(_), Some(t)) => Some(t),
+        (Some(_), None) => {
+            return Err(Error::invalid(
+                "the KD objective needs a teacher",
+                "set `teacher` in the recipe, or use `method = \"sft\"`",
+            ));
+        }
+        (None, _) => None,
+    };
+    let s_hidden = hidden_at(student, mb)?; // (N, C), tracked
+    let t_hidden = match teacher {
+        Some(t) => Some(hidden_at(t, mb)?.detach()), // (N, C)
+        None => None,
+    };
+    let h = s_hidden.detach();
+    let chunk = obj.chunk_rows.max(1);
+    let mut sums = LossSums {
+        tokens: n,
+        ..Default::default()
+    };
+    let mut hidden_grads = Vec::with_capacity(n.div_ceil(chunk));
+    let mut start = 0;
+    while start < n {
+        let len = chunk.min(n - start);
+        let hv = Var::from_tensor(&h.narrow(0, start, len)?)?; // (n, C) leaf
+        let s_logits = narrow_vocab(student.lm_head(hv.as_tensor())?, obj.vocab_limit)?; // (n, V)
+        let targets = mb.targets.narrow(0, start, len)?;
+        let ce = cross_entropy_sum(&s_logits, &targets)?;
+        sums.ce += scalar(&ce)?;
+        let total = match (&obj.kd, &t_hidden, teacher) {
+            (Some(k), Some(th), Some(t)) => {
+                let t_logits =
+                    narrow_vocab(t.lm_head(&th.narrow(0, start, len)?)?, obj.vocab_limit)?;
+                let kd = divergence_sum(&s_logits, &t_logits, k.divergence, k.temperature)?;
+                sums.kd += scalar(&kd)?;
+                ((ce * (1.0 - k.alpha))? + (kd * k.alpha)?)?
+            }
+            _ => ce,
+        };
+        if let Some((normalizer, grads)) = backward.as_mut() {
+            let store = (total / *normalizer)?.backward()?;
+            grads.add_store(student.vars(), &store)?;
+            let gh = store.get(hv.as_tensor()).cloned().ok_or_else(|| {
+                Error::invalid(
+                    "the loss has no gradient towards the hidden states",
+                    "this is a bug in retort: the LM head must be differentiable",
+                )
+            })?;
+            hidden_grads.push(gh);
+        }
+        start += len;
+    }
+    if let Some((_, grads)) = backward {
+        let gh = Tensor::cat(&hidden_grads, 0)?.detach(); // (N, C)
+        let store = (s_hidden * gh)?.sum_all()?.backward()?;
+        grads.add_store(student.vars(), &store)?;
+    }
+    Ok(sums)
+}
