@@ -6,6 +6,8 @@ pub mod loss;
 
 pub use error::{Error, Result};
 pub use loss::Divergence;
+pub mod adamw;
 pub mod batch;
 pub mod grads;
 pub mod objective;
+pub mod schedule;
