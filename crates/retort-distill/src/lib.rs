@@ -10,4 +10,7 @@ pub mod adamw;
 pub mod batch;
 pub mod grads;
 pub mod objective;
+pub mod recipe;
 pub mod schedule;
+pub mod setup;
+pub mod trainer;

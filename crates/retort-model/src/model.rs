@@ -513,6 +513,29 @@ impl Model {
         m.vars.clear();
         Ok(m)
     }
+
+    /// A trainable copy (every weight an f32 [`Var`]) of a model with dense weights, e.g. a
+    /// frozen teacher pruned into a student.
+    pub fn to_trainable(&self, source: &Path) -> Result<Model> {
+        let tensors = self
+            .named_tensors()?
+            .into_iter()
+            .map(|(n, t)| Ok((n, crate::weights::Stored::Dense(t.to_dtype(DType::F32)?))))
+            .collect::<Result<std::collections::HashMap<_, _>>>()?;
+        let weights = Weights::new(source, tensors, &self.device);
+        Model::trainable(&self.cfg, &weights)
+    }
+}
+
+/// `n` layer indices out of `total`, evenly spaced, first and last included.
+pub fn evenly_spaced_layers(n: usize, total: usize) -> Vec<usize> {
+    match n {
+        0 => vec![],
+        1 => vec![0],
+        _ => (0..n)
+            .map(|i| (i * (total - 1) + (n - 1) / 2) / (n - 1))
+            .collect(),
+    }
 }
 
 /// The additive attention mask `(B|1, 1, T, S)` with `S = pos0 + T`, or `None` when nothing

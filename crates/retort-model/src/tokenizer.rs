@@ -217,6 +217,26 @@ impl Tokenizer {
         &self.inner
     }
 
+    /// SHA-256 (hex) over every (token, id) pair of the vocabulary, added tokens included, in id
+    /// order: two tokenizers with the same fingerprint map text to the same ids' meanings.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut pairs: Vec<(u32, String)> = self
+            .inner
+            .get_vocab(true)
+            .into_iter()
+            .map(|(t, i)| (i, t))
+            .collect();
+        pairs.sort();
+        let mut h = Sha256::new();
+        for (i, t) in pairs {
+            h.update(i.to_le_bytes());
+            h.update(t.as_bytes());
+            h.update([0u8]);
+        }
+        hex::encode(h.finalize())
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

@@ -4,20 +4,10 @@
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use retort_model::checkpoint;
+use retort_model::model::evenly_spaced_layers as evenly_spaced;
 
 use crate::cli::InitStudentArgs;
 use crate::progress;
-
-/// `n` layer indices out of `total`, evenly spaced, first and last included.
-pub fn evenly_spaced(n: usize, total: usize) -> Vec<usize> {
-    match n {
-        0 => vec![],
-        1 => vec![0],
-        _ => (0..n)
-            .map(|i| (i * (total - 1) + (n - 1) / 2) / (n - 1))
-            .collect(),
-    }
-}
 
 pub fn run(args: InitStudentArgs, quiet: bool) -> Result<()> {
     let pb = progress::spinner(&format!("reading {}", args.teacher.display()), quiet);

@@ -1,0 +1,415 @@
+//! Everything a run needs before the first step: models loaded, vocabularies checked, every
+//! stage's data read, validated, tokenized and split, and the memory estimate. `--dry-run` stops
+//! here and prints [`Plan::summary`].
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use retort_data::{ReadOptions, dataset};
+use retort_model::model::evenly_spaced_layers;
+use retort_model::{Model, Tokenizer, WeightFormat, checkpoint};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::batch::{self, Sample, TokenizeReport};
+use crate::error::{Error, Result};
+use crate::objective::{KdTerm, Objective};
+use crate::recipe::{Method, Recipe, Stage};
+
+/// A stage ready to train.
+#[derive(Debug)]
+pub struct StagePlan {
+    pub index: usize,
+    pub stage: Stage,
+    pub objective: Objective,
+    pub train: Vec<Sample>,
+    pub eval: Vec<Sample>,
+    pub report: DataReport,
+    /// Optimizer steps of the stage (epochs × steps per epoch, capped by `max_steps`).
+    pub total_steps: usize,
+    pub steps_per_epoch: usize,
+}
+
+/// What reading and tokenizing a stage's data found.
+#[derive(Debug, Clone, Serialize)]
+pub struct DataReport {
+    pub data: PathBuf,
+    pub data_sha256: String,
+    pub format: String,
+    pub skipped_invalid: usize,
+    pub tokenize: TokenizeReport,
+    pub eval_source: String,
+    pub train_samples: usize,
+    pub eval_samples: usize,
+    pub train_loss_tokens: usize,
+    /// Padding share of the first epoch's batches.
+    pub padding_waste: f64,
+}
+
+/// The teacher's identity, recorded in every checkpoint's lineage.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct TeacherId {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub arch: String,
+    pub tokenizer_fingerprint: String,
+}
+
+/// Models and stages of a run.
+pub struct Plan {
+    pub recipe: Recipe,
+    pub student: Model,
+    pub tokenizer: Tokenizer,
+    pub teacher: Option<Model>,
+    pub teacher_id: Option<TeacherId>,
+    pub stages: Vec<StagePlan>,
+    pub pad_id: u32,
+    pub memory: MemoryEstimate,
+}
+
+/// A rough peak-memory estimate (bytes), from shapes.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct MemoryEstimate {
+    pub student_weights: u64,
+    pub grads_and_adam: u64,
+    pub teacher_weights: u64,
+    pub activations: u64,
+    pub logits_chunk: u64,
+    pub total: u64,
+}
+
+/// SHA-256 of a model's weights: the GGUF file, or `model.safetensors` in an HF dir.
+fn weights_sha256(path: &Path) -> Result<String> {
+    let file = if path.is_dir() {
+        path.join("model.safetensors")
+    } else {
+        path.to_path_buf()
+    };
+    let mut f = fs_err::File::open(&file)?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(hex::encode(h.finalize()))
+}
+
+fn estimate_memory(student: &Model, teacher: Option<&Model>, recipe: &Recipe) -> MemoryEstimate {
+    let s = student.config();
+    let t = &recipe.train;
+    let p = s.num_parameters() as u64 * 4;
+    let tokens = (t.batch_size * t.max_len) as u64;
+    // Per layer and token, autograd keeps ~ (12·C + 4·F) f32 values; attention probabilities
+    // add H·T per token (B·H·T² per layer).
+    let per_layer = tokens * (12 * s.hidden_size as u64 + 4 * s.intermediate_size as u64) * 4
+        + (t.batch_size * s.num_attention_heads * t.max_len * t.max_len) as u64 * 4 * 2;
+    let activations = per_layer * s.num_hidden_layers as u64;
+    // A chunk of logits: student and teacher log-probs and ~6 temporaries of (rows, V).
+    let logits_chunk = (t.chunk_rows * s.vocab_size) as u64 * 4 * 8;
+    let teacher_weights = teacher.map_or(0, |m| m.config().num_parameters() as u64 * 4);
+    let grads_and_adam = 3 * p;
+    MemoryEstimate {
+        student_weights: p,
+        grads_and_adam,
+        teacher_weights,
+        activations,
+        logits_chunk,
+        total: p + grads_and_adam + teacher_weights + activations + logits_chunk,
+    }
+}
+
+fn load_student(
+    recipe: &Recipe,
+    teacher_ck: Option<&checkpoint::Checkpoint>,
+    device: &Device,
+) -> Result<(Model, Tokenizer)> {
+    let s = &recipe.student;
+    if let Some(path) = &s.path {
+        let ck = checkpoint::read(path, device)?;
+        return Ok((ck.trainable()?, ck.tokenizer));
+    }
+    let ck = teacher_ck.ok_or_else(|| {
+        Error::invalid(
+            "pruning the teacher needs a [teacher]",
+            "add [teacher] path = …",
+        )
+    })?;
+    let total = ck.config.num_hidden_layers;
+    let keep = match (&s.keep_layers, s.num_layers) {
+        (Some(k), _) => k.clone(),
+        (None, Some(n)) if n >= 1 && n <= total => evenly_spaced_layers(n, total),
+        (None, n) => {
+            return Err(Error::invalid(
+                format!("student.num_layers = {n:?} but the teacher has {total} layers"),
+                format!("choose 1..={total}"),
+            ));
+        }
+    };
+    let pruned = ck
+        .frozen(WeightFormat::F32)?
+        .prune_layers(&keep, &ck.path)?;
+    Ok((pruned.to_trainable(&ck.path)?, ck.tokenizer.clone()))
+}
+
+/// Columns of logits KD compares, after checking the two tokenizers agree.
+fn shared_vocab(
+    student: &Model,
+    s_tok: &Tokenizer,
+    teacher: &Model,
+    t_tok: &Tokenizer,
+    t_path: &Path,
+) -> Result<Option<usize>> {
+    if s_tok.fingerprint() != t_tok.fingerprint() {
+        return Err(Error::invalid(
+            format!(
+                "the student's tokenizer differs from the teacher's (`{}`): token-level KD compares \
+                 distributions over the same vocabulary",
+                t_path.display()
+            ),
+            "use a student built from the teacher (`[student] num_layers = …`) or from the same \
+             model family, or use method = \"sft\" on teacher-written data",
+        ));
+    }
+    let (vs, vt) = (student.config().vocab_size, teacher.config().vocab_size);
+    if vs == vt {
+        return Ok(None);
+    }
+    // Padding-only differences (e.g. Qwen 151,936 vs 152,064): the rows past the tokenizer's
+    // vocabulary are never produced by tokenization, so compare the shared columns only.
+    let used = s_tok.vocab_size();
+    let common = vs.min(vt);
+    if used > common {
+        return Err(Error::invalid(
+            format!(
+                "vocabulary sizes differ (student {vs}, teacher {vt}) and the tokenizer uses {used} ids"
+            ),
+            "the models do not share a vocabulary; pick a matching teacher/student pair",
+        ));
+    }
+    Ok(Some(common))
+}
+
+fn split_eval(samples: Vec<Sample>, fraction: f64, seed: u64) -> (Vec<Sample>, Vec<Sample>) {
+    if fraction <= 0.0 || samples.len() < 2 {
+        return (samples, Vec::new());
+    }
+    let n_eval = ((samples.len() as f64 * fraction).ceil() as usize).clamp(1, samples.len() - 1);
+    let mut idx: Vec<usize> = (0..samples.len()).collect();
+    idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0x5EED_E7A1));
+    let mut is_eval = vec![false; samples.len()];
+    idx[..n_eval].iter().for_each(|&i| is_eval[i] = true);
+    let (mut train, mut eval) = (Vec::new(), Vec::new());
+    for (s, e) in samples.into_iter().zip(is_eval) {
+        if e { eval.push(s) } else { train.push(s) }
+    }
+    (train, eval)
+}
+
+/// Load models and prepare every stage (all data validated before any compute).
+pub fn prepare(recipe: Recipe, device: &Device) -> Result<Plan> {
+    let teacher_ck = match &recipe.teacher {
+        Some(t) => Some(checkpoint::read(&t.path, device)?),
+        None => None,
+    };
+    let (student, tokenizer) = load_student(&recipe, teacher_ck.as_ref(), device)?;
+    let needs_teacher = recipe.stages.iter().any(|s| s.method == Method::Kd);
+    let (teacher, teacher_id, vocab_limit) = match (&teacher_ck, needs_teacher) {
+        (Some(ck), true) => {
+            let t = ck.frozen(WeightFormat::F32)?;
+            let limit = shared_vocab(&student, &tokenizer, &t, &ck.tokenizer, &ck.path)?;
+            let id = TeacherId {
+                path: ck.path.clone(),
+                sha256: weights_sha256(&ck.path)?,
+                arch: format!("{:?}", ck.config.arch).to_lowercase(),
+                tokenizer_fingerprint: ck.tokenizer.fingerprint(),
+            };
+            (Some(t), Some(id), limit)
+        }
+        _ => (None, None, None),
+    };
+    drop(teacher_ck);
+    let pad_id = tokenizer.stop_ids().first().copied().unwrap_or(0);
+    let t = &recipe.train;
+    let mut stages = Vec::with_capacity(recipe.stages.len());
+    for (index, stage) in recipe.stages.iter().enumerate() {
+        let opts = ReadOptions {
+            format: stage.format,
+            skip_invalid: stage.skip_invalid,
+        };
+        let ds = dataset::read(&stage.data, &opts)?;
+        let (samples, tok_report) = batch::tokenize(&ds, &tokenizer, t.max_len, t.truncation)?;
+        let (train, eval, eval_source) = match &stage.eval_data {
+            Some(p) => {
+                let eds = dataset::read(p, &opts)?;
+                let (e, _) = batch::tokenize(&eds, &tokenizer, t.max_len, t.truncation)?;
+                (samples, e, p.display().to_string())
+            }
+            None => {
+                let (tr, ev) = split_eval(samples, t.eval_fraction, t.seed);
+                (
+                    tr,
+                    ev,
+                    format!("{:.0}% of the data", t.eval_fraction * 100.0),
+                )
+            }
+        };
+        if train.is_empty() {
+            return Err(Error::invalid(
+                format!(
+                    "stage `{}`: no training samples left in `{}`",
+                    stage.name,
+                    stage.data.display()
+                ),
+                "check max_len (samples may all be cut away) and eval_fraction",
+            ));
+        }
+        let lengths: Vec<usize> = train.iter().map(|s| s.ids.len()).collect();
+        let plan0 = batch::plan_epoch(&lengths, t.batch_size, t.bucket_batches, t.seed, 0);
+        let steps_per_epoch = plan0.len().div_ceil(t.grad_accum);
+        let mut total_steps = steps_per_epoch * stage.epochs;
+        if let Some(m) = stage.max_steps {
+            total_steps = total_steps.min(m);
+        }
+        let kd = match stage.method {
+            Method::Sft => None,
+            Method::Kd => Some(KdTerm {
+                divergence: stage
+                    .divergence()
+                    .map_err(|e| Error::invalid(e, "fix the stage's `loss`"))?,
+                temperature: stage.temperature,
+                alpha: stage.alpha,
+            }),
+        };
+        let report = DataReport {
+            data: stage.data.clone(),
+            data_sha256: ds.sha256.clone(),
+            format: ds.format.to_string(),
+            skipped_invalid: ds.skipped.len(),
+            tokenize: tok_report,
+            eval_source,
+            train_samples: train.len(),
+            eval_samples: eval.len(),
+            train_loss_tokens: train.iter().map(Sample::loss_tokens).sum(),
+            padding_waste: batch::padding_waste(&lengths, &plan0),
+        };
+        stages.push(StagePlan {
+            index,
+            stage: stage.clone(),
+            objective: Objective {
+                kd,
+                chunk_rows: t.chunk_rows,
+                vocab_limit,
+            },
+            train,
+            eval,
+            report,
+            total_steps,
+            steps_per_epoch,
+        });
+    }
+    let memory = estimate_memory(&student, teacher.as_ref(), &recipe);
+    Ok(Plan {
+        recipe,
+        student,
+        tokenizer,
+        teacher,
+        teacher_id,
+        stages,
+        pad_id,
+        memory,
+    })
+}
+
+fn gib(b: u64) -> String {
+    format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+}
+
+impl Plan {
+    /// A human-readable summary of what the run will do (printed by `--dry-run`).
+    pub fn summary(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let c = self.student.config();
+        let _ = writeln!(
+            s,
+            "student: {} layers, {:.1}M parameters, vocab {}",
+            c.num_hidden_layers,
+            c.num_parameters() as f64 / 1e6,
+            c.vocab_size
+        );
+        match (&self.teacher, &self.teacher_id) {
+            (Some(t), Some(id)) => {
+                let _ = writeln!(
+                    s,
+                    "teacher: {} ({} layers, {:.1}M parameters, f32), sha256 {}",
+                    id.path.display(),
+                    t.config().num_hidden_layers,
+                    t.config().num_parameters() as f64 / 1e6,
+                    &id.sha256[..16]
+                );
+            }
+            _ => {
+                let _ = writeln!(s, "teacher: none (no KD stage)");
+            }
+        }
+        let t = &self.recipe.train;
+        let _ = writeln!(
+            s,
+            "batch {}×≤{} tokens, grad_accum {}, chunk_rows {}",
+            t.batch_size, t.max_len, t.grad_accum, t.chunk_rows
+        );
+        for st in &self.stages {
+            let r = &st.report;
+            let method = match &st.objective.kd {
+                None => "sft".to_string(),
+                Some(k) => format!("kd {} α={} T={}", k.divergence, k.alpha, k.temperature),
+            };
+            let _ = writeln!(
+                s,
+                "stage {} `{}`: {method}, lr {}, {} epoch(s) → {} optimizer steps",
+                st.index, st.stage.name, st.stage.lr, st.stage.epochs, st.total_steps
+            );
+            let _ = writeln!(
+                s,
+                "  data {} ({}, sha256 {}…): {} records, {} invalid skipped",
+                r.data.display(),
+                r.format,
+                &r.data_sha256[..12],
+                r.tokenize.records,
+                r.skipped_invalid
+            );
+            let _ = writeln!(
+                s,
+                "  tokens {} ({} loss tokens), longest {}; truncated {}, dropped {} ({} tokens cut at max_len {})",
+                r.tokenize.tokens,
+                r.tokenize.loss_tokens,
+                r.tokenize.max_len_seen,
+                r.tokenize.truncated,
+                r.tokenize.dropped,
+                r.tokenize.tokens_cut,
+                t.max_len
+            );
+            let _ = writeln!(
+                s,
+                "  train {} samples ({} loss tokens), eval {} samples ({}); padding waste {:.1}%",
+                r.train_samples,
+                r.train_loss_tokens,
+                r.eval_samples,
+                r.eval_source,
+                r.padding_waste * 100.0
+            );
+        }
+        let m = &self.memory;
+        let _ = writeln!(
+            s,
+            "memory estimate: {} (student {}, grads+AdamW {}, teacher {}, activations {}, logits chunk {})",
+            gib(m.total),
+            gib(m.student_weights),
+            gib(m.grads_and_adam),
+            gib(m.teacher_weights),
+            gib(m.activations),
+            gib(m.logits_chunk)
+        );
+        s
+    }
+}
