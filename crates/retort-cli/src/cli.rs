@@ -37,6 +37,61 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Build a depth-pruned student from a teacher and save it as a Hugging Face directory.
     InitStudent(InitStudentArgs),
+    /// Train a student from a recipe: SFT, KD, or several stages (e.g. KD then SFT).
+    Train(TrainArgs),
+    /// Inspect and validate datasets.
+    #[command(subcommand)]
+    Data(DataCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// A recipe TOML file (see recipes/README.md).
+    #[arg(value_name = "RECIPE")]
+    pub recipe: PathBuf,
+    /// Override a recipe field by dotted path, e.g. `--set train.batch_size=8 --set stages.0.lr=5e-5`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Run directory (checkpoints, metrics.jsonl, the final model in OUT/model).
+    #[arg(long, short = 'o', value_name = "DIR")]
+    pub out: PathBuf,
+    /// Continue the run in OUT from its latest checkpoint (bit-identical to an uninterrupted run).
+    #[arg(long)]
+    pub resume: bool,
+    /// Validate the recipe, data and shapes, print the plan and memory estimate, and exit.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Stop (with a checkpoint) after this many optimizer steps in this invocation.
+    #[arg(long, value_name = "N")]
+    pub max_steps: Option<usize>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Validate a dataset and print record, turn and token statistics.
+    Inspect(InspectArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// JSONL, JSON array or Parquet; OpenAI `messages`, Alpaca or ShareGPT records.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// Force the record shape instead of detecting it.
+    #[arg(long, value_parser = ["messages", "alpaca", "sharegpt"])]
+    pub format: Option<String>,
+    /// Skip and count invalid records instead of stopping at the first.
+    #[arg(long)]
+    pub skip_invalid: bool,
+    /// Tokenize with this model's tokenizer and chat template to count tokens and truncations.
+    #[arg(long, short = 'm', value_name = "PATH")]
+    pub model: Option<PathBuf>,
+    /// Truncation limit for the token statistics.
+    #[arg(long, default_value_t = 512, value_name = "TOKENS")]
+    pub max_len: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// How weights are held in memory.

@@ -43,7 +43,7 @@ fn tiny(dir: &Path, layers: usize) -> PathBuf {
 #[test]
 fn every_subcommand_has_help() {
     let top = ok(&retort(&["--help"]));
-    for sub in ["info", "chat", "generate", "init-student"] {
+    for sub in ["info", "chat", "generate", "init-student", "train", "data"] {
         assert!(top.contains(sub), "{sub} missing from --help");
         let help = ok(&retort(&[sub, "--help"]));
         assert!(help.contains("Usage: retort"), "{sub}: {help}");
@@ -283,4 +283,106 @@ fn chat_answers_each_line_from_stdin_and_ends_on_eof() {
         4,
         "three prompts read, then EOF at the fourth: {stderr:?}"
     );
+}
+
+fn write_chat_data(path: &Path, n: usize) {
+    let words = [
+        "the", "sky", "is", "blue", "why", "because", "of", "light", "hello", "world",
+    ];
+    let mut out = String::new();
+    for i in 0..n {
+        let q = format!(
+            "{} {} {}",
+            words[i % 10],
+            words[(i * 3 + 1) % 10],
+            words[(i * 7 + 2) % 10]
+        );
+        let a = format!("{} {} yes", words[(i * 3 + 1) % 10], words[i % 10]);
+        out.push_str(&format!(
+            "{{\"messages\": [{{\"role\": \"user\", \"content\": \"{q}\"}}, {{\"role\": \"assistant\", \"content\": \"{a}\"}}]}}\n"
+        ));
+    }
+    fs_err::write(path, out).unwrap();
+}
+
+#[test]
+fn data_inspect_reports_statistics_and_names_bad_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny(dir.path(), 1);
+    let data = dir.path().join("d.jsonl");
+    write_chat_data(&data, 5);
+    let out = ok(&retort(&[
+        "data",
+        "inspect",
+        data.to_str().unwrap(),
+        "-m",
+        model.to_str().unwrap(),
+        "--max-len",
+        "8",
+    ]));
+    assert!(out.contains("records: 5 valid, 0 invalid"), "{out}");
+    assert!(out.contains("5 assistant"), "{out}");
+    assert!(out.contains("at max_len 8: "), "{out}");
+    let mut text = fs_err::read_to_string(&data).unwrap();
+    text.push_str("{\"instruction\": 1}\n");
+    fs_err::write(&data, text).unwrap();
+    let o = retort(&["data", "inspect", data.to_str().unwrap()]);
+    let err = fail(&o);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("d.jsonl:line 6"), "{stdout}");
+    assert!(err.contains("1 invalid record"), "{err}");
+    ok(&retort(&[
+        "data",
+        "inspect",
+        data.to_str().unwrap(),
+        "--skip-invalid",
+    ]));
+}
+
+#[test]
+fn train_dry_run_then_interrupted_and_resumed_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = tiny(dir.path(), 3);
+    write_chat_data(&dir.path().join("train.jsonl"), 16);
+    let recipe = dir.path().join("kd.toml");
+    fs_err::write(
+        &recipe,
+        format!(
+            "[teacher]\npath = \"{}\"\n[student]\nnum_layers = 2\n[train]\nbatch_size = 2\nmax_len = 32\n\n[[stages]]\nname = \"kd\"\ndata = \"train.jsonl\"\nmethod = \"kd\"\nloss = \"jsd:0.5\"\nepochs = 1\nlr = 0.01\n",
+            teacher.display()
+        ),
+    )
+    .unwrap();
+    let r = recipe.to_str().unwrap();
+    let out_dir = dir.path().join("run");
+    let o = out_dir.to_str().unwrap();
+    let plan = ok(&retort(&["train", r, "--out", o, "--dry-run"]));
+    assert!(plan.contains("kd jsd:0.5"), "{plan}");
+    assert!(plan.contains("memory estimate"), "{plan}");
+    assert!(
+        !out_dir.exists(),
+        "a dry run must not write the run directory"
+    );
+    let e = fail(&retort(&[
+        "train",
+        r,
+        "--out",
+        o,
+        "--set",
+        "train.batch_sise=2",
+    ]));
+    assert!(e.contains("batch_sise"), "{e}");
+    let stopped = ok(&retort(&["train", r, "--out", o, "--max-steps", "2"]));
+    assert!(stopped.trim().ends_with("step-0000002"), "{stopped}");
+    let done = ok(&retort(&["train", r, "--out", o, "--resume"]));
+    assert!(done.trim().ends_with("model"), "{done}");
+    let metrics = fs_err::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
+    let steps = metrics
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"train\""))
+        .count();
+    assert_eq!(steps, 7, "{metrics}"); // 14 training samples (2 held out) / batch 2
+    assert!(out_dir.join("model/model.safetensors").exists());
+    assert!(out_dir.join("model/lineage.json").exists());
+    assert!(out_dir.join("recipe.resolved.toml").exists());
 }

@@ -358,6 +358,10 @@ impl Run<'_> {
         let lengths: Vec<usize> = sp.train.iter().map(|s| s.ids.len()).collect();
         let mut epoch_plans: HashMap<usize, Vec<Vec<usize>>> = HashMap::new();
         obs.stage_start(sp, start);
+        if start == 0 && t.eval_every > 0 {
+            let e = self.evaluate(sp)?; // the baseline the stage starts from
+            obs.eval(&e);
+        }
         let mut step = start;
         while step < sp.total_steps {
             let t0 = Instant::now();

@@ -1,9 +1,11 @@
 //! One module per subcommand.
 
 mod chat;
+mod data;
 mod generate;
 mod info;
 mod init_student;
+mod train;
 
 use anyhow::{Context, Result};
 use candle_core::Device;
@@ -19,6 +21,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Chat(a) => chat::run(a, quiet),
         Command::Generate(a) => generate::run(a, quiet),
         Command::InitStudent(a) => init_student::run(a, quiet),
+        Command::Train(a) => train::run(a, quiet),
+        Command::Data(crate::cli::DataCommand::Inspect(a)) => data::inspect(a, quiet),
     }
 }
 

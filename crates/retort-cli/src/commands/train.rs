@@ -1,0 +1,116 @@
+//! `retort train RECIPE`: run a recipe's stages with progress bars; Ctrl-C stops after the
+//! current step with a checkpoint (`--resume` continues bit-identically).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use indicatif::ProgressBar;
+use retort_distill::recipe::Recipe;
+use retort_distill::setup::{self, StagePlan};
+use retort_distill::trainer::{self, EvalRecord, Observer, Outcome, RunOptions, StepRecord};
+
+use crate::cli::TrainArgs;
+use crate::progress;
+
+struct Bars {
+    quiet: bool,
+    bar: Option<ProgressBar>,
+}
+
+impl Observer for Bars {
+    fn stage_start(&mut self, sp: &StagePlan, done: usize) {
+        if let Some(b) = self.bar.take() {
+            b.finish();
+        }
+        tracing::info!(
+            "stage {} `{}`: {} optimizer steps",
+            sp.index,
+            sp.stage.name,
+            sp.total_steps
+        );
+        let b = progress::bar(sp.total_steps as u64, &sp.stage.name, self.quiet);
+        b.set_position(done as u64);
+        self.bar = Some(b);
+    }
+
+    fn step(&mut self, r: &StepRecord) {
+        if let Some(b) = &self.bar {
+            let kd = r.kd.map(|k| format!(" kd {k:.3}")).unwrap_or_default();
+            b.set_message(format!(
+                "{} loss {:.3} ce {:.3}{kd} | {:.0} tok/s",
+                r.stage_name, r.loss, r.ce, r.tokens_per_s
+            ));
+            b.set_position(r.step as u64);
+        }
+    }
+
+    fn eval(&mut self, r: &EvalRecord) {
+        let kd = r.kd.map(|k| format!(", kd {k:.4}")).unwrap_or_default();
+        let line = format!(
+            "eval @ step {}: nll {:.4} (ppl {:.2}){kd} over {} tokens",
+            r.global_step, r.nll, r.ppl, r.tokens
+        );
+        match &self.bar {
+            Some(b) if !b.is_hidden() => b.println(line),
+            _ => tracing::info!("{line}"),
+        }
+    }
+
+    fn checkpoint(&mut self, path: &std::path::Path) {
+        tracing::debug!("checkpoint {}", path.display());
+    }
+}
+
+pub fn run(args: TrainArgs, quiet: bool) -> Result<()> {
+    let recipe = Recipe::load(&args.recipe, &args.set)?;
+    let pb = progress::spinner("loading models and validating data", quiet);
+    let plan = setup::prepare(recipe, &Device::Cpu);
+    pb.finish_and_clear();
+    let plan = plan.with_context(|| format!("cannot prepare `{}`", args.recipe.display()))?;
+    if args.dry_run {
+        print!("{}", plan.summary());
+        println!("dry run: nothing trained");
+        return Ok(());
+    }
+    for line in plan.summary().lines() {
+        tracing::info!("{line}");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130); // second Ctrl-C: leave now
+        }
+        tracing::warn!("stopping after this step with a checkpoint (Ctrl-C again to quit at once)");
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    let opts = RunOptions {
+        out: args.out.clone(),
+        resume: args.resume,
+        stop,
+        max_steps_this_run: args.max_steps,
+    };
+    let mut bars = Bars { quiet, bar: None };
+    let outcome = trainer::run(&plan, &opts, &mut bars);
+    if let Some(b) = bars.bar.take() {
+        b.finish();
+    }
+    match outcome? {
+        Outcome::Finished(dir) => {
+            tracing::info!("metrics in {}", args.out.join("metrics.jsonl").display());
+            println!("{}", dir.display());
+        }
+        Outcome::Interrupted(ck) => {
+            tracing::warn!(
+                "stopped at checkpoint {}; continue with `retort train {} --out {} --resume`",
+                ck.display(),
+                args.recipe.display(),
+                args.out.display()
+            );
+            println!("{}", ck.display());
+        }
+    }
+    Ok(())
+}
