@@ -104,7 +104,7 @@ pub fn accumulate(
     normalizer: f64,
     grads: &mut Grads,
 ) -> Result<LossSums> {
-    run(student, teacher, obj, mb, Some((normalizer, grads)))
+    run(student, teacher, obj, mb, Some((normalizer, grads)), None)
 }
 
 /// Loss sums of one micro-batch without gradients (evaluation).
@@ -114,7 +114,24 @@ pub fn evaluate(
     obj: &Objective,
     mb: &MicroBatch,
 ) -> Result<LossSums> {
-    run(student, teacher, obj, mb, None)
+    run(student, teacher, obj, mb, None, None)
+}
+
+/// The teacher's final hidden states at the loss positions, `(N, C)`: what KD needs from the
+/// teacher besides its LM head. Fixed for a fixed batch, so evaluation computes it once.
+pub fn teacher_hidden(teacher: &Model, mb: &MicroBatch) -> Result<Tensor> {
+    Ok(hidden_at(teacher, mb)?.detach())
+}
+
+/// [`evaluate`] with the teacher's hidden states precomputed by [`teacher_hidden`].
+pub fn evaluate_cached(
+    student: &Model,
+    teacher: Option<&Model>,
+    obj: &Objective,
+    mb: &MicroBatch,
+    t_hidden: Option<&Tensor>,
+) -> Result<LossSums> {
+    run(student, teacher, obj, mb, None, t_hidden)
 }
 
 fn run(
@@ -123,6 +140,7 @@ fn run(
     obj: &Objective,
     mb: &MicroBatch,
     mut backward: Option<(f64, &mut Grads)>,
+    cached_t_hidden: Option<&Tensor>,
 ) -> Result<LossSums> {
     let n = mb.loss_tokens;
     if n == 0 {
@@ -139,9 +157,10 @@ fn run(
         (None, _) => None,
     };
     let s_hidden = hidden_at(student, mb)?; // (N, C), tracked
-    let t_hidden = match teacher {
-        Some(t) => Some(hidden_at(t, mb)?.detach()), // (N, C)
-        None => None,
+    let t_hidden = match (teacher, cached_t_hidden) {
+        (Some(_), Some(h)) => Some(h.clone()),
+        (Some(t), None) => Some(teacher_hidden(t, mb)?), // (N, C)
+        (None, _) => None,
     };
     let h = s_hidden.detach();
     let chunk = obj.chunk_rows.max(1);

@@ -161,6 +161,8 @@ struct Run<'a> {
     global_step: usize,
     steps_this_run: usize,
     last_checkpoint: Option<PathBuf>,
+    /// Eval micro-batches of one stage with the teacher's hidden states on them.
+    eval_cache: Option<(usize, Vec<(MicroBatch, Option<candle_core::Tensor>)>)>,
 }
 
 /// Train every stage of `plan`, writing into `opts.out`.
@@ -263,6 +265,7 @@ pub fn run(plan: &Plan, opts: &RunOptions, obs: &mut dyn Observer) -> Result<Out
         global_step: 0,
         steps_this_run: 0,
         last_checkpoint: None,
+        eval_cache: None,
     };
     if let Some((dir, state)) = resumed {
         load_weights(plan, &dir)?;
@@ -358,7 +361,7 @@ impl Run<'_> {
         let lengths: Vec<usize> = sp.train.iter().map(|s| s.ids.len()).collect();
         let mut epoch_plans: HashMap<usize, Vec<Vec<usize>>> = HashMap::new();
         obs.stage_start(sp, start);
-        if start == 0 && t.eval_every > 0 {
+        if start == 0 {
             let e = self.evaluate(sp)?; // the baseline the stage starts from
             obs.eval(&e);
         }
@@ -483,19 +486,34 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Mean NLL (and KD) of the held-out split, written to metrics.
+    /// Mean NLL (and KD) of the held-out split, written to metrics. The eval batches and the
+    /// teacher's hidden states on them are built once per stage.
     fn evaluate(&mut self, sp: &StagePlan) -> Result<EvalRecord> {
-        let mut order: Vec<usize> = (0..sp.eval.len()).collect();
-        order.sort_by_key(|&i| sp.eval[i].ids.len());
+        if self.eval_cache.as_ref().is_none_or(|(i, _)| *i != sp.index) {
+            let mut order: Vec<usize> = (0..sp.eval.len()).collect();
+            order.sort_by_key(|&i| sp.eval[i].ids.len());
+            let mut batches = Vec::new();
+            for chunk in order.chunks(self.plan.recipe.train.batch_size) {
+                let samples: Vec<&Sample> = chunk.iter().map(|&i| &sp.eval[i]).collect();
+                let mb = batch::collate(&samples, self.plan.pad_id, self.plan.student.device())?;
+                let th = match (&sp.objective.kd, &self.plan.teacher) {
+                    (Some(_), Some(t)) if mb.loss_tokens > 0 => {
+                        Some(objective::teacher_hidden(t, &mb)?)
+                    }
+                    _ => None,
+                };
+                batches.push((mb, th));
+            }
+            self.eval_cache = Some((sp.index, batches));
+        }
         let mut sums = LossSums::default();
-        for chunk in order.chunks(self.plan.recipe.train.batch_size) {
-            let samples: Vec<&Sample> = chunk.iter().map(|&i| &sp.eval[i]).collect();
-            let mb = batch::collate(&samples, self.plan.pad_id, self.plan.student.device())?;
-            let s = objective::evaluate(
+        for (mb, th) in self.eval_cache.iter().flat_map(|(_, b)| b) {
+            let s = objective::evaluate_cached(
                 &self.plan.student,
                 self.plan.teacher.as_ref(),
                 &sp.objective,
-                &mb,
+                mb,
+                th.as_ref(),
             )?;
             sums.add(&s);
         }

@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""PyTorch + transformers baseline for retort's KD training bench (same config, same shapes).
+
+A 10-layer student (layers 0,3,6,10,13,16,19,23,26,29 of SmolLM2-135M-Instruct, as
+`retort init-student --num-layers 10` builds it) trained with forward KL against the online f32
+teacher on a 4x256 batch of the same deterministic token ids as
+crates/retort-distill/benches/train.rs; AdamW (torch.optim, fused where available). Reports tokens/s per step and
+peak RSS. Both models are read from HF directories written by retort itself:
+
+    retort init-student --teacher assets/SmolLM2-135M-Instruct.Q4_1.gguf --num-layers 30 --out runs/bench/teacher-hf
+    retort init-student --teacher assets/SmolLM2-135M-Instruct.Q4_1.gguf --num-layers 10 --out runs/bench/student-10l
+    python3 scripts/bench/torch_train.py [--threads 2] [--steps 5]
+
+(scripts/bench/compare-torch does all of this and alternates with retort's bench.)
+"""
+import argparse, resource, time
+import torch
+import transformers
+from transformers import LlamaForCausalLM
+
+p = argparse.ArgumentParser()
+p.add_argument("--threads", type=int, default=2)
+p.add_argument("--steps", type=int, default=5)
+p.add_argument("--batch", type=int, default=4)
+p.add_argument("--seq", type=int, default=256)
+p.add_argument("--teacher", default="runs/bench/teacher-hf")
+p.add_argument("--student", default="runs/bench/student-10l")
+a = p.parse_args()
+torch.set_num_threads(a.threads)
+teacher = LlamaForCausalLM.from_pretrained(a.teacher, torch_dtype=torch.float32, attn_implementation="sdpa").eval()
+student = LlamaForCausalLM.from_pretrained(a.student, torch_dtype=torch.float32, attn_implementation="sdpa").train()
+for q in teacher.parameters():
+    q.requires_grad_(False)
+nparams = sum(q.numel() for q in student.parameters())
+print(f"torch {torch.__version__} transformers {transformers.__version__} threads {torch.get_num_threads()}: "
+      f"student {student.config.num_hidden_layers} layers ({nparams/1e6:.1f}M params), batch {a.batch}x{a.seq}, forward KL")
+V = student.config.vocab_size
+B, T = a.batch, a.seq
+ids = torch.tensor([(i * 2654435761) % V for i in range(B * T)], dtype=torch.long).view(B, T)
+opt = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.0)
+times = []
+for step in range(a.steps):
+    t0 = time.time()
+    with torch.no_grad():
+        t_logp = torch.log_softmax(teacher(input_ids=ids).logits[:, :-1].float(), -1)
+    s_logp = torch.log_softmax(student(input_ids=ids).logits[:, :-1].float(), -1)
+    n = B * (T - 1)
+    loss = (t_logp.exp() * (t_logp - s_logp)).sum() / n
+    t1 = time.time()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    t2 = time.time()
+    opt.step()
+    dt = time.time() - t0
+    print(f"step {step}: loss {loss.item():.4f} fwd {t1-t0:.2f}s bwd {t2-t1:.2f}s adamw {time.time()-t2:.2f}s "
+          f"total {dt:.2f}s = {B*T/dt:.1f} tok/s", flush=True)
+    if step > 0:
+        times.append(dt)
+mean = sum(times) / len(times)
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(f"MEAN steps 1..: {mean:.2f}s/step = {B*T/mean:.1f} tok/s; peak RSS {rss:.0f} MB")
