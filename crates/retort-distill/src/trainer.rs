@@ -151,6 +151,9 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// An eval micro-batch with the teacher's hidden states at its loss positions (KD stages).
+type EvalBatch = (MicroBatch, Option<candle_core::Tensor>);
+
 struct Run<'a> {
     plan: &'a Plan,
     opts: &'a RunOptions,
@@ -162,7 +165,7 @@ struct Run<'a> {
     steps_this_run: usize,
     last_checkpoint: Option<PathBuf>,
     /// Eval micro-batches of one stage with the teacher's hidden states on them.
-    eval_cache: Option<(usize, Vec<(MicroBatch, Option<candle_core::Tensor>)>)>,
+    eval_cache: Option<(usize, Vec<EvalBatch>)>,
 }
 
 /// Train every stage of `plan`, writing into `opts.out`.
