@@ -8,6 +8,7 @@ pub use error::{Error, Result};
 pub use loss::Divergence;
 pub mod adamw;
 pub mod batch;
+pub mod fused;
 pub mod grads;
 pub mod objective;
 pub mod recipe;

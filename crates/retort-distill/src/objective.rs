@@ -14,6 +14,7 @@ use candle_core::{DType, Tensor, Var};
 use retort_model::Model;
 
 use crate::error::{Error, Result};
+use crate::fused;
 use crate::grads::Grads;
 use crate::loss::{Divergence, cross_entropy_sum, divergence_sum};
 
@@ -175,20 +176,47 @@ fn run(
         let hv = Var::from_tensor(&h.narrow(0, start, len)?)?; // (n, C) leaf
         let s_logits = narrow_vocab(student.lm_head(hv.as_tensor())?, obj.vocab_limit)?; // (n, V)
         let targets = mb.targets.narrow(0, start, len)?;
-        let ce = cross_entropy_sum(&s_logits, &targets)?;
-        sums.ce += scalar(&ce)?;
-        let total = match (&obj.kd, &t_hidden, teacher) {
-            (Some(k), Some(th), Some(t)) => {
+        let scale = backward.as_ref().map_or(1.0, |(n, _)| 1.0 / *n);
+        let fused = match (&obj.kd, &t_hidden, teacher) {
+            _ if !s_logits.device().is_cpu() => None,
+            (None, _, _) => Some(fused::forward_kl_ce(
+                &s_logits, None, &targets, 1.0, 0.0, scale,
+            )?),
+            (Some(k), Some(th), Some(t)) if k.divergence == Divergence::ForwardKl => {
                 let t_logits =
                     narrow_vocab(t.lm_head(&th.narrow(0, start, len)?)?, obj.vocab_limit)?;
-                let kd = divergence_sum(&s_logits, &t_logits, k.divergence, k.temperature)?;
-                sums.kd += scalar(&kd)?;
-                ((ce * (1.0 - k.alpha))? + (kd * k.alpha)?)?
+                Some(fused::forward_kl_ce(
+                    &s_logits,
+                    Some(&t_logits),
+                    &targets,
+                    k.temperature,
+                    k.alpha,
+                    scale,
+                )?)
             }
-            _ => ce,
+            _ => None,
         };
-        if let Some((normalizer, grads)) = backward.as_mut() {
-            let store = (total / *normalizer)?.backward()?;
+        let total = if let Some(f) = fused {
+            sums.ce += f.ce_sum;
+            sums.kd += f.kd_sum;
+            f.loss // already scaled by 1 / normalizer
+        } else {
+            let ce = cross_entropy_sum(&s_logits, &targets)?;
+            sums.ce += scalar(&ce)?;
+            let total = match (&obj.kd, &t_hidden, teacher) {
+                (Some(k), Some(th), Some(t)) => {
+                    let t_logits =
+                        narrow_vocab(t.lm_head(&th.narrow(0, start, len)?)?, obj.vocab_limit)?;
+                    let kd = divergence_sum(&s_logits, &t_logits, k.divergence, k.temperature)?;
+                    sums.kd += scalar(&kd)?;
+                    ((ce * (1.0 - k.alpha))? + (kd * k.alpha)?)?
+                }
+                _ => ce,
+            };
+            (total * scale)?
+        };
+        if let Some((_, grads)) = backward.as_mut() {
+            let store = total.backward()?;
             grads.add_store(student.vars(), &store)?;
             let gh = store.get(hv.as_tensor()).cloned().ok_or_else(|| {
                 Error::invalid(

@@ -1,0 +1,300 @@
+//! `(1 − α)·CE + α·T²·KL(p_t‖p_s)` and its gradient in one pass over each row of logits.
+//!
+//! The composed version in [`crate::loss`] runs ~15 tensor ops over `(N, V)` (each allocating a
+//! tensor the size of the logits) and as many again in backward; this computes the per-row loss
+//! and the gradient with respect to the student logits together, two `exp`s per element, rows in
+//! parallel. Forward KL is the default KD loss, so it gets the fast path; the other divergences
+//! use the composed ops. Tests check both agree in values and gradients.
+//!
+//! With z the student logits, s = z/T, q = softmax(s), p = softmax(t/T), σ = softmax(z):
+//! ∂/∂z [(1 − α)·CE(z, y) + α·T²·KL(p‖q)] = (1 − α)(σ − onehot(y)) + α·T·(q − p).
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+
+use crate::error::{Error, Result};
+
+/// Per-row sums of the two terms, and the loss tensor (scalar, with gradient to the student).
+pub struct FusedLoss {
+    /// `(1 − α)·ΣCE + α·ΣKD·T²`, times `scale`; backward yields the exact gradient.
+    pub loss: Tensor,
+    pub ce_sum: f64,
+    /// Σ T²·KL over rows (not weighted by α, not scaled).
+    pub kd_sum: f64,
+}
+
+struct Op {
+    /// `None` for cross-entropy alone (α must be 0).
+    teacher: Option<Vec<f32>>,
+    targets: Vec<u32>,
+    rows: usize,
+    vocab: usize,
+    inv_t: f32,
+    alpha: f32,
+    scale: f32,
+    /// Gradient of the scaled loss w.r.t. the student logits, computed in the forward pass.
+    grad: Mutex<Option<Vec<f32>>>,
+    sums: std::sync::Arc<Mutex<(f64, f64)>>,
+}
+
+/// log Σ exp(x·k) computed stably, returning (max·k, lse) so that log softmax = x·k − max − lse.
+fn row_stats(x: &[f32], k: f32) -> (f32, f32) {
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * k;
+    let sum: f32 = x.iter().map(|&v| (v * k - max).exp()).sum();
+    (max, sum.ln())
+}
+
+impl Op {
+    /// One row: returns (CE, T²·KL) and writes the gradient of `(1−α)CE + αT²KL` into `g`.
+    fn row(&self, z: &[f32], t: Option<&[f32]>, y: u32, g: &mut [f32]) -> (f64, f64) {
+        let (inv_t, alpha) = (self.inv_t, self.alpha);
+        let temp = 1.0 / inv_t;
+        let (m1, l1) = row_stats(z, 1.0);
+        let ce = (m1 + l1 - z[y as usize]) as f64;
+        let Some(t) = t else {
+            for (gi, &zi) in g.iter_mut().zip(z) {
+                *gi = (zi - m1 - l1).exp() * self.scale;
+            }
+            g[y as usize] -= self.scale;
+            return (ce, 0.0);
+        };
+        let (ms, ls) = if inv_t == 1.0 {
+            (m1, l1)
+        } else {
+            row_stats(z, inv_t)
+        }; // student at T
+        let (mt, lt) = row_stats(t, inv_t); // teacher at T
+        let mut kl = 0f64;
+        let ce_w = 1.0 - alpha;
+        let kd_w = alpha * temp; // α·T² · (1/T)
+        for i in 0..z.len() {
+            let log_q = z[i] * inv_t - ms - ls;
+            let log_p = t[i] * inv_t - mt - lt;
+            let p = log_p.exp();
+            let q = log_q.exp();
+            kl += (p * (log_p - log_q)) as f64;
+            let sigma = if inv_t == 1.0 {
+                q
+            } else {
+                (z[i] - m1 - l1).exp()
+            };
+            g[i] = (ce_w * sigma + kd_w * (q - p)) * self.scale;
+        }
+        g[y as usize] -= ce_w * self.scale;
+        (ce, kl * (temp * temp) as f64)
+    }
+}
+
+impl CustomOp1 for Op {
+    fn name(&self) -> &'static str {
+        "retort-fused-fkl-ce"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(z) = storage else {
+            candle_core::bail!("fused loss: student logits must be f32");
+        };
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("fused loss: student logits must be contiguous");
+        };
+        let z = &z[a..b];
+        let v = self.vocab;
+        let mut grad = vec![0f32; self.rows * v];
+        let threads = candle_core::utils::get_num_threads().max(1);
+        let rows_per = self.rows.div_ceil(threads).max(1);
+        let (ce, kd) = std::thread::scope(|sc| {
+            let handles: Vec<_> = grad
+                .chunks_mut(rows_per * v)
+                .enumerate()
+                .map(|(c, g)| {
+                    sc.spawn(move || {
+                        let (mut ce, mut kd) = (0f64, 0f64);
+                        for (j, gr) in g.chunks_mut(v).enumerate() {
+                            let r = c * rows_per + j;
+                            let t = self.teacher.as_ref().map(|t| &t[r * v..(r + 1) * v]);
+                            let (c1, k1) = self.row(&z[r * v..(r + 1) * v], t, self.targets[r], gr);
+                            ce += c1;
+                            kd += k1;
+                        }
+                        (ce, kd)
+                    })
+                })
+                .collect();
+            handles.into_iter().fold((0f64, 0f64), |(a, b), h| {
+                let (c, k) = h.join().unwrap_or((f64::NAN, f64::NAN));
+                (a + c, b + k)
+            })
+        });
+        let alpha = self.alpha as f64;
+        let loss = ((1.0 - alpha) * ce + alpha * kd) * self.scale as f64;
+        if let Ok(mut g) = self.grad.lock() {
+            *g = Some(grad);
+        }
+        if let Ok(mut s) = self.sums.lock() {
+            *s = (ce, kd);
+        }
+        Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let g = self
+            .grad
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("fused loss: poisoned".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("fused loss: backward ran twice".into()))?;
+        let g = Tensor::from_vec(g, arg.shape(), arg.device())?;
+        Ok(Some(g.broadcast_mul(grad_res)?))
+    }
+}
+
+/// `scale · [(1 − α)·Σ CE + α·Σ T²·KL(p_t‖p_s)]` over rows of `student (N, V)` against
+/// `teacher (N, V)` logits and `targets (N)`; CPU, f32.
+/// With `teacher = None`: `scale · Σ CE` (SFT).
+pub fn forward_kl_ce(
+    student: &Tensor,
+    teacher: Option<&Tensor>,
+    targets: &Tensor,
+    temperature: f64,
+    alpha: f64,
+    scale: f64,
+) -> Result<FusedLoss> {
+    let (rows, vocab) = student.dims2()?;
+    let teacher_dims = match teacher {
+        Some(t) => t.dims2()?,
+        None => (rows, vocab),
+    };
+    if teacher_dims != (rows, vocab) || targets.dims1()? != rows {
+        return Err(Error::invalid(
+            format!(
+                "fused loss: student {:?}, teacher {teacher_dims:?}, targets {:?}",
+                student.dims(),
+                targets.dims()
+            ),
+            "this is a bug in retort: shapes must agree",
+        ));
+    }
+    let sums = std::sync::Arc::new(Mutex::new((0.0, 0.0)));
+    let op = Op {
+        teacher: match teacher {
+            Some(t) => Some(t.detach().contiguous()?.flatten_all()?.to_vec1::<f32>()?),
+            None => None,
+        },
+        targets: targets.to_vec1::<u32>()?,
+        rows,
+        vocab,
+        inv_t: (1.0 / temperature) as f32,
+        alpha: if teacher.is_some() { alpha as f32 } else { 0.0 },
+        scale: scale as f32,
+        grad: Mutex::new(None),
+        sums: sums.clone(),
+    };
+    let loss = student.contiguous()?.apply_op1(op)?;
+    let (ce_sum, kd_sum) = *sums
+        .lock()
+        .map_err(|_| Error::invalid("fused loss: poisoned", "this is a bug in retort"))?;
+    Ok(FusedLoss {
+        loss,
+        ce_sum,
+        kd_sum,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loss::{Divergence, cross_entropy_sum, divergence_sum};
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn fused_equals_composed_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        let (n, v) = (5, 37);
+        let s0 = (Tensor::randn(0f32, 2.0, (n, v), &dev).unwrap())
+            .contiguous()
+            .unwrap();
+        let t = Tensor::randn(0f32, 2.0, (n, v), &dev).unwrap();
+        let y = Tensor::new(&[3u32, 0, 36, 7, 7], &dev).unwrap();
+        for (temp, alpha, scale) in [
+            (1.0, 1.0, 1.0),
+            (1.0, 0.5, 0.1),
+            (2.0, 0.3, 0.25),
+            (0.7, 0.0, 1.0),
+        ] {
+            let a = Var::from_tensor(&s0).unwrap();
+            let f = forward_kl_ce(a.as_tensor(), Some(&t), &y, temp, alpha, scale).unwrap();
+            let ga = f
+                .loss
+                .backward()
+                .unwrap()
+                .get(a.as_tensor())
+                .unwrap()
+                .clone();
+            let b = Var::from_tensor(&s0).unwrap();
+            let ce = cross_entropy_sum(b.as_tensor(), &y).unwrap();
+            let kd = divergence_sum(b.as_tensor(), &t, Divergence::ForwardKl, temp).unwrap();
+            let total = (((&ce * (1.0 - alpha)).unwrap() + (&kd * alpha).unwrap()).unwrap()
+                * scale)
+                .unwrap();
+            let gb = total
+                .backward()
+                .unwrap()
+                .get(b.as_tensor())
+                .unwrap()
+                .clone();
+            let (lf, lc) = (
+                f.loss.to_scalar::<f32>().unwrap(),
+                total.to_scalar::<f32>().unwrap(),
+            );
+            assert!(
+                (lf - lc).abs() < 1e-4 * lc.abs().max(1.0),
+                "T={temp} α={alpha}: {lf} vs {lc}"
+            );
+            assert!((f.ce_sum - ce.to_scalar::<f32>().unwrap() as f64).abs() < 1e-4);
+            assert!((f.kd_sum - kd.to_scalar::<f32>().unwrap() as f64).abs() < 1e-4);
+            let d = (ga - gb)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-6, "T={temp} α={alpha}: gradients differ by {d}");
+        }
+        // Cross-entropy alone.
+        let a = Var::from_tensor(&s0).unwrap();
+        let f = forward_kl_ce(a.as_tensor(), None, &y, 1.0, 0.5, 0.5).unwrap();
+        let ga = f
+            .loss
+            .backward()
+            .unwrap()
+            .get(a.as_tensor())
+            .unwrap()
+            .clone();
+        let b = Var::from_tensor(&s0).unwrap();
+        let ce = (cross_entropy_sum(b.as_tensor(), &y).unwrap() * 0.5).unwrap();
+        let gb = ce.backward().unwrap().get(b.as_tensor()).unwrap().clone();
+        assert!((f.loss.to_scalar::<f32>().unwrap() - ce.to_scalar::<f32>().unwrap()).abs() < 1e-4);
+        assert_eq!(f.kd_sum, 0.0);
+        let d = (ga - gb)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-6, "CE gradients differ by {d}");
+    }
+}
