@@ -277,3 +277,56 @@ fn bad_data_is_refused_before_any_compute() {
     assert!(summary.contains("memory estimate"), "{summary}");
     assert!(summary.contains("1 invalid skipped"), "{summary}");
 }
+
+#[test]
+fn padded_teacher_vocabulary_is_compared_on_shared_columns_and_other_tokenizers_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let cfg = tiny_config(Arch::Llama);
+    let student = write_tiny_model(&root.join("s"), &cfg, 1);
+    // The teacher has 8 padding rows more in its embedding (as Qwen's 152,064 vs 151,936).
+    let mut padded = cfg.clone();
+    padded.vocab_size += 8;
+    let teacher = write_tiny_model(&root.join("t"), &padded, 2);
+    write_data(&root.join("d.jsonl"), 6, 1);
+    let recipe = root.join("r.toml");
+    let text = format!(
+        "[teacher]\npath = \"{}\"\n[student]\npath = \"{}\"\n[[stages]]\nname = \"kd\"\ndata = \"d.jsonl\"\nmethod = \"kd\"\n",
+        teacher.display(),
+        student.display()
+    );
+    fs_err::write(&recipe, text).unwrap();
+    let plan = prepare(Recipe::load(&recipe, &[]).unwrap(), &Device::Cpu).unwrap();
+    assert_eq!(plan.stages[0].objective.vocab_limit, Some(cfg.vocab_size));
+    let out = root.join("run");
+    assert!(matches!(
+        run(
+            &plan,
+            &RunOptions {
+                out,
+                ..Default::default()
+            },
+            &mut Silent
+        )
+        .unwrap(),
+        Outcome::Finished(_)
+    ));
+
+    // A teacher whose tokenizer differs is refused with a hint.
+    let t_dir = root.join("t/tiny");
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&fs_err::read_to_string(t_dir.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let vocab = tok["model"]["vocab"].as_object_mut().unwrap();
+    let id = vocab.remove("sky").unwrap();
+    vocab.insert("cloud".into(), id);
+    fs_err::write(t_dir.join("tokenizer.json"), tok.to_string()).unwrap();
+    let e = prepare(Recipe::load(&recipe, &[]).unwrap(), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("tokenizer differs") && e.contains("hint:"),
+        "{e}"
+    );
+}
