@@ -67,9 +67,10 @@ fn main() {
         .to_trainable(&path)
         .unwrap();
     println!(
-        "retort train bench: student {} layers ({:.1}M params), teacher 30 layers f32, batch {batch}x{seq}, forward KL, threads {}",
+        "retort train bench: student {} layers ({:.1}M params), teacher 30 layers f32, batch {batch}x{seq}, forward KL, chunk_rows {}, threads {}",
         layers,
         student.config().num_parameters() as f64 / 1e6,
+        arg("--chunk", 1024),
         candle_core::utils::get_num_threads()
     );
     // Deterministic token ids; every position but the last predicts the next token.
@@ -95,7 +96,7 @@ fn main() {
             temperature: 1.0,
             alpha: 1.0,
         }),
-        chunk_rows: 256,
+        chunk_rows: arg("--chunk", 1024),
         vocab_limit: None,
     };
     let mut opt = AdamW::new(student.vars(), AdamWParams::default());

@@ -121,7 +121,7 @@ impl Default for TrainParams {
             save_every: 0,
             keep_checkpoints: 2,
             eval_fraction: 0.1,
-            chunk_rows: 256,
+            chunk_rows: 1024,
             nan_guard: true,
         }
     }

@@ -99,13 +99,16 @@ fn estimate_memory(student: &Model, teacher: Option<&Model>, recipe: &Recipe) ->
     let t = &recipe.train;
     let p = s.num_parameters() as u64 * 4;
     let tokens = (t.batch_size * t.max_len) as u64;
-    // Per layer and token, autograd keeps ~ (12·C + 4·F) f32 values; attention probabilities
-    // add H·T per token (B·H·T² per layer).
-    let per_layer = tokens * (12 * s.hidden_size as u64 + 4 * s.intermediate_size as u64) * 4
-        + (t.batch_size * s.num_attention_heads * t.max_len * t.max_len) as u64 * 4 * 2;
+    // Per layer and token, autograd keeps ~ (30·C + 8·F) f32 values (the differentiable norm,
+    // RoPE, softmax and SiLU compositions keep their intermediates); attention keeps ~4 copies
+    // of B·H·T² scores. Calibrated against the measured peak RSS of recipes/healthbench-kd.toml
+    // (6.0 GiB; see docs/performance.md).
+    let per_layer = tokens * (30 * s.hidden_size as u64 + 8 * s.intermediate_size as u64) * 4
+        + (t.batch_size * s.num_attention_heads * t.max_len * t.max_len) as u64 * 4 * 4;
     let activations = per_layer * s.num_hidden_layers as u64;
-    // A chunk of logits: student and teacher log-probs and ~6 temporaries of (rows, V).
-    let logits_chunk = (t.chunk_rows * s.vocab_size) as u64 * 4 * 8;
+    // A chunk of logits: student and teacher log-probs and ~6 temporaries of (rows, V), plus the
+    // LM head's weight gradient of each chunk (V, C) twice while it is accumulated.
+    let logits_chunk = (t.chunk_rows * s.vocab_size) as u64 * 4 * 8 + 2 * (s.vocab_size * s.hidden_size) as u64 * 4;
     let teacher_weights = teacher.map_or(0, |m| m.config().num_parameters() as u64 * 4);
     let grads_and_adam = 3 * p;
     MemoryEstimate {
