@@ -155,7 +155,9 @@ impl CustomOp1 for Op {
             .ok_or_else(|| candle_core::Error::Msg("fused loss: backward ran twice".into()))?;
         let g = Tensor::from_vec(g, arg.shape(), arg.device())?;
         // The incoming gradient is a scalar, 1 when this loss is what backward started from.
-        let k = grad_res.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        let k = grad_res
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
         Ok(Some(if k == 1.0 { g } else { g.affine(k, 0.0)? }))
     }
 }

@@ -108,7 +108,8 @@ fn estimate_memory(student: &Model, teacher: Option<&Model>, recipe: &Recipe) ->
     let activations = per_layer * s.num_hidden_layers as u64;
     // A chunk of logits: student and teacher log-probs and ~6 temporaries of (rows, V), plus the
     // LM head's weight gradient of each chunk (V, C) twice while it is accumulated.
-    let logits_chunk = (t.chunk_rows * s.vocab_size) as u64 * 4 * 8 + 2 * (s.vocab_size * s.hidden_size) as u64 * 4;
+    let logits_chunk = (t.chunk_rows * s.vocab_size) as u64 * 4 * 8
+        + 2 * (s.vocab_size * s.hidden_size) as u64 * 4;
     let teacher_weights = teacher.map_or(0, |m| m.config().num_parameters() as u64 * 4);
     let grads_and_adam = 3 * p;
     MemoryEstimate {
