@@ -80,19 +80,8 @@ pub fn tokenize(
             loss_mask: enc.loss_mask,
         };
         rep.max_len_seen = rep.max_len_seen.max(s.ids.len());
-        if s.ids.len() > max_len {
-            rep.tokens_cut += s.ids.len() - max_len;
-            if policy == Truncation::Drop {
-                rep.dropped += 1;
-                continue;
-            }
-            s.ids.truncate(max_len);
-            s.loss_mask.truncate(max_len);
-            if s.loss_tokens() == 0 {
-                rep.dropped += 1;
-                continue;
-            }
-            rep.truncated += 1;
+        if !apply_truncation(&mut s, max_len, policy, &mut rep) {
+            continue;
         }
         rep.tokens += s.ids.len();
         rep.loss_tokens += s.loss_tokens();
@@ -100,6 +89,32 @@ pub fn tokenize(
     }
     rep.samples = out.len();
     Ok((out, rep))
+}
+
+/// Apply the truncation policy to one sample, counting what it did in `rep` (`truncated`,
+/// `dropped`, `tokens_cut`). Returns whether the sample is kept.
+pub fn apply_truncation(
+    s: &mut Sample,
+    max_len: usize,
+    policy: Truncation,
+    rep: &mut TokenizeReport,
+) -> bool {
+    if s.ids.len() <= max_len {
+        return true;
+    }
+    rep.tokens_cut += s.ids.len() - max_len;
+    if policy == Truncation::Drop {
+        rep.dropped += 1;
+        return false;
+    }
+    s.ids.truncate(max_len);
+    s.loss_mask.truncate(max_len);
+    if s.loss_tokens() == 0 {
+        rep.dropped += 1;
+        return false;
+    }
+    rep.truncated += 1;
+    true
 }
 
 /// The batches of one epoch as sample indices: a seeded shuffle, then within windows of

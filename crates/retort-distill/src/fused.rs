@@ -266,14 +266,7 @@ mod tests {
             );
             assert!((f.ce_sum - ce.to_scalar::<f32>().unwrap() as f64).abs() < 1e-4);
             assert!((f.kd_sum - kd.to_scalar::<f32>().unwrap() as f64).abs() < 1e-4);
-            let d = (ga - gb)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = retort_test::max_abs_diff(&ga, &gb);
             assert!(d < 1e-6, "T={temp} α={alpha}: gradients differ by {d}");
         }
         // Cross-entropy alone.
@@ -291,14 +284,7 @@ mod tests {
         let gb = ce.backward().unwrap().get(b.as_tensor()).unwrap().clone();
         assert!((f.loss.to_scalar::<f32>().unwrap() - ce.to_scalar::<f32>().unwrap()).abs() < 1e-4);
         assert_eq!(f.kd_sum, 0.0);
-        let d = (ga - gb)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = retort_test::max_abs_diff(&ga, &gb);
         assert!(d < 1e-6, "CE gradients differ by {d}");
     }
 }

@@ -99,7 +99,11 @@ pub fn inspect(args: InspectArgs, quiet: bool) -> Result<()> {
             let (samples, rep) =
                 batch::tokenize(&ds, &ck.tokenizer, usize::MAX, Truncation::Right)?;
             let lens: Vec<usize> = samples.iter().map(|s| s.ids.len()).collect();
-            let (_, cut) = batch::tokenize(&ds, &ck.tokenizer, args.max_len, Truncation::Right)?;
+            // What `max_len` would do, from the same tokenization (no second pass).
+            let mut cut = batch::TokenizeReport::default();
+            for mut s in samples {
+                batch::apply_truncation(&mut s, args.max_len, Truncation::Right, &mut cut);
+            }
             Some(TokenStats {
                 model: m.display().to_string(),
                 max_len: args.max_len,
