@@ -1,0 +1,317 @@
+//! How one sample's teacher distributions are laid out in bytes.
+//!
+//! A sample block holds, for a sequence of `T` tokens and the `N` positions whose next token
+//! carries loss, in this order (all little-endian), then compressed as one zstd frame:
+//!
+//! | part | `f32` codec | `q8` codec |
+//! | --- | --- | --- |
+//! | tokens `(T)` | u32 | u32 |
+//! | positions `(N)` | u32, delta to the previous (first absolute) | same |
+//! | top-k ids `(N, k)` | u32 | u16 if `vocab ≤ 65536` else u32, byte planes (all low bytes, then the next byte, …) |
+//! | top-1 log-prob `(N)` | — | f16 |
+//! | top-k log-probs `(N, k)` | f32 | u8 gaps: `g_i = round((lp_0 − lp_i) / step)` saturated at 255, stored as `g_i − g_{i−1}` (`g_0 = 0` not stored: `(N, k − 1)`) |
+//! | log tail mass `(N)` | f32 | f16 |
+//!
+//! Ids are ordered by descending log-prob. `lp` are `log_softmax(z / T_label)` of the teacher
+//! logits `z`; the tail is `log(1 − Σ_topk p)`, computed from the logits (not by subtraction),
+//! `-inf` when the top-k holds the whole vocabulary.
+
+use half::f16;
+
+/// Per-sample teacher targets, decoded: `positions (N)`, `ids (N, k)`, `logp (N, k)`,
+/// `log_tail (N)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopK {
+    pub k: usize,
+    pub tokens: Vec<u32>,
+    pub positions: Vec<u32>,
+    pub ids: Vec<u32>,
+    pub logp: Vec<f32>,
+    pub log_tail: Vec<f32>,
+}
+
+impl TopK {
+    pub fn rows(&self) -> usize {
+        self.positions.len()
+    }
+}
+
+/// The byte layout of the top-k values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Codec {
+    /// Reference: u32 ids, f32 log-probs.
+    F32,
+    /// Compact: u16/u32 ids in byte planes, f16 top-1, u8 log-prob gaps of 1/16 nat, f16 tail.
+    Q8,
+}
+
+impl std::str::FromStr for Codec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Codec::F32),
+            "q8" => Ok(Codec::Q8),
+            _ => Err(format!("unknown codec `{s}`; expected q8 or f32")),
+        }
+    }
+}
+
+impl std::fmt::Display for Codec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Codec::F32 => "f32",
+            Codec::Q8 => "q8",
+        })
+    }
+}
+
+/// Quantization step of the `q8` log-prob gaps, in nats.
+pub const Q8_STEP: f32 = 1.0 / 16.0;
+
+/// zstd level of sample blocks.
+const ZSTD_LEVEL: i32 = 9;
+
+fn id_bytes(vocab: usize) -> usize {
+    if vocab <= 1 << 16 { 2 } else { 4 }
+}
+
+fn put_u32s(out: &mut Vec<u8>, xs: impl IntoIterator<Item = u32>) {
+    for x in xs {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+}
+
+/// Serialize and compress one sample.
+pub fn encode(t: &TopK, codec: Codec, vocab: usize) -> std::io::Result<Vec<u8>> {
+    let (n, k) = (t.rows(), t.k);
+    let mut raw = Vec::with_capacity(t.tokens.len() * 4 + n * (4 + k * 8 + 8));
+    put_u32s(&mut raw, t.tokens.iter().copied());
+    let mut prev = 0u32;
+    put_u32s(
+        &mut raw,
+        t.positions.iter().map(|&p| {
+            let d = p.wrapping_sub(prev);
+            prev = p;
+            d
+        }),
+    );
+    match codec {
+        Codec::F32 => {
+            put_u32s(&mut raw, t.ids.iter().copied());
+            for x in &t.logp {
+                raw.extend_from_slice(&x.to_le_bytes());
+            }
+            for x in &t.log_tail {
+                raw.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        Codec::Q8 => {
+            for plane in 0..id_bytes(vocab) {
+                raw.extend(t.ids.iter().map(|&id| (id >> (8 * plane)) as u8));
+            }
+            for r in 0..n {
+                raw.extend_from_slice(&f16::from_f32(t.logp[r * k]).to_le_bytes());
+            }
+            for r in 0..n {
+                let row = &t.logp[r * k..(r + 1) * k];
+                let mut prev = 0u8;
+                for &lp in &row[1..] {
+                    let g = ((row[0] - lp) / Q8_STEP).round().clamp(0.0, 255.0) as u8;
+                    let g = g.max(prev); // rows are sorted; guard against rounding ties
+                    raw.push(g - prev);
+                    prev = g;
+                }
+            }
+            for x in &t.log_tail {
+                raw.extend_from_slice(&f16::from_f32(*x).to_le_bytes());
+            }
+        }
+    }
+    zstd::bulk::compress(&raw, ZSTD_LEVEL)
+}
+
+struct Cursor<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let s = self.b.get(self.at..self.at + n).ok_or_else(|| {
+            format!(
+                "block ends at byte {} of {} needed",
+                self.b.len(),
+                self.at + n
+            )
+        })?;
+        self.at += n;
+        Ok(s)
+    }
+    fn u32s(&mut self, n: usize) -> Result<Vec<u32>, String> {
+        Ok(self
+            .take(n * 4)?
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+    fn f32s(&mut self, n: usize) -> Result<Vec<f32>, String> {
+        Ok(self
+            .take(n * 4)?
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+    fn f16s(&mut self, n: usize) -> Result<Vec<f32>, String> {
+        Ok(self
+            .take(n * 2)?
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect())
+    }
+}
+
+/// Decompress and decode one sample block of `tokens` tokens and `rows` positions.
+#[allow(clippy::too_many_arguments)]
+pub fn decode(
+    block: &[u8],
+    raw_len: usize,
+    codec: Codec,
+    vocab: usize,
+    k: usize,
+    tokens: usize,
+    rows: usize,
+) -> Result<TopK, String> {
+    let raw = zstd::bulk::decompress(block, raw_len).map_err(|e| format!("zstd: {e}"))?;
+    let mut c = Cursor { b: &raw, at: 0 };
+    let toks = c.u32s(tokens)?;
+    let mut prev = 0u32;
+    let positions: Vec<u32> = c
+        .u32s(rows)?
+        .into_iter()
+        .map(|d| {
+            prev = prev.wrapping_add(d);
+            prev
+        })
+        .collect();
+    let nk = rows * k;
+    let (ids, logp, log_tail) = match codec {
+        Codec::F32 => (c.u32s(nk)?, c.f32s(nk)?, c.f32s(rows)?),
+        Codec::Q8 => {
+            let mut ids = vec![0u32; nk];
+            for plane in 0..id_bytes(vocab) {
+                for (id, &b) in ids.iter_mut().zip(c.take(nk)?) {
+                    *id |= (b as u32) << (8 * plane);
+                }
+            }
+            let top = c.f16s(rows)?;
+            let gaps = c.take(rows * (k - 1))?;
+            let mut logp = Vec::with_capacity(nk);
+            for (r, &lp0) in top.iter().enumerate() {
+                logp.push(lp0);
+                let mut g = 0u32;
+                for &d in &gaps[r * (k - 1)..(r + 1) * (k - 1)] {
+                    g += d as u32;
+                    logp.push(lp0 - g as f32 * Q8_STEP);
+                }
+            }
+            (ids, logp, c.f16s(rows)?)
+        }
+    };
+    if c.at != raw.len() {
+        return Err(format!(
+            "{} bytes left over after decoding",
+            raw.len() - c.at
+        ));
+    }
+    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+        return Err(format!(
+            "token id {bad} is outside the vocabulary ({vocab})"
+        ));
+    }
+    Ok(TopK {
+        k,
+        tokens: toks,
+        positions,
+        ids,
+        logp,
+        log_tail,
+    })
+}
+
+/// Uncompressed size of a block, needed to decode it.
+pub fn raw_len(codec: Codec, vocab: usize, k: usize, tokens: usize, rows: usize) -> usize {
+    let base = tokens * 4 + rows * 4;
+    match codec {
+        Codec::F32 => base + rows * k * 8 + rows * 4,
+        Codec::Q8 => base + rows * k * id_bytes(vocab) + rows * 2 + rows * (k - 1) + rows * 2,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(k: usize, vocab: u32) -> TopK {
+        let n = 5;
+        let mut ids = Vec::new();
+        let mut logp = Vec::new();
+        for r in 0..n {
+            for i in 0..k {
+                ids.push((r as u32 * 7919 + i as u32 * 104_729) % vocab);
+                logp.push(-0.1 - 0.37 * i as f32 - r as f32 * 0.01);
+            }
+        }
+        TopK {
+            k,
+            tokens: (0..12).map(|i| i * 1000 % vocab).collect(),
+            positions: vec![3, 4, 5, 9, 10],
+            ids,
+            logp,
+            log_tail: vec![-3.0, -4.5, f32::NEG_INFINITY, -20.0, -0.5],
+        }
+    }
+
+    #[test]
+    fn f32_round_trips_exactly() {
+        for vocab in [50_000u32, 150_000] {
+            let t = sample(8, vocab);
+            let b = encode(&t, Codec::F32, vocab as usize).unwrap();
+            let n = raw_len(Codec::F32, vocab as usize, 8, 12, 5);
+            assert_eq!(
+                decode(&b, n, Codec::F32, vocab as usize, 8, 12, 5).unwrap(),
+                t
+            );
+        }
+    }
+
+    #[test]
+    fn q8_round_trips_ids_exactly_and_log_probs_within_half_a_step() {
+        for vocab in [50_000u32, 150_000] {
+            let t = sample(8, vocab);
+            let b = encode(&t, Codec::Q8, vocab as usize).unwrap();
+            let n = raw_len(Codec::Q8, vocab as usize, 8, 12, 5);
+            let d = decode(&b, n, Codec::Q8, vocab as usize, 8, 12, 5).unwrap();
+            assert_eq!(
+                (&d.ids, &d.positions, &d.tokens),
+                (&t.ids, &t.positions, &t.tokens)
+            );
+            for (a, b) in d.logp.iter().zip(&t.logp) {
+                // f16 top-1 (≤ 2⁻¹¹ relative) plus half a gap step.
+                assert!((a - b).abs() <= Q8_STEP / 2.0 + 1e-3, "{a} vs {b}");
+            }
+            assert_eq!(d.log_tail[2], f32::NEG_INFINITY);
+            assert!((d.log_tail[3] + 20.0).abs() < 0.01);
+        }
+    }
+
+    #[test]
+    fn corrupt_blocks_are_errors() {
+        let t = sample(4, 50_000);
+        let b = encode(&t, Codec::Q8, 50_000).unwrap();
+        let n = raw_len(Codec::Q8, 50_000, 4, 12, 5);
+        assert!(decode(&b[..b.len() / 2], n, Codec::Q8, 50_000, 4, 12, 5).is_err());
+        assert!(decode(&b, n, Codec::Q8, 50_000, 4, 12, 6).is_err());
+        assert!(decode(&b, n, Codec::Q8, 1000, 4, 12, 5).is_err()); // ids out of range
+    }
+}

@@ -1,0 +1,315 @@
+//! `retort label`: run the teacher (f32, batched) over every loss token of a dataset and write
+//! its top-k log-probs and tail mass into a cache.
+//!
+//! Work is cut into shards of `shard_samples` consecutive samples. A shard is built in memory,
+//! written to a temp file, synced and renamed, and only then recorded in the manifest (itself
+//! replaced atomically). A run killed at any point therefore leaves finished shards, each listed
+//! once, and at most one unlisted file that the next run overwrites: running the same command
+//! again resumes with no sample lost or written twice.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::Tensor;
+use retort_data::{ReadOptions, dataset};
+use retort_model::{Model, WeightFormat, checkpoint};
+use sha2::{Digest, Sha256};
+
+use super::codec::{self, Codec, TopK};
+use super::manifest::{
+    DatasetInfo, Encoding, FORMAT_NAME, FORMAT_VERSION, MANIFEST, Manifest, ShardInfo, TeacherInfo,
+    write_atomic,
+};
+use super::shard::{Entry, ShardBuilder, sample_key, shard_name};
+use super::topk::top_k_rows;
+use crate::batch::{self, Sample, Truncation};
+use crate::error::{Error, Result};
+use crate::objective;
+
+#[derive(Debug, Clone)]
+pub struct LabelOptions {
+    pub teacher: PathBuf,
+    pub data: PathBuf,
+    pub read: ReadOptions,
+    pub out: PathBuf,
+    pub k: usize,
+    pub temperature: f64,
+    pub codec: Codec,
+    pub max_len: usize,
+    pub truncation: Truncation,
+    /// Sequences per teacher forward.
+    pub batch_size: usize,
+    pub shard_samples: usize,
+    /// Rows of logits computed at once.
+    pub chunk_rows: usize,
+    /// The command line, recorded in the manifest for guards to print.
+    pub command: String,
+}
+
+/// What labelling reports as it goes.
+pub trait LabelObserver {
+    /// `positions` to label in all, `done` of them already in the cache.
+    fn start(&mut self, positions: usize, done: usize);
+    /// `positions` more labelled.
+    fn progress(&mut self, positions: usize);
+    fn shard(&mut self, info: &ShardInfo);
+}
+
+/// Observer that reports nothing.
+pub struct Silent;
+impl LabelObserver for Silent {
+    fn start(&mut self, _: usize, _: usize) {}
+    fn progress(&mut self, _: usize) {}
+    fn shard(&mut self, _: &ShardInfo) {}
+}
+
+#[derive(Debug, Clone)]
+pub struct LabelReport {
+    pub manifest: Manifest,
+    /// Positions labelled by this run (not counting shards found finished).
+    pub positions_this_run: usize,
+    pub seconds: f64,
+    /// True when the run stopped early (stop flag) with the cache unfinished.
+    pub interrupted: bool,
+}
+
+/// Positions `p` of a sample whose next token carries loss, i.e. rows of its teacher targets.
+pub fn loss_positions(s: &Sample) -> Vec<u32> {
+    (0..s.ids.len().saturating_sub(1))
+        .filter(|&p| s.loss_mask[p + 1])
+        .map(|p| p as u32)
+        .collect()
+}
+
+/// Teacher top-k for each of `samples` (one batch), in order.
+pub fn label_batch(
+    teacher: &Model,
+    samples: &[&Sample],
+    pad_id: u32,
+    k: usize,
+    temperature: f64,
+    chunk_rows: usize,
+) -> Result<Vec<TopK>> {
+    let device = teacher.device();
+    let mb = batch::collate(samples, pad_id, device)?;
+    let vocab = teacher.config().vocab_size;
+    let k = k.min(vocab);
+    let n = mb.loss_tokens;
+    let (mut ids, mut logp, mut tail) = (
+        Vec::with_capacity(n * k),
+        Vec::with_capacity(n * k),
+        Vec::with_capacity(n),
+    );
+    if n > 0 {
+        let h = objective::teacher_hidden(teacher, &mb)?; // (N, C)
+        let mut start = 0;
+        while start < n {
+            let len = chunk_rows.max(1).min(n - start);
+            let logits: Tensor = teacher.lm_head(&h.narrow(0, start, len)?)?; // (len, V)
+            let flat = logits.flatten_all()?.to_vec1::<f32>()?;
+            let (i, l, t) = top_k_rows(&flat, vocab, k, temperature);
+            ids.extend(i);
+            logp.extend(l);
+            tail.extend(t);
+            start += len;
+        }
+    }
+    let mut out = Vec::with_capacity(samples.len());
+    let mut row = 0;
+    for s in samples {
+        let positions = loss_positions(s);
+        let r = positions.len();
+        out.push(TopK {
+            k,
+            tokens: s.ids.clone(),
+            positions,
+            ids: ids[row * k..(row + r) * k].to_vec(),
+            logp: logp[row * k..(row + r) * k].to_vec(),
+            log_tail: tail[row..row + r].to_vec(),
+        });
+        row += r;
+    }
+    Ok(out)
+}
+
+fn file_sha256(path: &std::path::Path) -> Result<String> {
+    let mut f = fs_err::File::open(path)?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Label `opts.data` into `opts.out`, resuming a cache left unfinished with the same settings.
+/// Stops between batches when `stop` is set, keeping every finished shard.
+pub fn label(
+    opts: &LabelOptions,
+    stop: &AtomicBool,
+    obs: &mut dyn LabelObserver,
+) -> Result<LabelReport> {
+    let t0 = Instant::now();
+    if opts.k == 0 || opts.shard_samples == 0 || opts.temperature <= 0.0 {
+        return Err(Error::invalid(
+            format!(
+                "--top-k {}, --shard-samples {}, --temperature {}",
+                opts.k, opts.shard_samples, opts.temperature
+            ),
+            "top-k and shard-samples must be at least 1 and the temperature positive",
+        ));
+    }
+    let ck = checkpoint::read(&opts.teacher, &candle_core::Device::Cpu)?;
+    let teacher = ck.frozen(WeightFormat::F32)?;
+    let tok = &ck.tokenizer;
+    let ds = dataset::read(&opts.data, &opts.read)?;
+    let (samples, _) = batch::tokenize(&ds, tok, opts.max_len, opts.truncation)?;
+    let vocab = teacher.config().vocab_size;
+    let k = opts.k.min(vocab);
+    let weights = if opts.teacher.is_dir() {
+        opts.teacher.join("model.safetensors")
+    } else {
+        opts.teacher.clone()
+    };
+    let fresh = Manifest {
+        format: FORMAT_NAME.into(),
+        format_version: FORMAT_VERSION,
+        created_by: format!("retort {}", env!("CARGO_PKG_VERSION")),
+        command: opts.command.clone(),
+        teacher: TeacherInfo {
+            path: opts.teacher.clone(),
+            sha256: file_sha256(&weights)?,
+            arch: format!("{:?}", ck.config.arch).to_lowercase(),
+            vocab_size: vocab,
+        },
+        tokenizer_fingerprint: tok.fingerprint(),
+        dataset: DatasetInfo {
+            path: opts.data.clone(),
+            sha256: ds.sha256.clone(),
+            format: ds.format.to_string(),
+            records: ds.records.len(),
+            max_len: opts.max_len,
+            truncation: opts.truncation,
+        },
+        k,
+        temperature: opts.temperature,
+        encoding: Encoding::new(opts.codec, vocab),
+        shard_samples: opts.shard_samples,
+        samples: samples.len(),
+        shards: Vec::new(),
+        complete: false,
+    };
+    fs_err::create_dir_all(&opts.out)?;
+    let mut manifest = if opts.out.join(MANIFEST).exists() {
+        let old = Manifest::read(&opts.out)?;
+        old.same_settings(&fresh).map_err(|why| {
+            Error::invalid(
+                format!(
+                    "`{}` holds a cache with other settings: {why}",
+                    opts.out.display()
+                ),
+                "label into a new --out directory, or delete this one to relabel",
+            )
+        })?;
+        let mut m = old;
+        // A shard whose file is gone or has the wrong size is redone from there on.
+        let ok = m
+            .shards
+            .iter()
+            .take_while(|s| {
+                fs_err::metadata(opts.out.join(&s.file)).is_ok_and(|md| md.len() == s.bytes)
+            })
+            .count();
+        m.shards.truncate(ok);
+        m.command = opts.command.clone();
+        m
+    } else {
+        fresh
+    };
+    let n_shards = samples.len().div_ceil(opts.shard_samples);
+    let done_shards = manifest.shards.len();
+    let total_positions: usize = samples.iter().map(Sample::loss_tokens).sum();
+    obs.start(total_positions, manifest.positions());
+    let pad_id = tok.stop_ids().first().copied().unwrap_or(0);
+    let mut positions_this_run = 0;
+    let mut interrupted = false;
+    for si in done_shards..n_shards {
+        let first = si * opts.shard_samples;
+        let range = first..(first + opts.shard_samples).min(samples.len());
+        // Longest first, so each batch holds similar lengths.
+        let mut order: Vec<usize> = range.clone().collect();
+        order.sort_by_key(|&i| (std::cmp::Reverse(samples[i].ids.len()), i));
+        let mut results: Vec<Option<TopK>> = vec![None; range.len()];
+        for b in order.chunks(opts.batch_size.max(1)) {
+            if stop.load(Ordering::Relaxed) {
+                interrupted = true;
+                break;
+            }
+            let batch: Vec<&Sample> = b.iter().map(|&i| &samples[i]).collect();
+            let out = label_batch(
+                &teacher,
+                &batch,
+                pad_id,
+                k,
+                opts.temperature,
+                opts.chunk_rows,
+            )?;
+            let rows: usize = out.iter().map(TopK::rows).sum();
+            for (&i, t) in b.iter().zip(out) {
+                results[i - first] = Some(t);
+            }
+            positions_this_run += rows;
+            obs.progress(rows);
+        }
+        if interrupted {
+            break;
+        }
+        let mut builder = ShardBuilder::default();
+        let mut rows = 0;
+        for (j, t) in results.into_iter().enumerate() {
+            let Some(t) = t else {
+                return Err(Error::invalid(
+                    "a sample was left unlabelled",
+                    "this is a bug in retort",
+                ));
+            };
+            let s = &samples[first + j];
+            let block = codec::encode(&t, opts.codec, vocab)?;
+            rows += t.rows();
+            let e = Entry {
+                key: sample_key(&s.ids, &s.loss_mask),
+                sample: (first + j) as u32,
+                tokens: t.tokens.len() as u32,
+                rows: t.rows() as u32,
+                raw_len: codec::raw_len(opts.codec, vocab, k, t.tokens.len(), t.rows()) as u32,
+                offset: 0,
+                len: 0,
+            };
+            builder.push(e, &block);
+        }
+        let samples_in = builder.len();
+        let bytes = builder.finish();
+        let file = shard_name(si);
+        write_atomic(&opts.out.join(&file), &bytes)?;
+        let info = ShardInfo {
+            file,
+            sha256: hex::encode(Sha256::digest(&bytes)),
+            bytes: bytes.len() as u64,
+            first_sample: first,
+            samples: samples_in,
+            positions: rows,
+        };
+        manifest.shards.push(info.clone());
+        manifest.complete = manifest.shards.len() == n_shards;
+        manifest.write(&opts.out)?;
+        obs.shard(&info);
+    }
+    if n_shards == 0 || (!interrupted && manifest.shards.len() == n_shards) {
+        manifest.complete = true;
+        manifest.write(&opts.out)?;
+    }
+    Ok(LabelReport {
+        manifest,
+        positions_this_run,
+        seconds: t0.elapsed().as_secs_f64(),
+        interrupted,
+    })
+}

@@ -1,0 +1,216 @@
+//! `manifest.json`: everything a reader needs to trust and decode a cache, human-readable.
+//! Written atomically (temp file, then rename) after every finished shard.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::codec::Codec;
+use crate::batch::Truncation;
+use crate::error::{Error, Result};
+
+/// Bumped on any change a reader of the previous version would misread.
+pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_NAME: &str = "retort-logit-cache";
+pub const MANIFEST: &str = "manifest.json";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TeacherInfo {
+    pub path: PathBuf,
+    /// sha256 of the weights file (`model.safetensors` for an HF dir).
+    pub sha256: String,
+    pub arch: String,
+    /// Columns of the teacher's logits (ids are `< vocab_size`).
+    pub vocab_size: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetInfo {
+    pub path: PathBuf,
+    /// sha256 of the data file's bytes (as `retort data inspect` prints).
+    pub sha256: String,
+    pub format: String,
+    pub records: usize,
+    pub max_len: usize,
+    pub truncation: Truncation,
+}
+
+/// What the stored numbers are, spelled out for other tools.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Encoding {
+    pub codec: Codec,
+    /// Integer type of token ids and positions in the block (`u16` or `u32`).
+    pub ids: String,
+    pub logp: String,
+    pub log_tail: String,
+    pub values: String,
+    pub compression: String,
+}
+
+impl Encoding {
+    pub fn new(codec: Codec, vocab: usize) -> Encoding {
+        let ids = if codec == Codec::Q8 && vocab <= 1 << 16 {
+            "u16"
+        } else {
+            "u32"
+        };
+        let (logp, log_tail) = match codec {
+            Codec::F32 => ("f32".into(), "f32".into()),
+            Codec::Q8 => (
+                format!(
+                    "f16 top-1, then u8 gaps of {} nat below it, delta-coded",
+                    super::codec::Q8_STEP
+                ),
+                "f16".into(),
+            ),
+        };
+        Encoding {
+            codec,
+            ids: ids.into(),
+            logp,
+            log_tail,
+            values: "log_softmax(teacher_logits / temperature) at the top-k ids, by descending \
+                     value; log_tail = log(1 - sum of the top-k probabilities)"
+                .into(),
+            compression: "one zstd frame per sample".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardInfo {
+    pub file: String,
+    pub sha256: String,
+    pub bytes: u64,
+    /// Dataset samples `first_sample .. first_sample + samples` (after tokenization).
+    pub first_sample: usize,
+    pub samples: usize,
+    pub positions: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: u32,
+    pub created_by: String,
+    /// The command that builds (or resumes) this cache; guards print it as the fix.
+    pub command: String,
+    pub teacher: TeacherInfo,
+    pub tokenizer_fingerprint: String,
+    pub dataset: DatasetInfo,
+    pub k: usize,
+    pub temperature: f64,
+    pub encoding: Encoding,
+    /// Samples per shard.
+    pub shard_samples: usize,
+    /// Samples the dataset has after tokenization and truncation.
+    pub samples: usize,
+    pub shards: Vec<ShardInfo>,
+    /// True once every sample is in a shard.
+    pub complete: bool,
+}
+
+impl Manifest {
+    /// The settings that must match for `retort label` to resume into an existing cache.
+    pub fn same_settings(&self, o: &Manifest) -> std::result::Result<(), String> {
+        let checks: [(&str, String, String); 8] = [
+            (
+                "teacher",
+                self.teacher.sha256.clone(),
+                o.teacher.sha256.clone(),
+            ),
+            (
+                "tokenizer",
+                self.tokenizer_fingerprint.clone(),
+                o.tokenizer_fingerprint.clone(),
+            ),
+            (
+                "dataset",
+                self.dataset.sha256.clone(),
+                o.dataset.sha256.clone(),
+            ),
+            (
+                "max_len",
+                self.dataset.max_len.to_string(),
+                o.dataset.max_len.to_string(),
+            ),
+            ("k", self.k.to_string(), o.k.to_string()),
+            (
+                "temperature",
+                self.temperature.to_string(),
+                o.temperature.to_string(),
+            ),
+            (
+                "codec",
+                self.encoding.codec.to_string(),
+                o.encoding.codec.to_string(),
+            ),
+            (
+                "shard_samples",
+                self.shard_samples.to_string(),
+                o.shard_samples.to_string(),
+            ),
+        ];
+        for (what, a, b) in checks {
+            if a != b {
+                return Err(format!("{what} differs (cache: {a}, now: {b})"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn positions(&self) -> usize {
+        self.shards.iter().map(|s| s.positions).sum()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.bytes).sum()
+    }
+
+    pub fn read(dir: &Path) -> Result<Manifest> {
+        let path = dir.join(MANIFEST);
+        let text = fs_err::read_to_string(&path).map_err(|e| {
+            Error::invalid(
+                format!("`{}` is not a logit cache: {e}", dir.display()),
+                "build one with `retort label --teacher MODEL --data DATA --out DIR`",
+            )
+        })?;
+        let m: Manifest = serde_json::from_str(&text).map_err(|e| {
+            Error::invalid(
+                format!("`{}`: {e}", path.display()),
+                "the manifest is damaged; rebuild the cache with `retort label` into a new directory",
+            )
+        })?;
+        if m.format != FORMAT_NAME || m.format_version != FORMAT_VERSION {
+            return Err(Error::invalid(
+                format!(
+                    "`{}`: format {} version {}; this retort reads {FORMAT_NAME} version {FORMAT_VERSION}",
+                    path.display(),
+                    m.format,
+                    m.format_version
+                ),
+                format!("rebuild the cache: {}", m.command),
+            ));
+        }
+        Ok(m)
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self)
+            .map_err(|e| Error::invalid(e.to_string(), "this is a bug in retort"))?;
+        write_atomic(&dir.join(MANIFEST), text.as_bytes())
+    }
+}
+
+/// Write `bytes` to `path` through a synced temp file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension(format!("partial-{}", std::process::id()));
+    {
+        let mut f = fs_err::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs_err::rename(&tmp, path)?;
+    Ok(())
+}
