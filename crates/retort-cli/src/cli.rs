@@ -39,6 +39,11 @@ pub enum Command {
     InitStudent(InitStudentArgs),
     /// Train a student from a recipe: SFT, KD, or several stages (e.g. KD then SFT).
     Train(TrainArgs),
+    /// Label a dataset with the teacher's top-k log-probs once, for KD runs that read the cache.
+    Label(LabelArgs),
+    /// Inspect, verify, compare and shrink logit caches.
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// Inspect and validate datasets.
     #[command(subcommand)]
     Data(DataCommand),
@@ -64,6 +69,79 @@ pub struct TrainArgs {
     /// Stop (with a checkpoint) after this many optimizer steps in this invocation.
     #[arg(long, value_name = "N")]
     pub max_steps: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct LabelArgs {
+    /// The teacher: a GGUF file or a Hugging Face directory (scored in f32).
+    #[arg(long, value_name = "PATH")]
+    pub teacher: PathBuf,
+    /// The dataset whose assistant tokens are labelled (JSONL, JSON or Parquet).
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    /// Token ids and log-probs kept per position.
+    #[arg(long, default_value_t = 64, value_name = "K")]
+    pub top_k: usize,
+    /// Labelling temperature; stored values are log_softmax(logits / T). Training re-tempers.
+    #[arg(long, default_value_t = 1.0, value_name = "T")]
+    pub temperature: f64,
+    /// The cache directory; an unfinished cache with the same settings is resumed.
+    #[arg(long, short = 'o', value_name = "DIR")]
+    pub out: PathBuf,
+    /// Value encoding: q8 (compact; see docs/logit-cache.md) or f32 (reference).
+    #[arg(long, default_value = "q8", value_parser = ["q8", "f32"])]
+    pub codec: String,
+    /// Longest sequence; must equal the recipe's `train.max_len` for training to find samples.
+    #[arg(long, default_value_t = 512, value_name = "TOKENS")]
+    pub max_len: usize,
+    /// What to do with longer conversations (as the recipe's `train.truncation`).
+    #[arg(long, default_value = "right", value_parser = ["right", "drop"])]
+    pub truncation: String,
+    /// Sequences per teacher forward.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Samples per shard (the unit of resumption).
+    #[arg(long, default_value_t = 64)]
+    pub shard_samples: usize,
+    /// Force the record shape instead of detecting it.
+    #[arg(long, value_parser = ["messages", "alpaca", "sharegpt"])]
+    pub format: Option<String>,
+    /// Skip and count invalid records instead of stopping at the first.
+    #[arg(long)]
+    pub skip_invalid: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Verify a cache (every shard's checksum) and print what it holds and its bytes per token.
+    Inspect(CacheInspectArgs),
+    /// Write a copy with fewer top-k entries per token or another codec, without the teacher.
+    Recode(CacheRecodeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CacheInspectArgs {
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Also measure KL(DIR‖OTHER) per token against another cache of the same data and k.
+    #[arg(long, value_name = "OTHER")]
+    pub against: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CacheRecodeArgs {
+    #[arg(value_name = "SRC")]
+    pub src: PathBuf,
+    /// Entries kept per token (at most the source's k).
+    #[arg(long, value_name = "K")]
+    pub top_k: usize,
+    #[arg(long, default_value = "q8", value_parser = ["q8", "f32"])]
+    pub codec: String,
+    #[arg(long, short = 'o', value_name = "DIR")]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]

@@ -89,6 +89,7 @@ fn main() {
         targets: Tensor::from_vec(targets, n, &dev).unwrap(),
         loss_tokens: n,
         real_tokens: batch * seq,
+        sparse: None,
     };
     let obj = Objective {
         kd: Some(KdTerm {

@@ -186,6 +186,7 @@ pub fn collate(samples: &[&Sample], pad_id: u32, device: &Device) -> Result<Micr
         targets: Tensor::from_vec(targets, n, device)?,
         loss_tokens: n,
         real_tokens,
+        sparse: None,
     })
 }
 

@@ -16,4 +16,5 @@ pub mod recipe;
 pub mod schedule;
 pub mod setup;
 pub mod sparse;
+pub mod targets;
 pub mod trainer;

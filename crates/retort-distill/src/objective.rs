@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::fused;
 use crate::grads::Grads;
 use crate::loss::{Divergence, cross_entropy_sum, divergence_sum};
+use crate::sparse::{self, SparseTargets};
 
 /// The KD term of the objective.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -51,6 +52,9 @@ pub struct MicroBatch {
     pub loss_tokens: usize,
     /// Tokens in the batch that are not padding.
     pub real_tokens: usize,
+    /// The teacher's top-k targets at the N loss positions, from a logit cache (already at the
+    /// training temperature). When set, KD uses them instead of running the teacher.
+    pub sparse: Option<SparseTargets>,
 }
 
 /// Loss sums of a micro-batch (not normalised): Σ CE and Σ KD (× T²) over its loss tokens.
@@ -59,6 +63,9 @@ pub struct LossSums {
     pub ce: f64,
     pub kd: f64,
     pub tokens: usize,
+    /// Tokens that have a KD term (all of them in training; in evaluation, those with teacher
+    /// targets).
+    pub kd_tokens: usize,
 }
 
 impl LossSums {
@@ -66,6 +73,12 @@ impl LossSums {
         self.ce += o.ce;
         self.kd += o.kd;
         self.tokens += o.tokens;
+        self.kd_tokens += o.kd_tokens;
+    }
+
+    /// Mean KD per token that has one.
+    pub fn kd_mean(&self) -> Option<f64> {
+        (self.kd_tokens > 0).then(|| self.kd / self.kd_tokens as f64)
     }
 
     /// The objective's value per token: `(1 − α)·CE + α·KD` (CE alone for SFT).
@@ -73,7 +86,7 @@ impl LossSums {
         let n = self.tokens.max(1) as f64;
         match kd {
             None => self.ce / n,
-            Some(k) => ((1.0 - k.alpha) * self.ce + k.alpha * self.kd) / n,
+            Some(k) => (1.0 - k.alpha) * self.ce / n + k.alpha * self.kd_mean().unwrap_or(0.0),
         }
     }
 }
@@ -147,16 +160,19 @@ fn run(
     if n == 0 {
         return Ok(LossSums::default()); // nothing to learn from: no gradient, no NaN
     }
-    let teacher = match (&obj.kd, teacher) {
-        (Some(_), Some(t)) => Some(t),
-        (Some(_), None) => {
+    let teacher = match (&obj.kd, teacher, &mb.sparse) {
+        (Some(_), _, Some(_)) => None, // targets from the logit cache
+        (Some(_), Some(t), None) => Some(t),
+        (Some(_), None, None) if backward.is_none() => None, // eval without targets: CE only
+        (Some(_), None, None) => {
             return Err(Error::invalid(
                 "the KD objective needs a teacher",
                 "set `teacher` in the recipe, or use `method = \"sft\"`",
             ));
         }
-        (None, _) => None,
+        (None, _, _) => None,
     };
+    let has_kd = obj.kd.is_some() && (teacher.is_some() || mb.sparse.is_some());
     let s_hidden = hidden_at(student, mb)?; // (N, C), tracked
     let t_hidden = match (teacher, cached_t_hidden) {
         (Some(_), Some(h)) => Some(h.clone()),
@@ -167,6 +183,7 @@ fn run(
     let chunk = obj.chunk_rows.max(1);
     let mut sums = LossSums {
         tokens: n,
+        kd_tokens: if has_kd { n } else { 0 },
         ..Default::default()
     };
     let mut hidden_grads = Vec::with_capacity(n.div_ceil(chunk));
@@ -178,6 +195,27 @@ fn run(
         let targets = mb.targets.narrow(0, start, len)?;
         let scale = backward.as_ref().map_or(1.0, |(n, _)| 1.0 / *n);
         let fused = match (&obj.kd, &t_hidden, teacher) {
+            (Some(k), _, _) if mb.sparse.is_some() => {
+                let sp = mb.sparse.as_ref().map(|s| s.slice(start, len));
+                if !s_logits.device().is_cpu() {
+                    return Err(Error::invalid(
+                        "KD from a logit cache runs on the CPU only for now",
+                        "train on the CPU, or give the recipe a live teacher without `cache`",
+                    ));
+                }
+                sp.map(|sp| {
+                    sparse::sparse_kd_ce(
+                        &s_logits,
+                        &sp,
+                        &targets,
+                        k.divergence,
+                        k.temperature,
+                        k.alpha,
+                        scale,
+                    )
+                })
+                .transpose()?
+            }
             _ if !s_logits.device().is_cpu() => None,
             (None, _, _) => Some(fused::forward_kl_ce(
                 &s_logits, None, &targets, 1.0, 0.0, scale,

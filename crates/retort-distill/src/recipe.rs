@@ -52,7 +52,12 @@ pub struct Recipe {
 #[serde(deny_unknown_fields)]
 pub struct TeacherSpec {
     /// A GGUF file or a Hugging Face directory; scored in f32.
-    pub path: PathBuf,
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// A logit cache from `retort label`: KD stages read the teacher's top-k from it instead of
+    /// running the teacher. With `path` too, samples missing from the cache are labelled live.
+    #[serde(default)]
+    pub cache: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -285,7 +290,12 @@ impl Recipe {
             }
         };
         if let Some(t) = &mut self.teacher {
-            fix(&mut t.path);
+            if let Some(p) = &mut t.path {
+                fix(p);
+            }
+            if let Some(p) = &mut t.cache {
+                fix(p);
+            }
         }
         if let Some(p) = &mut self.student.path {
             fix(p);
@@ -318,9 +328,23 @@ impl Recipe {
                 "start from a model (`path`) or prune the teacher (`num_layers` / `keep_layers`)",
             );
         }
-        if self.teacher.is_none() && s.path.is_none() {
+        if let Some(t) = &self.teacher
+            && t.path.is_none()
+            && t.cache.is_none()
+        {
             return err(
-                "[student] prunes the teacher but there is no [teacher]".into(),
+                "[teacher] needs `path` (a model), `cache` (from `retort label`), or both".into(),
+                "add [teacher] path = \"model.gguf\" or cache = \"runs/cache\"",
+            );
+        }
+        if self.teacher.as_ref().is_none_or(|t| t.path.is_none()) && s.path.is_none() {
+            let what = if self.teacher.is_none() {
+                "there is no [teacher]"
+            } else {
+                "[teacher] has no `path`"
+            };
+            return err(
+                format!("[student] prunes the teacher but {what}"),
                 "add [teacher] path = …",
             );
         }

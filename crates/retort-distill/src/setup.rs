@@ -15,6 +15,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::batch::{self, Sample, TokenizeReport};
+use crate::cache::Reader;
 use crate::error::{Error, Result};
 use crate::objective::{KdTerm, Objective};
 use crate::recipe::{Method, Recipe, Stage};
@@ -47,6 +48,8 @@ pub struct DataReport {
     pub train_loss_tokens: usize,
     /// Padding share of the first epoch's batches.
     pub padding_waste: f64,
+    /// KD from a logit cache: (train samples found in it, eval samples found in it).
+    pub cache_hits: Option<(usize, usize)>,
 }
 
 /// The teacher's identity, recorded in every checkpoint's lineage.
@@ -63,8 +66,11 @@ pub struct Plan {
     pub recipe: Recipe,
     pub student: Model,
     pub tokenizer: Tokenizer,
+    /// The live teacher (KD without a cache, or hybrid).
     pub teacher: Option<Model>,
     pub teacher_id: Option<TeacherId>,
+    /// The logit cache KD stages read targets from.
+    pub cache: Option<crate::cache::Reader>,
     pub stages: Vec<StagePlan>,
     pub pad_id: u32,
     pub memory: MemoryEstimate,
@@ -211,12 +217,16 @@ fn split_eval(samples: Vec<Sample>, fraction: f64, seed: u64) -> (Vec<Sample>, V
 
 /// Load models and prepare every stage (all data validated before any compute).
 pub fn prepare(recipe: Recipe, device: &Device) -> Result<Plan> {
-    let teacher_ck = match &recipe.teacher {
-        Some(t) => Some(checkpoint::read(&t.path, device)?),
+    let teacher_ck = match recipe.teacher.as_ref().and_then(|t| t.path.as_ref()) {
+        Some(p) => Some(checkpoint::read(p, device)?),
         None => None,
     };
     let (student, tokenizer) = load_student(&recipe, teacher_ck.as_ref(), device)?;
     let needs_teacher = recipe.stages.iter().any(|s| s.method == Method::Kd);
+    let cache = match recipe.teacher.as_ref().and_then(|t| t.cache.as_ref()) {
+        Some(dir) if needs_teacher => Some(Reader::open(dir, teacher_ck.is_some())?),
+        _ => None,
+    };
     let (teacher, teacher_id, vocab_limit) = match (&teacher_ck, needs_teacher) {
         (Some(ck), true) => {
             let t = ck.frozen(WeightFormat::F32)?;
@@ -232,6 +242,10 @@ pub fn prepare(recipe: Recipe, device: &Device) -> Result<Plan> {
         _ => (None, None, None),
     };
     drop(teacher_ck);
+    let (teacher_id, vocab_limit) = match (&cache, teacher_id) {
+        (Some(c), id) => cache_identity(c, id, &student, &tokenizer)?,
+        (None, id) => (id, vocab_limit),
+    };
     let pad_id = tokenizer.stop_ids().first().copied().unwrap_or(0);
     let t = &recipe.train;
     let mut stages = Vec::with_capacity(recipe.stages.len());
@@ -284,6 +298,17 @@ pub fn prepare(recipe: Recipe, device: &Device) -> Result<Plan> {
                 alpha: stage.alpha,
             }),
         };
+        let cache_hits = match (&cache, &kd) {
+            (Some(c), Some(_)) => Some(cache_coverage(
+                c,
+                &stage.name,
+                &ds.sha256,
+                &train,
+                &eval,
+                teacher.is_some(),
+            )?),
+            _ => None,
+        };
         let report = DataReport {
             data: stage.data.clone(),
             data_sha256: ds.sha256.clone(),
@@ -295,6 +320,7 @@ pub fn prepare(recipe: Recipe, device: &Device) -> Result<Plan> {
             eval_samples: eval.len(),
             train_loss_tokens: train.iter().map(Sample::loss_tokens).sum(),
             padding_waste: batch::padding_waste(&lengths, &plan0),
+            cache_hits,
         };
         stages.push(StagePlan {
             index,
@@ -318,10 +344,96 @@ pub fn prepare(recipe: Recipe, device: &Device) -> Result<Plan> {
         tokenizer,
         teacher,
         teacher_id,
+        cache,
         stages,
         pad_id,
         memory,
     })
+}
+
+/// The teacher's identity and the compared vocabulary when KD reads a cache: the cache must
+/// come from the live teacher (hybrid) and share the student's tokenizer.
+fn cache_identity(
+    c: &Reader,
+    live: Option<TeacherId>,
+    student: &Model,
+    tokenizer: &Tokenizer,
+) -> Result<(Option<TeacherId>, Option<usize>)> {
+    let m = &c.manifest;
+    c.check_matches(&tokenizer.fingerprint(), None)?;
+    if let Some(id) = &live
+        && id.sha256 != m.teacher.sha256
+    {
+        return Err(Error::invalid(
+            format!(
+                "logit cache `{}` was labelled by another teacher (`{}`, sha256 {}…) than [teacher] path `{}` ({}…)",
+                c.dir.display(),
+                m.teacher.path.display(),
+                &m.teacher.sha256[..12.min(m.teacher.sha256.len())],
+                id.path.display(),
+                &id.sha256[..12]
+            ),
+            format!(
+                "point [teacher] path at the cache's teacher, or relabel: {}",
+                m.command
+            ),
+        ));
+    }
+    let (vs, vt) = (student.config().vocab_size, m.teacher.vocab_size);
+    let limit = if vs == vt {
+        None
+    } else if tokenizer.vocab_size() <= vs.min(vt) {
+        Some(vs.min(vt))
+    } else {
+        return Err(Error::invalid(
+            format!("vocabulary sizes differ (student {vs}, cached teacher {vt})"),
+            "the models do not share a vocabulary; pick a matching teacher/student pair",
+        ));
+    };
+    let id = live.unwrap_or_else(|| TeacherId {
+        path: m.teacher.path.clone(),
+        sha256: m.teacher.sha256.clone(),
+        arch: m.teacher.arch.clone(),
+        tokenizer_fingerprint: m.tokenizer_fingerprint.clone(),
+    });
+    Ok((Some(id), limit))
+}
+
+/// How many of a KD stage's samples the cache holds. Without a live teacher every training
+/// sample must be there and the data must be the labelled file.
+fn cache_coverage(
+    c: &Reader,
+    stage: &str,
+    data_sha256: &str,
+    train: &[Sample],
+    eval: &[Sample],
+    hybrid: bool,
+) -> Result<(usize, usize)> {
+    let hits = |v: &[Sample]| {
+        v.iter()
+            .filter(|s| c.contains(&crate::cache::sample_key(&s.ids, &s.loss_mask)))
+            .count()
+    };
+    let (tr, ev) = (hits(train), hits(eval));
+    if !hybrid {
+        c.check_matches(&c.manifest.tokenizer_fingerprint, Some(data_sha256))?;
+        if tr < train.len() {
+            let m = &c.manifest;
+            return Err(Error::invalid(
+                format!(
+                    "stage `{stage}`: {} of {} training samples are not in logit cache `{}`",
+                    train.len() - tr,
+                    train.len(),
+                    c.dir.display()
+                ),
+                format!(
+                    "label with the recipe's max_len and truncation (the cache has max_len {}, {:?}): {}",
+                    m.dataset.max_len, m.dataset.truncation, m.command
+                ),
+            ));
+        }
+    }
+    Ok((tr, ev))
 }
 
 fn gib(b: u64) -> String {
@@ -341,7 +453,34 @@ impl Plan {
             c.num_parameters() as f64 / 1e6,
             c.vocab_size
         );
+        if let Some(c) = &self.cache {
+            let m = &c.manifest;
+            let _ = writeln!(
+                s,
+                "logit cache: {} (k={}, T={}, codec {}, {} samples, {} tokens, {:.1} bytes/token){}",
+                c.dir.display(),
+                m.k,
+                m.temperature,
+                m.encoding.codec,
+                c.len(),
+                m.positions(),
+                m.bytes() as f64 / m.positions().max(1) as f64,
+                if self.teacher.is_some() {
+                    "; samples not in it are labelled by the live teacher"
+                } else {
+                    ""
+                }
+            );
+        }
         match (&self.teacher, &self.teacher_id) {
+            (None, Some(id)) => {
+                let _ = writeln!(
+                    s,
+                    "teacher: {} (from the cache only), sha256 {}",
+                    id.path.display(),
+                    &id.sha256[..16.min(id.sha256.len())]
+                );
+            }
             (Some(t), Some(id)) => {
                 let _ = writeln!(
                     s,
@@ -402,6 +541,13 @@ impl Plan {
                 r.eval_source,
                 r.padding_waste * 100.0
             );
+            if let Some((tr, ev)) = r.cache_hits {
+                let _ = writeln!(
+                    s,
+                    "  logit cache holds {tr} of {} train and {ev} of {} eval samples",
+                    r.train_samples, r.eval_samples
+                );
+            }
         }
         let m = &self.memory;
         let _ = writeln!(

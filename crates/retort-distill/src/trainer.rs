@@ -34,6 +34,7 @@ use crate::grads::Grads;
 use crate::objective::{self, LossSums, MicroBatch};
 use crate::schedule::Schedule;
 use crate::setup::{Plan, StagePlan, TeacherId};
+use crate::targets;
 
 const STATE_FORMAT_VERSION: u32 = 1;
 
@@ -382,7 +383,7 @@ impl Run<'_> {
                 .iter()
                 .map(|b| {
                     let samples: Vec<&Sample> = b.iter().map(|&i| &sp.train[i]).collect();
-                    batch::collate(&samples, self.plan.pad_id, self.plan.student.device())
+                    self.micro_batch(sp, &samples, true)
                 })
                 .collect::<Result<_>>()?;
             let normalizer: usize = mbs.iter().map(|m| m.loss_tokens).sum();
@@ -439,7 +440,7 @@ impl Run<'_> {
                 lr,
                 loss,
                 ce: sums.ce / n,
-                kd: sp.objective.kd.map(|_| sums.kd / n),
+                kd: sp.objective.kd.and(sums.kd_mean()),
                 grad_norm,
                 tokens: sums.tokens,
                 tokens_per_s: real as f64 / t0.elapsed().as_secs_f64(),
@@ -476,6 +477,36 @@ impl Run<'_> {
         Ok(None)
     }
 
+    /// Collate `samples`; in a KD stage with a logit cache, attach the teacher's targets.
+    /// Training needs targets for every sample; evaluation without them reports NLL only.
+    fn micro_batch(&self, sp: &StagePlan, samples: &[&Sample], train: bool) -> Result<MicroBatch> {
+        let mut mb = batch::collate(samples, self.plan.pad_id, self.plan.student.device())?;
+        if let (Some(cache), Some(kd)) = (&self.plan.cache, &sp.objective.kd) {
+            let (targets, prov) = targets::for_samples(
+                cache,
+                self.plan.teacher.as_ref(),
+                samples,
+                self.plan.pad_id,
+                kd.temperature,
+                sp.objective.chunk_rows,
+            )?;
+            if prov.live > 0 {
+                tracing::debug!("{} sample(s) not in the cache labelled live", prov.live);
+            }
+            if targets.is_none() && train {
+                return Err(Error::invalid(
+                    format!(
+                        "{} training sample(s) of stage `{}` are not in the logit cache",
+                        prov.missing, sp.stage.name
+                    ),
+                    format!("relabel: {}", cache.manifest.command),
+                ));
+            }
+            mb.sparse = targets;
+        }
+        Ok(mb)
+    }
+
     fn lineage_with(&self, sp: &StagePlan, steps: usize, completed: bool) -> Vec<LineageEntry> {
         let mut l = self.lineage.clone();
         l.push(self.lineage_entry(sp, steps, completed));
@@ -498,9 +529,9 @@ impl Run<'_> {
             let mut batches = Vec::new();
             for chunk in order.chunks(self.plan.recipe.train.batch_size) {
                 let samples: Vec<&Sample> = chunk.iter().map(|&i| &sp.eval[i]).collect();
-                let mb = batch::collate(&samples, self.plan.pad_id, self.plan.student.device())?;
+                let mb = self.micro_batch(sp, &samples, false)?;
                 let th = match (&sp.objective.kd, &self.plan.teacher) {
-                    (Some(_), Some(t)) if mb.loss_tokens > 0 => {
+                    (Some(_), Some(t)) if mb.loss_tokens > 0 && mb.sparse.is_none() => {
                         Some(objective::teacher_hidden(t, &mb)?)
                     }
                     _ => None,
@@ -529,7 +560,7 @@ impl Run<'_> {
             global_step: self.global_step,
             nll,
             ppl: nll.exp(),
-            kd: sp.objective.kd.map(|_| sums.kd / n),
+            kd: sp.objective.kd.and(sums.kd_mean()),
             tokens: sums.tokens,
         };
         self.write_metric(&rec)?;

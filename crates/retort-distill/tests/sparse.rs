@@ -1,5 +1,7 @@
 //! Sparse (top-k + tail) KD losses against the dense ones and against finite differences.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is a failed test
+
 use candle_core::{DType, Device, Tensor, Var};
 use retort_distill::Divergence;
 use retort_distill::cache::topk::{coarse_log_probs, top_k_rows};

@@ -1,10 +1,12 @@
 //! One module per subcommand.
 
+mod cache;
 mod chat;
 mod data;
 mod generate;
 mod info;
 mod init_student;
+mod label;
 mod train;
 
 use anyhow::{Context, Result};
@@ -22,6 +24,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate::run(a, quiet),
         Command::InitStudent(a) => init_student::run(a, quiet),
         Command::Train(a) => train::run(a, quiet),
+        Command::Label(a) => label::run(a, quiet),
+        Command::Cache(crate::cli::CacheCommand::Inspect(a)) => cache::inspect(a, quiet),
+        Command::Cache(crate::cli::CacheCommand::Recode(a)) => cache::recode(a, quiet),
         Command::Data(crate::cli::DataCommand::Inspect(a)) => data::inspect(a, quiet),
     }
 }

@@ -9,6 +9,7 @@ pub mod codec;
 pub mod label;
 pub mod manifest;
 pub mod reader;
+pub mod recode;
 pub mod shard;
 pub mod topk;
 

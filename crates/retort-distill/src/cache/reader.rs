@@ -16,6 +16,8 @@ pub struct Reader {
     pub dir: PathBuf,
     pub manifest: Manifest,
     maps: Vec<Mmap>,
+    /// Each shard's entries in file order.
+    entries: Vec<Vec<Entry>>,
     index: HashMap<[u8; 16], (usize, Entry)>,
 }
 
@@ -49,6 +51,7 @@ impl Reader {
             ));
         }
         let mut maps = Vec::with_capacity(manifest.shards.len());
+        let mut shard_entries = Vec::with_capacity(manifest.shards.len());
         let mut index = HashMap::new();
         for (si, s) in manifest.shards.iter().enumerate() {
             let path = dir.join(&s.file);
@@ -85,15 +88,17 @@ impl Reader {
             let entries = shard::parse_index(&map).map_err(|e| {
                 Error::invalid(format!("`{}`: {e}", path.display()), rebuild.clone())
             })?;
-            for e in entries {
-                index.insert(e.key, (si, e));
+            for e in &entries {
+                index.insert(e.key, (si, *e));
             }
+            shard_entries.push(entries);
             maps.push(map);
         }
         Ok(Reader {
             dir: dir.to_path_buf(),
             manifest,
             maps,
+            entries: shard_entries,
             index,
         })
     }
@@ -112,9 +117,21 @@ impl Reader {
 
     /// The teacher targets of the sample with this key, if the cache has it.
     pub fn get(&self, key: &[u8; 16]) -> Result<Option<TopK>> {
-        let Some(&(si, e)) = self.index.get(key) else {
-            return Ok(None);
-        };
+        match self.index.get(key) {
+            Some(&(si, e)) => Ok(Some(self.decode(si, &e)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every sample of shard `si`, in file order.
+    pub fn shard_entries(&self, si: usize) -> Result<Vec<(Entry, TopK)>> {
+        self.entries[si]
+            .iter()
+            .map(|e| Ok((*e, self.decode(si, e)?)))
+            .collect()
+    }
+
+    fn decode(&self, si: usize, e: &Entry) -> Result<TopK> {
         let m = &self.manifest;
         let block = &self.maps[si][e.offset as usize..(e.offset + e.len) as usize];
         let t = codec::decode(
@@ -137,7 +154,7 @@ impl Reader {
                 format!("rebuild it: {}", m.command),
             )
         })?;
-        Ok(Some(t))
+        Ok(t)
     }
 
     /// Refuse a cache built with another tokenizer, or (unless `None`) for another data file.

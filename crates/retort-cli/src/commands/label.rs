@@ -1,0 +1,131 @@
+//! `retort label`: the teacher's top-k log-probs for every assistant token of a dataset, into a
+//! resumable cache. Ctrl-C (or kill) loses at most the shard in progress; the same command resumes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, Result};
+use indicatif::ProgressBar;
+use retort_data::{Format, ReadOptions};
+use retort_distill::batch::Truncation;
+use retort_distill::cache::label::{self, LabelObserver, LabelOptions};
+use retort_distill::cache::manifest::ShardInfo;
+
+use crate::cli::LabelArgs;
+use crate::progress;
+
+struct Bar {
+    quiet: bool,
+    bar: Option<ProgressBar>,
+}
+
+impl LabelObserver for Bar {
+    fn start(&mut self, positions: usize, done: usize) {
+        if done > 0 {
+            tracing::info!("resuming: {done} of {positions} tokens already labelled");
+        }
+        let b = progress::bar(positions as u64, "labelling tokens", self.quiet);
+        b.set_position(done as u64);
+        b.reset_eta();
+        self.bar = Some(b);
+    }
+    fn progress(&mut self, positions: usize) {
+        if let Some(b) = &self.bar {
+            b.inc(positions as u64);
+        }
+    }
+    fn shard(&mut self, info: &ShardInfo) {
+        tracing::debug!(
+            "{}: {} samples, {} tokens, {} bytes",
+            info.file,
+            info.samples,
+            info.positions,
+            info.bytes
+        );
+    }
+}
+
+pub fn run(args: LabelArgs, quiet: bool) -> Result<()> {
+    let format = args
+        .format
+        .as_deref()
+        .map(|f| f.parse::<Format>().map_err(anyhow::Error::msg))
+        .transpose()?;
+    let truncation = match args.truncation.as_str() {
+        "drop" => Truncation::Drop,
+        _ => Truncation::Right,
+    };
+    let command = std::env::args()
+        .map(|a| {
+            if a.contains(char::is_whitespace) {
+                format!("'{a}'")
+            } else {
+                a
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let opts = LabelOptions {
+        teacher: args.teacher.clone(),
+        data: args.data.clone(),
+        read: ReadOptions {
+            format,
+            skip_invalid: args.skip_invalid,
+        },
+        out: args.out.clone(),
+        k: args.top_k,
+        temperature: args.temperature,
+        codec: args.codec.parse().map_err(anyhow::Error::msg)?,
+        max_len: args.max_len,
+        truncation,
+        batch_size: args.batch_size,
+        shard_samples: args.shard_samples,
+        chunk_rows: 256,
+        command,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        tracing::warn!(
+            "stopping after this batch (finished shards are kept; Ctrl-C again to quit)"
+        );
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    let mut bar = Bar { quiet, bar: None };
+    let report = label::label(&opts, &stop, &mut bar);
+    if let Some(b) = bar.bar.take() {
+        b.finish();
+    }
+    let r = report.with_context(|| format!("cannot label `{}`", args.data.display()))?;
+    let m = &r.manifest;
+    let positions = m.positions();
+    let bytes = m.bytes();
+    if r.interrupted {
+        tracing::warn!(
+            "stopped with {} of {} samples labelled; run the same command to resume",
+            m.shards.iter().map(|s| s.samples).sum::<usize>(),
+            m.samples
+        );
+    }
+    tracing::info!(
+        "{} tokens labelled this run in {:.1}s ({:.0} tokens/s)",
+        r.positions_this_run,
+        r.seconds,
+        r.positions_this_run as f64 / r.seconds.max(1e-9)
+    );
+    println!(
+        "{}: {} samples, {} tokens, k={}, codec {}, {} bytes ({:.1} bytes/token){}",
+        args.out.display(),
+        m.samples,
+        positions,
+        m.k,
+        m.encoding.codec,
+        bytes,
+        bytes as f64 / positions.max(1) as f64,
+        if m.complete { "" } else { " — unfinished" }
+    );
+    Ok(())
+}
