@@ -43,7 +43,16 @@ fn tiny(dir: &Path, layers: usize) -> PathBuf {
 #[test]
 fn every_subcommand_has_help() {
     let top = ok(&retort(&["--help"]));
-    for sub in ["info", "chat", "generate", "init-student", "train", "data"] {
+    for sub in [
+        "info",
+        "chat",
+        "generate",
+        "init-student",
+        "train",
+        "label",
+        "cache",
+        "data",
+    ] {
         assert!(top.contains(sub), "{sub} missing from --help");
         let help = ok(&retort(&[sub, "--help"]));
         assert!(help.contains("Usage: retort"), "{sub}: {help}");
@@ -385,4 +394,97 @@ fn train_dry_run_then_interrupted_and_resumed_run() {
     assert!(out_dir.join("model/model.safetensors").exists());
     assert!(out_dir.join("model/lineage.json").exists());
     assert!(out_dir.join("recipe.resolved.toml").exists());
+}
+
+fn manifest(dir: &Path) -> Option<serde_json::Value> {
+    let text = fs_err::read_to_string(dir.join("manifest.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn inspect_json(dir: &Path) -> serde_json::Value {
+    let out = ok(&retort(&[
+        "cache",
+        "inspect",
+        &dir.display().to_string(),
+        "--json",
+    ]));
+    serde_json::from_str(&out).unwrap()
+}
+
+#[test]
+fn label_killed_with_sigkill_resumes_with_every_sample_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny(dir.path(), 4);
+    let data = dir.path().join("chat.jsonl");
+    write_chat_data(&data, 600);
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "--quiet",
+            "--threads",
+            "1",
+            "label",
+            "--teacher",
+            &model.display().to_string(),
+            "--data",
+            &data.display().to_string(),
+            "--top-k",
+            "8",
+            "--batch-size",
+            "2",
+            "--shard-samples",
+            "3",
+            "--out",
+            &out.display().to_string(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let bin = env!("CARGO_BIN_EXE_retort");
+    let once = dir.path().join("once");
+    ok(&Command::new(bin).args(args(&once)).output().unwrap());
+    // Kill -9 as soon as the first shard is listed, while the run is unfinished.
+    let killed = dir.path().join("killed");
+    let mut child = Command::new(bin).args(args(&killed)).spawn().unwrap();
+    let t0 = std::time::Instant::now();
+    let shards_at_kill = loop {
+        if let Some(m) = manifest(&killed)
+            && !m["shards"].as_array().unwrap().is_empty()
+        {
+            child.kill().unwrap(); // SIGKILL on Unix
+            child.wait().unwrap();
+            break m["shards"].as_array().unwrap().len();
+        }
+        assert!(t0.elapsed().as_secs() < 120, "no shard within 2 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    };
+    let partial = inspect_json(&killed);
+    assert_eq!(
+        partial["complete"], false,
+        "the run finished before the kill"
+    );
+    assert!(partial["samples"].as_u64().unwrap() < 600);
+    // The same command resumes; the result equals the uninterrupted cache shard for shard.
+    ok(&Command::new(bin).args(args(&killed)).output().unwrap());
+    let (a, b) = (manifest(&once).unwrap(), manifest(&killed).unwrap());
+    let sums = |m: &serde_json::Value| -> Vec<String> {
+        m["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["sha256"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(b["complete"], true);
+    assert_eq!(sums(&a), sums(&b), "killed after {shards_at_kill} shards");
+    let (ia, ib) = (inspect_json(&once), inspect_json(&killed));
+    assert_eq!(ia["samples"], 600);
+    assert_eq!(ia["samples"], ib["samples"]);
+    assert_eq!(ia["tokens"], ib["tokens"]);
+    let leftovers: Vec<_> = fs_err::read_dir(&killed)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| !n.starts_with("shard-") && n != "manifest.json")
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }

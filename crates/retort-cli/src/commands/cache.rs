@@ -20,6 +20,8 @@ struct Report {
     temperature: f64,
     codec: String,
     samples: usize,
+    /// Distinct samples (identical conversations share one entry).
+    unique_samples: usize,
     tokens: usize,
     shards: usize,
     bytes: u64,
@@ -56,7 +58,8 @@ pub fn inspect(args: CacheInspectArgs, quiet: bool) -> Result<()> {
         k: m.k,
         temperature: m.temperature,
         codec: m.encoding.codec.to_string(),
-        samples: r.len(),
+        samples: m.shards.iter().map(|s| s.samples).sum(),
+        unique_samples: r.len(),
         tokens,
         shards: m.shards.len(),
         bytes: m.bytes(),
@@ -89,8 +92,15 @@ pub fn inspect(args: CacheInspectArgs, quiet: bool) -> Result<()> {
         &rep.dataset_sha256[..12]
     );
     println!(
-        "k={} T={} codec {}: {} samples, {} tokens, {} bytes = {:.1} bytes/token",
-        rep.k, rep.temperature, rep.codec, rep.samples, rep.tokens, rep.bytes, rep.bytes_per_token
+        "k={} T={} codec {}: {} samples ({} distinct), {} tokens, {} bytes = {:.1} bytes/token",
+        rep.k,
+        rep.temperature,
+        rep.codec,
+        rep.samples,
+        rep.unique_samples,
+        rep.tokens,
+        rep.bytes,
+        rep.bytes_per_token
     );
     if let Some(c) = rep.against {
         println!(

@@ -198,6 +198,12 @@ pub fn label(
         complete: false,
     };
     fs_err::create_dir_all(&opts.out)?;
+    // Temp files of a run that was killed mid-write: never listed, safe to remove.
+    for e in fs_err::read_dir(&opts.out)?.flatten() {
+        if e.file_name().to_string_lossy().contains(".partial-") {
+            fs_err::remove_file(e.path())?;
+        }
+    }
     let mut manifest = if opts.out.join(MANIFEST).exists() {
         let old = Manifest::read(&opts.out)?;
         old.same_settings(&fresh).map_err(|why| {
