@@ -412,6 +412,7 @@ fn inspect_json(dir: &Path) -> serde_json::Value {
 }
 
 #[test]
+#[allow(clippy::zombie_processes)] // the loop below always kills and waits for the child
 fn label_killed_with_sigkill_resumes_with_every_sample_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny(dir.path(), 4);
