@@ -85,6 +85,10 @@ pub struct LabelArgs {
     /// Labelling temperature; stored values are log_softmax(logits / T). Training re-tempers.
     #[arg(long, default_value_t = 1.0, value_name = "T")]
     pub temperature: f64,
+    /// Move entries (after the first) whose probability is below P into the tail bucket:
+    /// smaller caches for a measured, tiny loss of detail (docs/logit-cache.md). 0 keeps all k.
+    #[arg(long, default_value_t = 0.0, value_name = "P")]
+    pub min_prob: f64,
     /// The cache directory; an unfinished cache with the same settings is resumed.
     #[arg(long, short = 'o', value_name = "DIR")]
     pub out: PathBuf,
@@ -138,6 +142,9 @@ pub struct CacheRecodeArgs {
     /// Entries kept per token (at most the source's k).
     #[arg(long, value_name = "K")]
     pub top_k: usize,
+    /// Also move entries (after the first) below this probability into the tail.
+    #[arg(long, default_value_t = 0.0, value_name = "P")]
+    pub min_prob: f64,
     #[arg(long, default_value = "q8", value_parser = ["q8", "f32"])]
     pub codec: String,
     #[arg(long, short = 'o', value_name = "DIR")]

@@ -97,19 +97,19 @@ fn main() {
 
     // Label once into a real cache directory.
     let t0 = Instant::now();
-    let labels = label_batch(&teacher, &refs, 0, k, 1.0, 256).unwrap();
+    let labels = label_batch(&teacher, &refs, 0, k, 1.0, 0.0, 256).unwrap();
     let label_s = t0.elapsed().as_secs_f64();
     let rows: usize = labels.iter().map(|t| t.rows()).sum();
     let dir = tempfile::tempdir().unwrap();
     let mut b = ShardBuilder::default();
     for (i, (s, t)) in samples.iter().zip(&labels).enumerate() {
-        let block = codec::encode(t, Codec::Q8, vocab).unwrap();
+        let (block, raw_len) = codec::encode(t, Codec::Q8, vocab).unwrap();
         let e = Entry {
             key: sample_key(&s.ids, &s.loss_mask),
             sample: i as u32,
             tokens: s.ids.len() as u32,
             rows: t.rows() as u32,
-            raw_len: codec::raw_len(Codec::Q8, vocab, k, s.ids.len(), t.rows()) as u32,
+            raw_len: raw_len as u32,
             offset: 0,
             len: 0,
         };
@@ -139,6 +139,7 @@ fn main() {
         },
         k,
         temperature: 1.0,
+        min_prob: 0.0,
         encoding: Encoding::new(Codec::Q8, vocab),
         shard_samples: batch,
         samples: batch,

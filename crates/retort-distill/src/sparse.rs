@@ -130,7 +130,8 @@ impl Op {
         for (gv, &zv) in g.iter_mut().zip(z) {
             *gv = (zv * inv_t - ms - ls).exp();
         }
-        for &id in ids {
+        let none = crate::cache::codec::NONE;
+        for &id in ids.iter().filter(|&&i| i != none) {
             in_top[id as usize] = true;
         }
         let q_tail: f64 = g
@@ -139,13 +140,16 @@ impl Op {
             .filter(|(_, t)| !**t)
             .map(|(&q, _)| q as f64)
             .sum();
-        for &id in ids {
+        for &id in ids.iter().filter(|&&i| i != none) {
             in_top[id as usize] = false;
         }
         let mut loss = 0f64;
         let mut gc = vec![0f64; k + 1];
         let mut h = 0f64; // Σ_c q_c g_c
         for c in 0..=k {
+            if c < k && ids[c] == none {
+                continue; // an entry dropped at labelling: no outcome
+            }
             let (q, lq) = if c < k {
                 let lq = (z[ids[c] as usize] * inv_t - ms - ls) as f64;
                 (lq.exp(), lq)
@@ -167,7 +171,7 @@ impl Op {
             let sigma = if exact_ce { (zv - m1 - l1).exp() } else { *gv };
             *gv = (ce_w * sigma + kd as f32) * scale;
         }
-        for (c, &id) in ids.iter().enumerate() {
+        for (c, &id) in ids.iter().enumerate().filter(|(_, i)| **i != none) {
             let v = id as usize;
             let qv = ((z[v] * inv_t - ms - ls) as f64).exp();
             let sigma = if exact_ce {
@@ -269,7 +273,11 @@ pub fn sparse_kd_ce(
     scale: f64,
 ) -> Result<FusedLoss> {
     let (rows, vocab) = student.dims2()?;
-    let bad_id = teacher.ids.iter().find(|&&i| i as usize >= vocab);
+    let none = crate::cache::codec::NONE;
+    let bad_id = teacher
+        .ids
+        .iter()
+        .find(|&&i| i != none && i as usize >= vocab);
     if teacher.rows() != rows || targets.dims1()? != rows || bad_id.is_some() {
         return Err(Error::invalid(
             format!(

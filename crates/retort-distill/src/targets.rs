@@ -55,7 +55,15 @@ pub fn for_samples(
             return Ok((None, prov));
         };
         let batch: Vec<&Sample> = missing.iter().map(|&i| samples[i]).collect();
-        let labelled = label_batch(teacher, &batch, pad_id, m.k, m.temperature, chunk_rows)?;
+        let labelled = label_batch(
+            teacher,
+            &batch,
+            pad_id,
+            m.k,
+            m.temperature,
+            m.min_prob,
+            chunk_rows,
+        )?;
         for (&i, t) in missing.iter().zip(labelled) {
             found[i] = Some(t);
         }

@@ -74,6 +74,7 @@ fn opts(fx: &Fx, out: &str, k: usize, codec: Codec) -> LabelOptions {
         out: fx.root.join(out),
         k,
         temperature: 1.0,
+        min_prob: 0.0,
         codec,
         max_len: 24,
         truncation: Truncation::Right,
@@ -196,14 +197,30 @@ fn recoding_to_a_smaller_k_equals_labelling_at_that_k() {
     label_ok(&opts(&fx, "full", fx.vocab, Codec::F32));
     label_ok(&opts(&fx, "k5", 5, Codec::F32));
     let full = Reader::open(&fx.root.join("full"), false).unwrap();
-    recode::recode(&full, 5, Codec::F32, &fx.root.join("full-k5"), "recode").unwrap();
+    recode::recode(
+        &full,
+        5,
+        0.0,
+        Codec::F32,
+        &fx.root.join("full-k5"),
+        "recode",
+    )
+    .unwrap();
     let a = Reader::open(&fx.root.join("k5"), false).unwrap();
     let b = Reader::open(&fx.root.join("full-k5"), false).unwrap();
     let c = recode::compare(&a, &b).unwrap();
     assert_eq!(c.samples, a.len());
     assert!(c.max_kl < 1e-6 && c.top1_agreement == 1.0, "{c:?}");
     // q8 stays close to f32: KL per token well under 1e-3 nats.
-    recode::recode(&full, 5, Codec::Q8, &fx.root.join("full-k5-q8"), "recode").unwrap();
+    recode::recode(
+        &full,
+        5,
+        0.0,
+        Codec::Q8,
+        &fx.root.join("full-k5-q8"),
+        "recode",
+    )
+    .unwrap();
     let q = Reader::open(&fx.root.join("full-k5-q8"), false).unwrap();
     let c = recode::compare(&a, &q).unwrap();
     assert!(c.mean_kl < 1e-3 && c.top1_agreement > 0.95, "{c:?}");

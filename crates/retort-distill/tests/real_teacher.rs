@@ -73,8 +73,7 @@ fn targets(labels: &[TopK], codec_: Codec, vocab: usize) -> SparseTargets {
         logp: Vec::new(),
     };
     for t in labels {
-        let block = codec::encode(t, codec_, vocab).unwrap();
-        let n = codec::raw_len(codec_, vocab, k, t.tokens.len(), t.rows());
+        let (block, n) = codec::encode(t, codec_, vocab).unwrap();
         let d = codec::decode(&block, n, codec_, vocab, k, t.tokens.len(), t.rows()).unwrap();
         out.ids.extend_from_slice(&d.ids);
         out.logp
@@ -129,9 +128,9 @@ fn cached_forward_kl_matches_the_online_teacher() {
         s.kd / n
     };
     let dense = online.kd / n;
-    let full = label_batch(&teacher, &refs, 0, vocab, 1.0, 64).unwrap();
+    let full = label_batch(&teacher, &refs, 0, vocab, 1.0, 0.0, 64).unwrap();
     let f_full = fkl(&full, Codec::F32);
-    let top64 = label_batch(&teacher, &refs, 0, 64, 1.0, 64).unwrap();
+    let top64 = label_batch(&teacher, &refs, 0, 64, 1.0, 0.0, 64).unwrap();
     let (f32_64, q8_64) = (fkl(&top64, Codec::F32), fkl(&top64, Codec::Q8));
     eprintln!(
         "{n} tokens: forward KL online {dense:.5}, cache k=V {f_full:.5}, k=64 f32 {f32_64:.5}, k=64 q8 {q8_64:.5}"

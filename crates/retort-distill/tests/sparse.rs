@@ -191,3 +191,57 @@ fn top_k_forward_kl_is_a_lower_bound_that_tightens_with_k() {
     }
     assert!((prev - dense).abs() < 1e-4);
 }
+
+#[test]
+fn entries_dropped_below_min_prob_equal_a_smaller_k_per_row() {
+    use retort_distill::cache::topk::drop_below;
+    let (n, v, k) = (4, 29, 12);
+    let s0 = randn(21, n, v, 1.5);
+    let t = randn(22, n, v, 2.5);
+    let y = Tensor::new(&[2u32, 7, 0, 28], &Device::Cpu).unwrap();
+    let flat = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let (mut ids, mut logp, mut tail) = top_k_rows(&flat, v, k, 1.0);
+    drop_below(&mut ids, &mut logp, &mut tail, k, 0.02);
+    let kept: Vec<usize> = (0..n)
+        .map(|r| {
+            ids[r * k..(r + 1) * k]
+                .iter()
+                .filter(|&&i| i != u32::MAX)
+                .count()
+        })
+        .collect();
+    assert!(
+        kept.iter().any(|&c| c < k) && kept.iter().all(|&c| c >= 1),
+        "{kept:?}"
+    );
+    for div in ALL {
+        let tg = SparseTargets {
+            k,
+            ids: ids.clone(),
+            logp: coarse_log_probs(&logp, &tail, k, v, 0.5),
+        };
+        let a = Var::from_tensor(&s0).unwrap();
+        let f = sparse_kd_ce(a.as_tensor(), &tg, &y, div, 2.0, 0.7, 1.0).unwrap();
+        let ga = grad_of(&f.loss, &a).to_vec2::<f32>().unwrap();
+        let (mut kd, mut gb) = (0.0, Vec::new());
+        for r in 0..n {
+            let row = t.narrow(0, r, 1).unwrap();
+            let tr = targets(&row, kept[r], 1.0, 2.0);
+            let b = Var::from_tensor(&s0.narrow(0, r, 1).unwrap()).unwrap();
+            let yr = y.narrow(0, r, 1).unwrap();
+            let fr = sparse_kd_ce(b.as_tensor(), &tr, &yr, div, 2.0, 0.7, 1.0).unwrap();
+            kd += fr.kd_sum;
+            gb.push(grad_of(&fr.loss, &b).to_vec2::<f32>().unwrap().remove(0));
+        }
+        assert!(
+            (f.kd_sum - kd).abs() < 1e-4 * kd.abs().max(1.0),
+            "{div}: {} vs {kd}",
+            f.kd_sum
+        );
+        for r in 0..n {
+            for j in 0..v {
+                assert!((ga[r][j] - gb[r][j]).abs() < 1e-5, "{div} [{r},{j}]");
+            }
+        }
+    }
+}

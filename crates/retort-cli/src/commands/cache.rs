@@ -127,6 +127,7 @@ pub fn recode(args: CacheRecodeArgs, quiet: bool) -> Result<()> {
     let m = rc::recode(
         &src,
         args.top_k,
+        args.min_prob,
         args.codec.parse().map_err(anyhow::Error::msg)?,
         &args.out,
         &command,

@@ -75,6 +75,7 @@ pub fn run(args: LabelArgs, quiet: bool) -> Result<()> {
         out: args.out.clone(),
         k: args.top_k,
         temperature: args.temperature,
+        min_prob: args.min_prob,
         codec: args.codec.parse().map_err(anyhow::Error::msg)?,
         max_len: args.max_len,
         truncation,

@@ -7,16 +7,21 @@
 //! | --- | --- | --- |
 //! | tokens `(T)` | u32 | u32 |
 //! | positions `(N)` | u32, delta to the previous (first absolute) | same |
-//! | top-k ids `(N, k)` | u32 | u16 if `vocab ≤ 65536` else u32, byte planes (all low bytes, then the next byte, …) |
+//! | entries per row `(N)` | — | u8 if `k ≤ 255` else u16: `c_r ≤ k`, the entries kept (≥ `min_prob`) |
+//! | top-k ids | u32 `(N, k)` | `(Σ c_r)` u16 if `vocab ≤ 65536` else u32, byte planes (all low bytes, then the next byte, …) |
 //! | top-1 log-prob `(N)` | — | f16 |
-//! | top-k log-probs `(N, k)` | f32 | u8 gaps: `g_i = round((lp_0 − lp_i) / step)` saturated at 255, stored as `g_i − g_{i−1}` (`g_0 = 0` not stored: `(N, k − 1)`) |
+//! | top-k log-probs | f32 `(N, k)` | u8 gaps: `g_i = round((lp_0 − lp_i) / step)` saturated at 255, stored as `g_i − g_{i−1}` (`g_0 = 0` not stored: `(Σ (c_r − 1))`) |
 //! | log tail mass `(N)` | f32 | f16 |
 //!
 //! Ids are ordered by descending log-prob. `lp` are `log_softmax(z / T_label)` of the teacher
 //! logits `z`; the tail is `log(1 − Σ_topk p)`, computed from the logits (not by subtraction),
-//! `-inf` when the top-k holds the whole vocabulary.
+//! `-inf` when the top-k holds the whole vocabulary. Entries dropped under `min_prob` (their mass
+//! added to the tail) end a row as id [`NONE`] with log-prob `-inf`.
 
 use half::f16;
+
+/// The id of an entry that is not there (dropped below `min_prob`); always at the end of a row.
+pub const NONE: u32 = u32::MAX;
 
 /// Per-sample teacher targets, decoded: `positions (N)`, `ids (N, k)`, `logp (N, k)`,
 /// `log_tail (N)`.
@@ -82,8 +87,8 @@ fn put_u32s(out: &mut Vec<u8>, xs: impl IntoIterator<Item = u32>) {
     }
 }
 
-/// Serialize and compress one sample.
-pub fn encode(t: &TopK, codec: Codec, vocab: usize) -> std::io::Result<Vec<u8>> {
+/// Serialize and compress one sample: `(block, raw_len)`.
+pub fn encode(t: &TopK, codec: Codec, vocab: usize) -> std::io::Result<(Vec<u8>, usize)> {
     let (n, k) = (t.rows(), t.k);
     let mut raw = Vec::with_capacity(t.tokens.len() * 4 + n * (4 + k * 8 + 8));
     put_u32s(&mut raw, t.tokens.iter().copied());
@@ -107,14 +112,35 @@ pub fn encode(t: &TopK, codec: Codec, vocab: usize) -> std::io::Result<Vec<u8>> 
             }
         }
         Codec::Q8 => {
+            let count = |r: usize| {
+                t.ids[r * k..(r + 1) * k]
+                    .iter()
+                    .take_while(|&&id| id != NONE)
+                    .count()
+                    .max(1)
+            };
+            let counts: Vec<usize> = (0..n).map(count).collect();
+            for &c in &counts {
+                if k <= 255 {
+                    raw.push(c as u8);
+                } else {
+                    raw.extend_from_slice(&(c as u16).to_le_bytes());
+                }
+            }
             for plane in 0..id_bytes(vocab) {
-                raw.extend(t.ids.iter().map(|&id| (id >> (8 * plane)) as u8));
+                for (r, &c) in counts.iter().enumerate() {
+                    raw.extend(
+                        t.ids[r * k..r * k + c]
+                            .iter()
+                            .map(|&id| (id >> (8 * plane)) as u8),
+                    );
+                }
             }
             for r in 0..n {
                 raw.extend_from_slice(&f16::from_f32(t.logp[r * k]).to_le_bytes());
             }
-            for r in 0..n {
-                let row = &t.logp[r * k..(r + 1) * k];
+            for (r, &c) in counts.iter().enumerate() {
+                let row = &t.logp[r * k..r * k + c];
                 let mut prev = 0u8;
                 for &lp in &row[1..] {
                     let g = ((row[0] - lp) / Q8_STEP).round().clamp(0.0, 255.0) as u8;
@@ -128,7 +154,7 @@ pub fn encode(t: &TopK, codec: Codec, vocab: usize) -> std::io::Result<Vec<u8>> 
             }
         }
     }
-    zstd::bulk::compress(&raw, ZSTD_LEVEL)
+    Ok((zstd::bulk::compress(&raw, ZSTD_LEVEL)?, raw.len()))
 }
 
 struct Cursor<'a> {
@@ -171,7 +197,8 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// Decompress and decode one sample block of `tokens` tokens and `rows` positions.
+/// Decompress and decode one sample block of `tokens` tokens and `rows` positions
+/// (`raw_len` bytes once decompressed, from the shard index).
 #[allow(clippy::too_many_arguments)]
 pub fn decode(
     block: &[u8],
@@ -198,21 +225,37 @@ pub fn decode(
     let (ids, logp, log_tail) = match codec {
         Codec::F32 => (c.u32s(nk)?, c.f32s(nk)?, c.f32s(rows)?),
         Codec::Q8 => {
-            let mut ids = vec![0u32; nk];
+            let counts: Vec<usize> = if k <= 255 {
+                c.take(rows)?.iter().map(|&x| x as usize).collect()
+            } else {
+                c.take(rows * 2)?
+                    .chunks_exact(2)
+                    .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+                    .collect()
+            };
+            if let Some(&bad) = counts.iter().find(|&&x| x == 0 || x > k) {
+                return Err(format!("a row claims {bad} entries (k = {k})"));
+            }
+            let kept: usize = counts.iter().sum();
+            let mut packed = vec![0u32; kept];
             for plane in 0..id_bytes(vocab) {
-                for (id, &b) in ids.iter_mut().zip(c.take(nk)?) {
+                for (id, &b) in packed.iter_mut().zip(c.take(kept)?) {
                     *id |= (b as u32) << (8 * plane);
                 }
             }
             let top = c.f16s(rows)?;
-            let gaps = c.take(rows * (k - 1))?;
-            let mut logp = Vec::with_capacity(nk);
-            for (r, &lp0) in top.iter().enumerate() {
-                logp.push(lp0);
+            let gaps = c.take(kept - rows)?;
+            let (mut ids, mut logp) = (vec![NONE; nk], vec![f32::NEG_INFINITY; nk]);
+            let (mut at_id, mut at_gap) = (0, 0);
+            for (r, (&lp0, &cr)) in top.iter().zip(&counts).enumerate() {
+                ids[r * k..r * k + cr].copy_from_slice(&packed[at_id..at_id + cr]);
+                at_id += cr;
+                logp[r * k] = lp0;
                 let mut g = 0u32;
-                for &d in &gaps[r * (k - 1)..(r + 1) * (k - 1)] {
-                    g += d as u32;
-                    logp.push(lp0 - g as f32 * Q8_STEP);
+                for i in 1..cr {
+                    g += gaps[at_gap] as u32;
+                    at_gap += 1;
+                    logp[r * k + i] = lp0 - g as f32 * Q8_STEP;
                 }
             }
             (ids, logp, c.f16s(rows)?)
@@ -224,7 +267,7 @@ pub fn decode(
             raw.len() - c.at
         ));
     }
-    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+    if let Some(&bad) = ids.iter().find(|&&i| i != NONE && i as usize >= vocab) {
         return Err(format!(
             "token id {bad} is outside the vocabulary ({vocab})"
         ));
@@ -239,15 +282,6 @@ pub fn decode(
     })
 }
 
-/// Uncompressed size of a block, needed to decode it.
-pub fn raw_len(codec: Codec, vocab: usize, k: usize, tokens: usize, rows: usize) -> usize {
-    let base = tokens * 4 + rows * 4;
-    match codec {
-        Codec::F32 => base + rows * k * 8 + rows * 4,
-        Codec::Q8 => base + rows * k * id_bytes(vocab) + rows * 2 + rows * (k - 1) + rows * 2,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,7 +293,7 @@ mod tests {
         for r in 0..n {
             for i in 0..k {
                 ids.push((r as u32 * 7919 + i as u32 * 104_729) % vocab);
-                logp.push(-0.1 - 0.37 * i as f32 - r as f32 * 0.01);
+                logp.push(-0.1 - 0.37 * 8.0 * i as f32 / k as f32 - r as f32 * 0.01);
             }
         }
         TopK {
@@ -276,8 +310,7 @@ mod tests {
     fn f32_round_trips_exactly() {
         for vocab in [50_000u32, 150_000] {
             let t = sample(8, vocab);
-            let b = encode(&t, Codec::F32, vocab as usize).unwrap();
-            let n = raw_len(Codec::F32, vocab as usize, 8, 12, 5);
+            let (b, n) = encode(&t, Codec::F32, vocab as usize).unwrap();
             assert_eq!(
                 decode(&b, n, Codec::F32, vocab as usize, 8, 12, 5).unwrap(),
                 t
@@ -289,8 +322,7 @@ mod tests {
     fn q8_round_trips_ids_exactly_and_log_probs_within_half_a_step() {
         for vocab in [50_000u32, 150_000] {
             let t = sample(8, vocab);
-            let b = encode(&t, Codec::Q8, vocab as usize).unwrap();
-            let n = raw_len(Codec::Q8, vocab as usize, 8, 12, 5);
+            let (b, n) = encode(&t, Codec::Q8, vocab as usize).unwrap();
             let d = decode(&b, n, Codec::Q8, vocab as usize, 8, 12, 5).unwrap();
             assert_eq!(
                 (&d.ids, &d.positions, &d.tokens),
@@ -306,10 +338,33 @@ mod tests {
     }
 
     #[test]
+    fn rows_with_dropped_entries_round_trip() {
+        for k in [8, 300] {
+            let mut t = sample(k, 50_000);
+            for r in 0..5 {
+                for i in (k - r * (k / 8))..k {
+                    t.ids[r * k + i] = NONE;
+                    t.logp[r * k + i] = f32::NEG_INFINITY;
+                }
+            }
+            for codec in [Codec::Q8, Codec::F32] {
+                let (b, n) = encode(&t, codec, 50_000).unwrap();
+                let d = decode(&b, n, codec, 50_000, k, 12, 5).unwrap();
+                assert_eq!(d.ids, t.ids, "{codec} k={k}");
+                for (a, b) in d.logp.iter().zip(&t.logp) {
+                    assert!(
+                        a == b || (a - b).abs() <= Q8_STEP / 2.0 + 1e-2,
+                        "{a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn corrupt_blocks_are_errors() {
         let t = sample(4, 50_000);
-        let b = encode(&t, Codec::Q8, 50_000).unwrap();
-        let n = raw_len(Codec::Q8, 50_000, 4, 12, 5);
+        let (b, n) = encode(&t, Codec::Q8, 50_000).unwrap();
         assert!(decode(&b[..b.len() / 2], n, Codec::Q8, 50_000, 4, 12, 5).is_err());
         assert!(decode(&b, n, Codec::Q8, 50_000, 4, 12, 6).is_err());
         assert!(decode(&b, n, Codec::Q8, 1000, 4, 12, 5).is_err()); // ids out of range

@@ -22,7 +22,7 @@ use super::manifest::{
     write_atomic,
 };
 use super::shard::{Entry, ShardBuilder, sample_key, shard_name};
-use super::topk::top_k_rows;
+use super::topk::{drop_below, top_k_rows};
 use crate::batch::{self, Sample, Truncation};
 use crate::error::{Error, Result};
 use crate::objective;
@@ -35,6 +35,8 @@ pub struct LabelOptions {
     pub out: PathBuf,
     pub k: usize,
     pub temperature: f64,
+    /// Entries (after the first) below this probability join the tail (0 = keep all k).
+    pub min_prob: f64,
     pub codec: Codec,
     pub max_len: usize,
     pub truncation: Truncation,
@@ -89,6 +91,7 @@ pub fn label_batch(
     pad_id: u32,
     k: usize,
     temperature: f64,
+    min_prob: f64,
     chunk_rows: usize,
 ) -> Result<Vec<TopK>> {
     let device = teacher.device();
@@ -108,7 +111,8 @@ pub fn label_batch(
             let len = chunk_rows.max(1).min(n - start);
             let logits: Tensor = teacher.lm_head(&h.narrow(0, start, len)?)?; // (len, V)
             let flat = logits.flatten_all()?.to_vec1::<f32>()?;
-            let (i, l, t) = top_k_rows(&flat, vocab, k, temperature);
+            let (mut i, mut l, mut t) = top_k_rows(&flat, vocab, k, temperature);
+            drop_below(&mut i, &mut l, &mut t, k, min_prob);
             ids.extend(i);
             logp.extend(l);
             tail.extend(t);
@@ -148,13 +152,18 @@ pub fn label(
     obs: &mut dyn LabelObserver,
 ) -> Result<LabelReport> {
     let t0 = Instant::now();
-    if opts.k == 0 || opts.shard_samples == 0 || opts.temperature <= 0.0 {
+    if opts.k == 0
+        || opts.shard_samples == 0
+        || opts.temperature <= 0.0
+        || !(0.0..1.0).contains(&opts.min_prob)
+    {
         return Err(Error::invalid(
             format!(
-                "--top-k {}, --shard-samples {}, --temperature {}",
-                opts.k, opts.shard_samples, opts.temperature
+                "--top-k {}, --shard-samples {}, --temperature {}, --min-prob {}",
+                opts.k, opts.shard_samples, opts.temperature, opts.min_prob
             ),
-            "top-k and shard-samples must be at least 1 and the temperature positive",
+            "top-k and shard-samples must be at least 1, the temperature positive, and \
+             min-prob in [0, 1)",
         ));
     }
     let ck = checkpoint::read(&opts.teacher, &candle_core::Device::Cpu)?;
@@ -191,6 +200,7 @@ pub fn label(
         },
         k,
         temperature: opts.temperature,
+        min_prob: opts.min_prob,
         encoding: Encoding::new(opts.codec, vocab),
         shard_samples: opts.shard_samples,
         samples: samples.len(),
@@ -256,6 +266,7 @@ pub fn label(
                 pad_id,
                 k,
                 opts.temperature,
+                opts.min_prob,
                 opts.chunk_rows,
             )?;
             let rows: usize = out.iter().map(TopK::rows).sum();
@@ -278,14 +289,14 @@ pub fn label(
                 ));
             };
             let s = &samples[first + j];
-            let block = codec::encode(&t, opts.codec, vocab)?;
+            let (block, raw_len) = codec::encode(&t, opts.codec, vocab)?;
             rows += t.rows();
             let e = Entry {
                 key: sample_key(&s.ids, &s.loss_mask),
                 sample: (first + j) as u32,
                 tokens: t.tokens.len() as u32,
                 rows: t.rows() as u32,
-                raw_len: codec::raw_len(opts.codec, vocab, k, t.tokens.len(), t.rows()) as u32,
+                raw_len: raw_len as u32,
                 offset: 0,
                 len: 0,
             };

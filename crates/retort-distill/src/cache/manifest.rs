@@ -100,6 +100,9 @@ pub struct Manifest {
     pub dataset: DatasetInfo,
     pub k: usize,
     pub temperature: f64,
+    /// Entries (after the first) below this probability were moved into the tail (0 = none).
+    #[serde(default)]
+    pub min_prob: f64,
     pub encoding: Encoding,
     /// Samples per shard.
     pub shard_samples: usize,
@@ -113,7 +116,12 @@ pub struct Manifest {
 impl Manifest {
     /// The settings that must match for `retort label` to resume into an existing cache.
     pub fn same_settings(&self, o: &Manifest) -> std::result::Result<(), String> {
-        let checks: [(&str, String, String); 8] = [
+        let checks: [(&str, String, String); 9] = [
+            (
+                "min_prob",
+                self.min_prob.to_string(),
+                o.min_prob.to_string(),
+            ),
             (
                 "teacher",
                 self.teacher.sha256.clone(),

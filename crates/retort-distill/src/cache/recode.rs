@@ -10,7 +10,7 @@ use super::codec::{self, Codec, TopK};
 use super::manifest::{Encoding, Manifest, ShardInfo, write_atomic};
 use super::reader::Reader;
 use super::shard::{Entry, ShardBuilder, shard_name};
-use super::topk::coarse_log_probs;
+use super::topk::{coarse_log_probs, drop_below};
 use crate::error::{Error, Result};
 
 /// The top `k` of each row of `t` (`k ≤ t.k`); dropped entries are added to the tail.
@@ -41,8 +41,16 @@ pub fn truncate(t: &TopK, k: usize) -> TopK {
     out
 }
 
-/// Write `src` again into `out` with `k` entries per row in `codec`.
-pub fn recode(src: &Reader, k: usize, codec: Codec, out: &Path, command: &str) -> Result<Manifest> {
+/// Write `src` again into `out` with `k` entries per row in `codec`, moving entries below
+/// `min_prob` into the tail.
+pub fn recode(
+    src: &Reader,
+    k: usize,
+    min_prob: f64,
+    codec: Codec,
+    out: &Path,
+    command: &str,
+) -> Result<Manifest> {
     let m0 = &src.manifest;
     if k == 0 || k > m0.k {
         return Err(Error::invalid(
@@ -60,6 +68,7 @@ pub fn recode(src: &Reader, k: usize, codec: Codec, out: &Path, command: &str) -
     let vocab = m0.teacher.vocab_size;
     let mut m = m0.clone();
     m.k = k;
+    m.min_prob = m0.min_prob.max(min_prob);
     m.encoding = Encoding::new(codec, vocab);
     m.command = command.to_string();
     m.shards.clear();
@@ -68,11 +77,12 @@ pub fn recode(src: &Reader, k: usize, codec: Codec, out: &Path, command: &str) -
         let mut b = ShardBuilder::default();
         let mut rows = 0;
         for (e, t) in src.shard_entries(si)? {
-            let t = truncate(&t, k);
+            let mut t = truncate(&t, k);
+            drop_below(&mut t.ids, &mut t.logp, &mut t.log_tail, k, min_prob);
             rows += t.rows();
-            let block = codec::encode(&t, codec, vocab)?;
+            let (block, raw_len) = codec::encode(&t, codec, vocab)?;
             let e = Entry {
-                raw_len: codec::raw_len(codec, vocab, k, t.tokens.len(), t.rows()) as u32,
+                raw_len: raw_len as u32,
                 ..e
             };
             b.push(e, &block);
@@ -141,9 +151,16 @@ pub fn compare(a: &Reader, b: &Reader) -> Result<Comparison> {
                     })
                     .collect();
                 // Outcomes of a missing from b's top-k are in b's tail; split it evenly.
-                let missing = lb.iter().filter(|x| x.is_none()).count();
+                let missing = lb
+                    .iter()
+                    .zip(&ta.ids[r * k..(r + 1) * k])
+                    .filter(|(x, id)| x.is_none() && **id != codec::NONE)
+                    .count();
                 for (i, l) in lb.iter().enumerate() {
                     let la = pa[r * (k + 1) + i] as f64;
+                    if la == f64::NEG_INFINITY {
+                        continue; // an entry dropped at labelling
+                    }
                     let lbv = match l {
                         Some(v) => *v,
                         None => {

@@ -108,6 +108,42 @@ pub fn top_k_rows(
     (ids, logp, tail)
 }
 
+/// Drop entries (after the first) whose probability is below `min_prob` from rows of
+/// `(ids (N, k), logp (N, k), log_tail (N))`: their mass joins the tail, their slots become
+/// [`super::codec::NONE`] with log-prob `-inf`. Rows are sorted, so the dropped ones end a row.
+pub fn drop_below(
+    ids: &mut [u32],
+    logp: &mut [f32],
+    log_tail: &mut [f32],
+    k: usize,
+    min_prob: f64,
+) {
+    if min_prob <= 0.0 {
+        return;
+    }
+    let cut = min_prob.ln() as f32;
+    for (r, tail) in log_tail.iter_mut().enumerate() {
+        let mut mass = if *tail == f32::NEG_INFINITY {
+            0.0
+        } else {
+            (*tail as f64).exp()
+        };
+        let mut changed = false;
+        for i in 1..k {
+            let j = r * k + i;
+            if ids[j] != super::codec::NONE && logp[j] < cut {
+                mass += (logp[j] as f64).exp();
+                ids[j] = super::codec::NONE;
+                logp[j] = f32::NEG_INFINITY;
+                changed = true;
+            }
+        }
+        if changed {
+            *tail = mass.ln() as f32;
+        }
+    }
+}
+
 /// Normalised log-probs of the `k + 1` outcomes (top-k, then the tail bucket) at the training
 /// temperature: `(N, k + 1)`. `ratio = T_label / T_train`.
 pub fn coarse_log_probs(
@@ -119,12 +155,15 @@ pub fn coarse_log_probs(
 ) -> Vec<f32> {
     let rows = log_tail.len();
     let mut out = Vec::with_capacity(rows * (k + 1));
-    let rest = vocab.saturating_sub(k) as f64;
     let mut a = vec![0f64; k + 1];
     for r in 0..rows {
-        for i in 0..k {
-            a[i] = ratio * logp[r * k + i] as f64;
+        let row = &logp[r * k..(r + 1) * k];
+        for (ai, &lp) in a.iter_mut().zip(row) {
+            *ai = ratio * lp as f64;
         }
+        // Tokens in the tail: all but the stored entries (dropped ones, `-inf`, are in it).
+        let kept = row.iter().filter(|&&lp| lp > f32::NEG_INFINITY).count();
+        let rest = vocab.saturating_sub(kept) as f64;
         let lt = log_tail[r] as f64;
         a[k] = if rest == 0.0 || lt == f64::NEG_INFINITY {
             f64::NEG_INFINITY
@@ -156,6 +195,19 @@ mod tests {
         // k = V: no tail.
         let (_, _, tail) = top_k_rows(&z, 7, 7, 2.0);
         assert_eq!(tail[0], f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn dropped_entries_join_the_tail() {
+        let z = [3.0f32, 2.0, 0.0, -1.0, -3.0, -6.0];
+        let (mut ids, mut logp, mut tail) = top_k_rows(&z, 6, 4, 1.0);
+        let before: f64 =
+            logp.iter().map(|x| (*x as f64).exp()).sum::<f64>() + (tail[0] as f64).exp();
+        drop_below(&mut ids, &mut logp, &mut tail, 4, 0.03);
+        assert_eq!(ids, [0, 1, 2, super::super::codec::NONE]); // p(-1) ≈ 0.012 < 0.03
+        let after: f64 =
+            logp.iter().map(|x| (*x as f64).exp()).sum::<f64>() + (tail[0] as f64).exp();
+        assert!((before - after).abs() < 1e-6 && (after - 1.0).abs() < 1e-5);
     }
 
     #[test]
