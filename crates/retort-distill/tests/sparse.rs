@@ -224,9 +224,9 @@ fn entries_dropped_below_min_prob_equal_a_smaller_k_per_row() {
         let f = sparse_kd_ce(a.as_tensor(), &tg, &y, div, 2.0, 0.7, 1.0).unwrap();
         let ga = grad_of(&f.loss, &a).to_vec2::<f32>().unwrap();
         let (mut kd, mut gb) = (0.0, Vec::new());
-        for r in 0..n {
+        for (r, &kr) in kept.iter().enumerate() {
             let row = t.narrow(0, r, 1).unwrap();
-            let tr = targets(&row, kept[r], 1.0, 2.0);
+            let tr = targets(&row, kr, 1.0, 2.0);
             let b = Var::from_tensor(&s0.narrow(0, r, 1).unwrap()).unwrap();
             let yr = y.narrow(0, r, 1).unwrap();
             let fr = sparse_kd_ce(b.as_tensor(), &tr, &yr, div, 2.0, 0.7, 1.0).unwrap();
