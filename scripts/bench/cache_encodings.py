@@ -22,30 +22,13 @@ idb = 2 if (codec == "q8" and vocab <= 65536) else 4
 dz = zstandard.ZstdDecompressor()
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reference"))
+from read_logit_cache import read_cache  # noqa: E402
+
+
 def samples():
-    for s in m["shards"]:
-        b = (d / s["file"]).read_bytes()
-        io, n = struct.unpack_from("<QQ", b, len(b) - 24)
-        for i in range(n):
-            key, smp, T, R, raw, off, ln = struct.unpack_from("<16sIIIIQQ", b, io + 48 * i)
-            r = dz.decompress(b[off:off + ln], max_output_size=raw)
-            at = T * 4 + R * 4
-            if codec == "q8":
-                planes = [np.frombuffer(r, np.uint8, R * k, at + j * R * k) for j in range(idb)]
-                ids = sum(pl.astype(np.uint32) << (8 * j) for j, pl in enumerate(planes))
-                at += idb * R * k
-                top = np.frombuffer(r, np.float16, R, at).astype(np.float32); at += 2 * R
-                gd = np.frombuffer(r, np.uint8, R * (k - 1), at).reshape(R, k - 1); at += R * (k - 1)
-                g = np.concatenate([np.zeros((R, 1)), np.cumsum(gd, 1)], 1)
-                lp = top[:, None] - g / 16.0
-                tail = np.frombuffer(r, np.float16, R, at).astype(np.float32)
-            else:
-                ids = np.frombuffer(r, np.uint32, R * k, at); at += 4 * R * k
-                lp = np.frombuffer(r, np.float32, R * k, at).reshape(R, k); at += 4 * R * k
-                tail = np.frombuffer(r, np.float32, R, at)
-            toks = np.frombuffer(r, np.uint32, T, 0)
-            pos = np.frombuffer(r, np.uint32, R, T * 4)
-            yield toks, pos, ids.reshape(R, k), lp, tail
+    for s_, _ in read_cache(d):
+        yield s_["tokens"], s_["positions"], s_["ids"], s_["logp"], s_["log_tail"]
 
 
 cz = zstandard.ZstdCompressor(level=a.level)

@@ -48,14 +48,23 @@ def read_cache(d: Path):
                 ids = take("<u4", R * k).reshape(R, k)
                 logp = take("<f4", R * k).reshape(R, k)
                 log_tail = take("<f4", R)
-            else:  # q8
+            else:  # q8: rows keep c_r <= k entries; the rest are id NONE, log-prob -inf
+                counts = (take("u1", R) if k <= 255 else take("<u2", R)).astype(np.int64)
+                kept = int(counts.sum())
                 nb = np.dtype(id_dtype).itemsize
-                planes = [take("u1", R * k).astype(np.uint32) << (8 * j) for j in range(nb)]
-                ids = sum(planes).reshape(R, k)
+                packed = sum(take("u1", kept).astype(np.uint32) << (8 * j) for j in range(nb))
                 top = take("<f2", R).astype(np.float32)
-                gaps = np.cumsum(take("u1", R * (k - 1)).reshape(R, k - 1), axis=1)
-                step = 1.0 / 16.0
-                logp = np.concatenate([top[:, None], top[:, None] - gaps * step], axis=1)
+                gaps = take("u1", kept - R)
+                ids = np.full((R, k), 0xFFFFFFFF, np.uint32)
+                logp = np.full((R, k), -np.inf, np.float32)
+                at_id = at_gap = 0
+                for r in range(R):
+                    c = counts[r]
+                    ids[r, :c] = packed[at_id:at_id + c]
+                    at_id += c
+                    g = np.concatenate([[0], np.cumsum(gaps[at_gap:at_gap + c - 1])])
+                    at_gap += c - 1
+                    logp[r, :c] = top[r] - g / 16.0
                 log_tail = take("<f2", R).astype(np.float32)
             assert at == len(raw), "bytes left over"
             yield dict(sample=sample, key=key.hex(), tokens=tokens, positions=positions,
