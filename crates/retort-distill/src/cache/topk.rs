@@ -10,8 +10,8 @@
 //!
 //! **Re-tempering.** Stored values are `log_softmax(z / T_label)`. Training at `T` needs
 //! `log_softmax(z / T) = (T_label / T)·lp + const` on the top-k, which is exact; for the tail the
-//! individual logits are unknown, so it is treated as spread evenly over its `V − k` tokens
-//! (`V − k` tokens of log-prob `log(tail / (V − k))` each), then tempered the same way and
+//! individual logits are unknown, so it is treated as spread evenly over its `V − c` tokens
+//! (`c` the entries stored in the row; `V − c` tokens of log-prob `log(tail / (V − c))` each), then tempered the same way and
 //! everything renormalised. At `T = T_label` nothing changes; with `k = V` there is no tail.
 
 /// `(max·inv_t, log Σ exp(x·inv_t − max·inv_t))`.
