@@ -189,6 +189,23 @@ fn training_from_a_full_vocabulary_cache_equals_the_online_teacher() {
         c.iter()
             .any(|r| r["kind"] == "train" && r["kd"].as_f64().is_some())
     );
+    // Held-out data that is not in the cache: NLL only, no KD metric, no error.
+    let other = fx.root.join("other.jsonl");
+    write_data(&other, 6, 77);
+    let text = fs_err::read_to_string(&cache_only).unwrap().replace(
+        "method = \"kd\"",
+        &format!("eval_data = \"{}\"\nmethod = \"kd\"", other.display()),
+    );
+    fs_err::write(&cache_only, text).unwrap();
+    let c = train_records(&cache_only, &fx.root.join("run-cache-only-eval"));
+    let evals: Vec<_> = c.iter().filter(|r| r["kind"] == "eval").collect();
+    assert!(!evals.is_empty());
+    for e in evals {
+        assert!(
+            e["nll"].as_f64().is_some_and(f64::is_finite) && e["kd"].is_null(),
+            "{e}"
+        );
+    }
 }
 
 #[test]
