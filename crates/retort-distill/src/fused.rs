@@ -39,7 +39,7 @@ struct Op {
 }
 
 /// log Σ exp(x·k) computed stably, returning (max·k, lse) so that log softmax = x·k − max − lse.
-fn row_stats(x: &[f32], k: f32) -> (f32, f32) {
+pub(crate) fn row_stats(x: &[f32], k: f32) -> (f32, f32) {
     let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * k;
     let sum: f32 = x.iter().map(|&v| (v * k - max).exp()).sum();
     (max, sum.ln())

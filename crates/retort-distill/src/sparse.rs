@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 use crate::error::{Error, Result};
-use crate::fused::FusedLoss;
+use crate::fused::{FusedLoss, row_stats};
 use crate::loss::Divergence;
 
 /// Teacher targets of `N` rows: `ids (N, k)` and normalised coarse log-probs `(N, k + 1)` at the
@@ -102,12 +102,6 @@ struct Op {
     scale: f32,
     grad: Mutex<Option<Vec<f32>>>,
     sums: Arc<Mutex<(f64, f64)>>,
-}
-
-fn row_stats(x: &[f32], k: f32) -> (f32, f32) {
-    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * k;
-    let sum: f32 = x.iter().map(|&v| (v * k - max).exp()).sum();
-    (max, sum.ln())
 }
 
 impl Op {

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::adamw::AdamW;
+use crate::atomic::write_atomic;
 use crate::batch::{self, Sample};
 use crate::error::{Error, Result};
 use crate::grads::Grads;
@@ -135,17 +136,6 @@ pub enum Outcome {
     Finished(PathBuf),
     /// Stopped early with this checkpoint; resume with `--resume`.
     Interrupted(PathBuf),
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    {
-        let mut f = fs_err::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    fs_err::rename(&tmp, path)?;
-    Ok(())
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

@@ -137,13 +137,6 @@ pub fn label_batch(
     Ok(out)
 }
 
-fn file_sha256(path: &std::path::Path) -> Result<String> {
-    let mut f = fs_err::File::open(path)?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h)?;
-    Ok(hex::encode(h.finalize()))
-}
-
 /// Label `opts.data` into `opts.out`, resuming a cache left unfinished with the same settings.
 /// Stops between batches when `stop` is set, keeping every finished shard.
 pub fn label(
@@ -173,11 +166,6 @@ pub fn label(
     let (samples, _) = batch::tokenize(&ds, tok, opts.max_len, opts.truncation)?;
     let vocab = teacher.config().vocab_size;
     let k = opts.k.min(vocab);
-    let weights = if opts.teacher.is_dir() {
-        opts.teacher.join("model.safetensors")
-    } else {
-        opts.teacher.clone()
-    };
     let fresh = Manifest {
         format: FORMAT_NAME.into(),
         format_version: FORMAT_VERSION,
@@ -185,7 +173,7 @@ pub fn label(
         command: opts.command.clone(),
         teacher: TeacherInfo {
             path: opts.teacher.clone(),
-            sha256: file_sha256(&weights)?,
+            sha256: crate::setup::weights_sha256(&opts.teacher)?,
             arch: format!("{:?}", ck.config.arch).to_lowercase(),
             vocab_size: vocab,
         },

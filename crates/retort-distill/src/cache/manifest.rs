@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::codec::Codec;
+pub use crate::atomic::write_atomic;
 use crate::batch::Truncation;
 use crate::error::{Error, Result};
 
@@ -208,17 +209,4 @@ impl Manifest {
             .map_err(|e| Error::invalid(e.to_string(), "this is a bug in retort"))?;
         write_atomic(&dir.join(MANIFEST), text.as_bytes())
     }
-}
-
-/// Write `bytes` to `path` through a synced temp file and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension(format!("partial-{}", std::process::id()));
-    {
-        let mut f = fs_err::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    fs_err::rename(&tmp, path)?;
-    Ok(())
 }

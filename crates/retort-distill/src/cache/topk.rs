@@ -11,15 +11,10 @@
 //! **Re-tempering.** Stored values are `log_softmax(z / T_label)`. Training at `T` needs
 //! `log_softmax(z / T) = (T_label / T)·lp + const` on the top-k, which is exact; for the tail the
 //! individual logits are unknown, so it is treated as spread evenly over its `V − c` tokens
-//! (`c` the entries stored in the row; `V − c` tokens of log-prob `log(tail / (V − c))` each), then tempered the same way and
-//! everything renormalised. At `T = T_label` nothing changes; with `k = V` there is no tail.
+//! (`c` the entries stored in the row; each of log-prob `log(tail / (V − c))`), then tempered
+//! the same way and everything renormalised. At `T = T_label` nothing changes; with `k = V` there is no tail.
 
-/// `(max·inv_t, log Σ exp(x·inv_t − max·inv_t))`.
-fn row_stats(x: &[f32], inv_t: f32) -> (f32, f32) {
-    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * inv_t;
-    let sum: f32 = x.iter().map(|&v| (v * inv_t - max).exp()).sum();
-    (max, sum.ln())
-}
+use crate::fused::row_stats;
 
 /// Top-k of one row of logits at temperature `1 / inv_t`: writes ids and log-probs (descending,
 /// ties by lower id) and returns the log tail mass. `order` and `in_top` are scratch.
