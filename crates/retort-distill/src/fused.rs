@@ -104,31 +104,9 @@ impl CustomOp1 for Op {
         };
         let z = &z[a..b];
         let v = self.vocab;
-        let mut grad = vec![0f32; self.rows * v];
-        let threads = candle_core::utils::get_num_threads().max(1);
-        let rows_per = self.rows.div_ceil(threads).max(1);
-        let (ce, kd) = std::thread::scope(|sc| {
-            let handles: Vec<_> = grad
-                .chunks_mut(rows_per * v)
-                .enumerate()
-                .map(|(c, g)| {
-                    sc.spawn(move || {
-                        let (mut ce, mut kd) = (0f64, 0f64);
-                        for (j, gr) in g.chunks_mut(v).enumerate() {
-                            let r = c * rows_per + j;
-                            let t = self.teacher.as_ref().map(|t| &t[r * v..(r + 1) * v]);
-                            let (c1, k1) = self.row(&z[r * v..(r + 1) * v], t, self.targets[r], gr);
-                            ce += c1;
-                            kd += k1;
-                        }
-                        (ce, kd)
-                    })
-                })
-                .collect();
-            handles.into_iter().fold((0f64, 0f64), |(a, b), h| {
-                let (c, k) = h.join().unwrap_or((f64::NAN, f64::NAN));
-                (a + c, b + k)
-            })
+        let (grad, ce, kd) = rows_in_parallel(z, self.rows, v, |r, zr, gr, _| {
+            let t = self.teacher.as_ref().map(|t| &t[r * v..(r + 1) * v]);
+            self.row(zr, t, self.targets[r], gr)
         });
         let alpha = self.alpha as f64;
         let loss = ((1.0 - alpha) * ce + alpha * kd) * self.scale as f64;
@@ -147,19 +125,69 @@ impl CustomOp1 for Op {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let g = self
-            .grad
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("fused loss: poisoned".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("fused loss: backward ran twice".into()))?;
-        let g = Tensor::from_vec(g, arg.shape(), arg.device())?;
-        // The incoming gradient is a scalar, 1 when this loss is what backward started from.
-        let k = grad_res
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
-        Ok(Some(if k == 1.0 { g } else { g.affine(k, 0.0)? }))
+        stored_grad(&self.grad, arg, grad_res)
     }
+}
+
+/// Run `row(r, z_r, g_r, scratch) → (ce, kd)` over the rows of `z (rows, vocab)` on candle's
+/// threads, each row writing its gradient into `g_r`; `scratch` is a per-thread `vocab`-long
+/// buffer of `false` that `row` must leave as it found it. Returns the gradient and the sums.
+pub(crate) fn rows_in_parallel<F>(
+    z: &[f32],
+    rows: usize,
+    vocab: usize,
+    row: F,
+) -> (Vec<f32>, f64, f64)
+where
+    F: Fn(usize, &[f32], &mut [f32], &mut [bool]) -> (f64, f64) + Sync,
+{
+    let mut grad = vec![0f32; rows * vocab];
+    let threads = candle_core::utils::get_num_threads().max(1);
+    let per = rows.div_ceil(threads).max(1);
+    let row = &row;
+    let (ce, kd) = std::thread::scope(|sc| {
+        let handles: Vec<_> = grad
+            .chunks_mut(per * vocab)
+            .enumerate()
+            .map(|(c, g)| {
+                sc.spawn(move || {
+                    let mut scratch = vec![false; vocab];
+                    let (mut ce, mut kd) = (0f64, 0f64);
+                    for (j, gr) in g.chunks_mut(vocab).enumerate() {
+                        let r = c * per + j;
+                        let (c1, k1) = row(r, &z[r * vocab..(r + 1) * vocab], gr, &mut scratch);
+                        ce += c1;
+                        kd += k1;
+                    }
+                    (ce, kd)
+                })
+            })
+            .collect();
+        handles.into_iter().fold((0f64, 0f64), |(a, b), h| {
+            let (c, k) = h.join().unwrap_or((f64::NAN, f64::NAN));
+            (a + c, b + k)
+        })
+    });
+    (grad, ce, kd)
+}
+
+/// Backward of a loss whose gradient was computed in its forward pass and kept in `slot`.
+pub(crate) fn stored_grad(
+    slot: &Mutex<Option<Vec<f32>>>,
+    arg: &Tensor,
+    grad_res: &Tensor,
+) -> candle_core::Result<Option<Tensor>> {
+    let g = slot
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("fused loss: poisoned".into()))?
+        .take()
+        .ok_or_else(|| candle_core::Error::Msg("fused loss: backward ran twice".into()))?;
+    let g = Tensor::from_vec(g, arg.shape(), arg.device())?;
+    // The incoming gradient is a scalar, 1 when this loss is what backward started from.
+    let k = grad_res
+        .to_dtype(candle_core::DType::F64)?
+        .to_scalar::<f64>()?;
+    Ok(Some(if k == 1.0 { g } else { g.affine(k, 0.0)? }))
 }
 
 /// `scale · [(1 − α)·Σ CE + α·Σ T²·KL(p_t‖p_s)]` over rows of `student (N, V)` against

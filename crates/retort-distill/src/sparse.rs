@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 use crate::error::{Error, Result};
-use crate::fused::{FusedLoss, row_stats};
+use crate::fused::{FusedLoss, row_stats, rows_in_parallel, stored_grad};
 use crate::loss::Divergence;
 
 /// Teacher targets of `N` rows: `ids (N, k)` and normalised coarse log-probs `(N, k + 1)` at the
@@ -197,32 +197,8 @@ impl CustomOp1 for Op {
             candle_core::bail!("sparse loss: student logits must be contiguous");
         };
         let z = &z[a..b];
-        let v = self.vocab;
-        let mut grad = vec![0f32; self.rows * v];
-        let threads = candle_core::utils::get_num_threads().max(1);
-        let per = self.rows.div_ceil(threads).max(1);
-        let (ce, kd) = std::thread::scope(|sc| {
-            let handles: Vec<_> = grad
-                .chunks_mut(per * v)
-                .enumerate()
-                .map(|(c, g)| {
-                    sc.spawn(move || {
-                        let mut in_top = vec![false; v];
-                        let (mut ce, mut kd) = (0f64, 0f64);
-                        for (j, gr) in g.chunks_mut(v).enumerate() {
-                            let r = c * per + j;
-                            let (c1, k1) = self.row(r, &z[r * v..(r + 1) * v], gr, &mut in_top);
-                            ce += c1;
-                            kd += k1;
-                        }
-                        (ce, kd)
-                    })
-                })
-                .collect();
-            handles.into_iter().fold((0f64, 0f64), |(a, b), h| {
-                let (c, k) = h.join().unwrap_or((f64::NAN, f64::NAN));
-                (a + c, b + k)
-            })
+        let (grad, ce, kd) = rows_in_parallel(z, self.rows, self.vocab, |r, zr, gr, in_top| {
+            self.row(r, zr, gr, in_top)
         });
         let alpha = self.alpha as f64;
         let loss = ((1.0 - alpha) * ce + alpha * kd) * self.scale as f64;
@@ -241,17 +217,7 @@ impl CustomOp1 for Op {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let g = self
-            .grad
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("sparse loss: poisoned".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("sparse loss: backward ran twice".into()))?;
-        let g = Tensor::from_vec(g, arg.shape(), arg.device())?;
-        let k = grad_res
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
-        Ok(Some(if k == 1.0 { g } else { g.affine(k, 0.0)? }))
+        stored_grad(&self.grad, arg, grad_res)
     }
 }
 
