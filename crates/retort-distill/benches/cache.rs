@@ -25,8 +25,8 @@ use retort_distill::cache::manifest::{
     DatasetInfo, Encoding, FORMAT_NAME, FORMAT_VERSION, Manifest, ShardInfo, TeacherInfo,
     write_atomic,
 };
-use retort_distill::cache::shard::{Entry, ShardBuilder, sample_key, shard_name};
-use retort_distill::cache::{Codec, Reader, codec};
+use retort_distill::cache::shard::{ShardBuilder, sample_key, shard_name};
+use retort_distill::cache::{Codec, Reader};
 use retort_distill::grads::Grads;
 use retort_distill::objective::{KdTerm, Objective, accumulate};
 use retort_distill::targets;
@@ -103,17 +103,8 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let mut b = ShardBuilder::default();
     for (i, (s, t)) in samples.iter().zip(&labels).enumerate() {
-        let (block, raw_len) = codec::encode(t, Codec::Q8, vocab).unwrap();
-        let e = Entry {
-            key: sample_key(&s.ids, &s.loss_mask),
-            sample: i as u32,
-            tokens: s.ids.len() as u32,
-            rows: t.rows() as u32,
-            raw_len: raw_len as u32,
-            offset: 0,
-            len: 0,
-        };
-        b.push(e, &block);
+        let key = sample_key(&s.ids, &s.loss_mask);
+        b.push_topk(key, i as u32, t, Codec::Q8, vocab).unwrap();
     }
     let bytes = b.finish();
     write_atomic(&dir.path().join(shard_name(0)), &bytes).unwrap();

@@ -16,12 +16,12 @@ use retort_data::{ReadOptions, dataset};
 use retort_model::{Model, WeightFormat, checkpoint};
 use sha2::{Digest, Sha256};
 
-use super::codec::{self, Codec, TopK};
+use super::codec::{Codec, TopK};
 use super::manifest::{
     DatasetInfo, Encoding, FORMAT_NAME, FORMAT_VERSION, MANIFEST, Manifest, ShardInfo, TeacherInfo,
     write_atomic,
 };
-use super::shard::{Entry, ShardBuilder, sample_key, shard_name};
+use super::shard::{ShardBuilder, sample_key, shard_name};
 use super::topk::{drop_below, top_k_rows};
 use crate::batch::{self, Sample, Truncation};
 use crate::error::{Error, Result};
@@ -277,18 +277,9 @@ pub fn label(
                 ));
             };
             let s = &samples[first + j];
-            let (block, raw_len) = codec::encode(&t, opts.codec, vocab)?;
             rows += t.rows();
-            let e = Entry {
-                key: sample_key(&s.ids, &s.loss_mask),
-                sample: (first + j) as u32,
-                tokens: t.tokens.len() as u32,
-                rows: t.rows() as u32,
-                raw_len: raw_len as u32,
-                offset: 0,
-                len: 0,
-            };
-            builder.push(e, &block);
+            let key = sample_key(&s.ids, &s.loss_mask);
+            builder.push_topk(key, (first + j) as u32, &t, opts.codec, vocab)?;
         }
         let samples_in = builder.len();
         let bytes = builder.finish();

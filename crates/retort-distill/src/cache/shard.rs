@@ -73,6 +73,29 @@ impl ShardBuilder {
         self.entries.push(e);
     }
 
+    /// Encode `t` (sample `sample` of the dataset, with `key`) in `codec` and add it.
+    pub fn push_topk(
+        &mut self,
+        key: [u8; 16],
+        sample: u32,
+        t: &super::codec::TopK,
+        codec: super::codec::Codec,
+        vocab: usize,
+    ) -> std::io::Result<()> {
+        let (block, raw_len) = super::codec::encode(t, codec, vocab)?;
+        let e = Entry {
+            key,
+            sample,
+            tokens: t.tokens.len() as u32,
+            rows: t.rows() as u32,
+            raw_len: raw_len as u32,
+            offset: 0,
+            len: 0,
+        };
+        self.push(e, &block);
+        Ok(())
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }
