@@ -47,6 +47,43 @@ pub enum Command {
     /// Inspect and validate datasets.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Synthetic data: expand seed examples with the teacher, filter, and answer (resumable).
+    Synth(SynthArgs),
+    /// Serve a local model over an OpenAI-compatible API (chat, streaming, logprobs, scoring).
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to bind; anything but loopback exposes the model to the network.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Name clients pass as `model` (default: the model's file or directory name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Most rows (requests × n) generated together.
+    #[arg(long, default_value_t = 16)]
+    pub max_batch: usize,
+    /// Require `Authorization: Bearer <key>`, the key read from this environment variable.
+    #[arg(long, value_name = "VAR")]
+    pub api_key_env: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    /// A pipeline TOML file (see examples/stock-advisor/pipeline.toml).
+    #[arg(value_name = "PIPELINE")]
+    pub pipeline: PathBuf,
+    /// Output directory (ledger.sqlite, synth.jsonl, report.md); overrides `[output] dir`.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Novel inputs wanted; overrides `[expand] target`.
+    #[arg(long, value_name = "N")]
+    pub target: Option<usize>,
 }
 
 #[derive(Debug, Args)]

@@ -488,3 +488,103 @@ fn label_killed_with_sigkill_resumes_with_every_sample_exactly_once() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// Rows of the synth ledger's `requests` table (0 while the file does not exist yet).
+fn ledger_rows(dir: &Path) -> i64 {
+    let Ok(c) = rusqlite::Connection::open_with_flags(
+        dir.join("ledger.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    ) else {
+        return 0;
+    };
+    c.query_row("SELECT COUNT(*) FROM requests", [], |r| r.get(0))
+        .unwrap_or(0)
+}
+
+#[test]
+#[allow(clippy::zombie_processes)] // the loop below always kills and waits for the child
+fn synth_killed_with_sigkill_resumes_with_every_item_exactly_once() {
+    use retort_test::fake_openai::{FakeConfig, start};
+    let dir = tempfile::tempdir().unwrap();
+    // Each answer takes 40 ms, so the run lasts long enough to be killed in the middle.
+    let server = start(FakeConfig {
+        latency: std::time::Duration::from_millis(40),
+        ..FakeConfig::default()
+    });
+    fs_err::write(
+        dir.path().join("seeds.jsonl"),
+        "{\"user_context\": \"I am 35 and own a shop.\", \"question\": \"Is Dogcoin a good investment?\"}\n\
+         {\"user_context\": \"I am 62 and retire soon.\", \"question\": \"Should I buy index funds?\"}\n",
+    )
+    .unwrap();
+    let pipeline = dir.path().join("pipeline.toml");
+    fs_err::write(
+        &pipeline,
+        format!(
+            "[teacher]\nurl = \"{}\"\nconcurrency = 2\n\
+             [seeds]\npath = \"seeds.jsonl\"\nfields = [\"user_context\", \"question\"]\nlabels = [\"User context\", \"Question\"]\n\
+             [expand]\nexamples_per_prompt = 2\nask_for = 4\nrequests_per_round = 5\ntarget = 60\n\
+             [filter]\nrouge_l_max = 0.9\n\
+             [answer]\nsystem = \"You advise on stocks.\"\ntemplate = \"{{{{ user_context }}}} {{{{ question }}}}\"\n",
+            server.url
+        ),
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_retort");
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "--quiet",
+            "synth",
+            &pipeline.display().to_string(),
+            "--out",
+            &out.display().to_string(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let once = dir.path().join("once");
+    ok(&Command::new(bin).args(args(&once)).output().unwrap());
+    let total = ledger_rows(&once);
+    assert!(total > 60, "{total} requests");
+
+    let killed = dir.path().join("killed");
+    let mut child = Command::new(bin).args(args(&killed)).spawn().unwrap();
+    let t0 = std::time::Instant::now();
+    loop {
+        // Kill a third of the way in.
+        if ledger_rows(&killed) >= total / 3 || t0.elapsed().as_secs() >= 120 {
+            child.kill().unwrap(); // SIGKILL on Unix
+            child.wait().unwrap();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let rows_at_kill = ledger_rows(&killed);
+    assert!(
+        rows_at_kill > 0 && rows_at_kill < total,
+        "killed at {rows_at_kill} of {total}"
+    );
+    assert!(
+        !killed.join("synth.jsonl").exists(),
+        "the run finished before the kill"
+    );
+    // The same command resumes and ends with the uninterrupted run's output and ledger.
+    let out = ok(&Command::new(bin).args(args(&killed)).output().unwrap());
+    assert!(out.contains("| answered | 60 |"), "{out}");
+    assert_eq!(
+        fs_err::read_to_string(killed.join("synth.jsonl")).unwrap(),
+        fs_err::read_to_string(once.join("synth.jsonl")).unwrap()
+    );
+    assert_eq!(ledger_rows(&killed), total);
+    let sent_after_kill: u64 = serde_json::from_str::<serde_json::Value>(
+        &fs_err::read_to_string(killed.join("report.json")).unwrap(),
+    )
+    .unwrap()["sent_this_run"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        sent_after_kill as i64,
+        total - rows_at_kill,
+        "the resumed run sent only what the ledger lacked"
+    );
+}

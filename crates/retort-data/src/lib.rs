@@ -22,6 +22,7 @@ pub mod dataset;
 mod error;
 pub mod formats;
 mod parquet;
+pub mod rouge;
 
 pub use conversation::{Conversation, Message, Role};
 pub use dataset::{Dataset, ReadOptions, Record};

@@ -7,7 +7,7 @@ pub mod loss;
 pub use error::{Error, Result};
 pub use loss::Divergence;
 pub mod adamw;
-mod atomic;
+pub mod atomic;
 pub mod batch;
 pub mod cache;
 pub mod fused;

@@ -88,7 +88,7 @@ pub struct MemoryEstimate {
 }
 
 /// SHA-256 of a model's weights: the GGUF file, or `model.safetensors` in an HF dir.
-pub(crate) fn weights_sha256(path: &Path) -> Result<String> {
+pub fn weights_sha256(path: &Path) -> Result<String> {
     let file = if path.is_dir() {
         path.join("model.safetensors")
     } else {

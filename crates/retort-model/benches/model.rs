@@ -145,6 +145,7 @@ fn main() {
             top_p: 0.95,
             seed: 1,
             stop: vec![],
+            logprobs: None,
         };
         for streams in [1usize, 8] {
             // candle has no SIMD kernel for Q4_1: 8 streams take minutes (≈10 tok/s), so that

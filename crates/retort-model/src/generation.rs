@@ -27,6 +27,9 @@ pub struct SamplingParams {
     pub seed: u64,
     /// Generation ends when the text contains one of these (the stop string is not returned).
     pub stop: Vec<String>,
+    /// Record the log-prob of each generated token and of this many most likely alternatives
+    /// (`None`: no log-probs). Log-probs are of the model's distribution (temperature 1).
+    pub logprobs: Option<usize>,
 }
 
 impl Default for SamplingParams {
@@ -37,6 +40,7 @@ impl Default for SamplingParams {
             top_p: 1.0,
             seed: 0,
             stop: vec![],
+            logprobs: None,
         }
     }
 }
@@ -51,6 +55,15 @@ pub enum FinishReason {
     Length,
 }
 
+/// The log-prob of one generated token and of the most likely alternatives at its position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+    /// `(id, logprob)`, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
 /// One generated answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Completion {
@@ -59,6 +72,8 @@ pub struct Completion {
     pub text: String,
     pub finish_reason: FinishReason,
     pub prompt_tokens: usize,
+    /// One entry per sampled token (the stopping end-of-turn id included) when asked for.
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// Picks the next token from a row of logits.
@@ -153,11 +168,35 @@ pub fn generate(
     tokenizer: &Tokenizer,
     prompts: &[Vec<u32>],
     params: &SamplingParams,
+    on_text: impl FnMut(usize, &str),
+) -> Result<Vec<Completion>> {
+    let each: Vec<SamplingParams> = (0..prompts.len())
+        .map(|i| SamplingParams {
+            seed: params.seed.wrapping_add(i as u64),
+            ..params.clone()
+        })
+        .collect();
+    generate_each(model, tokenizer, prompts, &each, on_text)
+}
+
+/// Like [`generate`], with each prompt's own sampling parameters (its seed used as given): the
+/// batch runs until its longest row is done, so requests with different limits share one pass.
+pub fn generate_each(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    prompts: &[Vec<u32>],
+    params: &[SamplingParams],
     mut on_text: impl FnMut(usize, &str),
 ) -> Result<Vec<Completion>> {
     let b = prompts.len();
     if b == 0 {
         return Ok(vec![]);
+    }
+    if params.len() != b {
+        return Err(Error::invalid(
+            format!("{b} prompts but {} sampling parameter sets", params.len()),
+            "pass one SamplingParams per prompt",
+        ));
     }
     if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
         return Err(Error::invalid(
@@ -167,6 +206,7 @@ pub fn generate(
     }
     let device: &Device = model.device();
     let max_prompt = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let max_new = params.iter().map(|p| p.max_new_tokens).max().unwrap_or(0);
     let left_pad: Vec<usize> = prompts.iter().map(|p| max_prompt - p.len()).collect();
     let pad_id = tokenizer.stop_ids().first().copied().unwrap_or(0);
     // 1. Prefill: all prompts, left-padded, in one forward pass. ids (B, P).
@@ -176,7 +216,7 @@ pub fn generate(
         flat.extend_from_slice(p);
     }
     let ids = Tensor::from_vec(flat, (b, max_prompt), device)?;
-    let mut cache = model.new_cache(max_prompt + params.max_new_tokens);
+    let mut cache = model.new_cache(max_prompt + max_new);
     let pad_arg: &[usize] = if left_pad.iter().any(|&p| p > 0) {
         &left_pad
     } else {
@@ -185,20 +225,20 @@ pub fn generate(
     let hidden = model.forward(&ids, 0, pad_arg, Some(&mut cache))?; // (B, P, C)
     let mut logits = model.lm_head(&hidden.narrow(1, max_prompt - 1, 1)?.squeeze(1)?)?; // (B, V)
 
-    let mut samplers: Vec<Sampler> = (0..b)
-        .map(|i| {
-            Sampler::new(
-                params.seed.wrapping_add(i as u64),
-                params.temperature,
-                params.top_p,
-            )
-        })
+    let mut samplers: Vec<Sampler> = params
+        .iter()
+        .map(|p| Sampler::new(p.seed, p.temperature, p.top_p))
         .collect();
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
     let mut text: Vec<String> = vec![String::new(); b];
-    let mut done: Vec<Option<FinishReason>> = vec![None; b];
+    let mut logprobs: Vec<Vec<TokenLogprob>> = vec![Vec::new(); b];
+    // A row with no room to generate is done before it starts.
+    let mut done: Vec<Option<FinishReason>> = params
+        .iter()
+        .map(|p| (p.max_new_tokens == 0).then_some(FinishReason::Length))
+        .collect();
     let stop_ids = tokenizer.stop_ids();
-    for step in 0..params.max_new_tokens {
+    for step in 0..max_new {
         // 2. Sample one token per unfinished row. logits (B, V).
         let rows = logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
         let mut next = vec![pad_id; b];
@@ -208,6 +248,9 @@ pub fn generate(
             }
             let id = samplers[r].sample(&rows[r]);
             next[r] = id;
+            if let Some(n) = params[r].logprobs {
+                logprobs[r].push(token_logprob(&rows[r], id, n));
+            }
             if stop_ids.contains(&id) {
                 done[r] = Some(FinishReason::Stop);
                 continue;
@@ -217,7 +260,7 @@ pub fn generate(
             // Emit only complete characters: decoding a partial UTF-8 sequence yields U+FFFD.
             if !full.ends_with('\u{FFFD}') {
                 let mut new_text = full;
-                if let Some(cut) = params
+                if let Some(cut) = params[r]
                     .stop
                     .iter()
                     .filter_map(|s| new_text.find(s.as_str()))
@@ -231,8 +274,11 @@ pub fn generate(
                 }
                 text[r] = new_text;
             }
+            if done[r].is_none() && out[r].len() >= params[r].max_new_tokens {
+                done[r] = Some(FinishReason::Length);
+            }
         }
-        if done.iter().all(Option::is_some) || step + 1 == params.max_new_tokens {
+        if done.iter().all(Option::is_some) || step + 1 == max_new {
             break;
         }
         // 3. One decode step for the whole batch. ids (B, 1) → logits (B, V).
@@ -247,9 +293,36 @@ pub fn generate(
             text: std::mem::take(&mut text[r]),
             finish_reason: done[r].unwrap_or(FinishReason::Length),
             prompt_tokens: prompts[r].len(),
+            logprobs: std::mem::take(&mut logprobs[r]),
         })
         .collect();
     Ok(completions)
+}
+
+/// Log-softmax of `logits` at `id`, and the `n` most likely `(id, logprob)`.
+pub fn token_logprob(logits: &[f32], id: u32, n: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
+    let mut top: Vec<(u32, f32)> = Vec::new();
+    if n > 0 {
+        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+        let n = n.min(idx.len());
+        let by_desc = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+        idx.select_nth_unstable_by(n - 1, by_desc);
+        idx.truncate(n);
+        idx.sort_unstable_by(by_desc);
+        top = idx
+            .into_iter()
+            .map(|i| (i, logits[i as usize] - lse))
+            .collect();
+    }
+    TokenLogprob {
+        id,
+        logprob: logits
+            .get(id as usize)
+            .map_or(f32::NEG_INFINITY, |&l| l - lse),
+        top,
+    }
 }
 
 /// Greedy next-token ids for every position of `ids (B, T)`: `(B, T)`; a convenience for tests.

@@ -314,6 +314,13 @@ impl Tokenizer {
         self.encode(&text)
     }
 
+    /// The prompt with the assistant's answer already begun with `prefill` (the model continues
+    /// it): steers small models into a format far better than instructions do.
+    pub fn encode_prompt_prefilled(&self, messages: &[Message], prefill: &str) -> Result<Vec<u32>> {
+        let text = self.require_template()?.render(messages, true)?;
+        self.encode(&format!("{text}{prefill}"))
+    }
+
     /// A conversation as ids with the assistant-only loss mask: every token of an assistant
     /// answer and its end-of-turn marker carries loss; role headers, system and user turns don't.
     pub fn encode_chat(&self, messages: &[Message]) -> Result<EncodedChat> {

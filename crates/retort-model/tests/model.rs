@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::print_stderr)] // test code: a panic is a failed test
 
 use candle_core::{D, DType, Device, IndexOp, Tensor};
-use retort_model::generation::{SamplingParams, generate};
+use retort_model::generation::{SamplingParams, generate, generate_each};
 use retort_model::{Arch, Model, WeightFormat, checkpoint};
 use retort_test::{max_abs_diff, random_weights, tiny_config, tiny_model, tiny_tokenizer};
 
@@ -192,6 +192,7 @@ fn batched_generation_equals_one_prompt_at_a_time() {
                 top_p: 0.9,
                 seed: 11,
                 stop: vec![],
+                logprobs: None,
             };
             let batched = generate(&model, &tok, &prompts, &params, |_, _| {}).unwrap();
             for (i, p) in prompts.iter().enumerate() {
@@ -213,6 +214,65 @@ fn batched_generation_equals_one_prompt_at_a_time() {
                 );
             }
         }
+    }
+}
+
+#[test]
+fn rows_with_their_own_parameters_equal_each_row_alone_and_logprobs_are_the_models() {
+    let cfg = tiny_config(Arch::Llama);
+    let model = tiny_model(&cfg, 8);
+    let tok = tiny_tokenizer();
+    let prompts = vec![vec![1, 5, 6], vec![1, 7], vec![1, 8, 9, 10, 11]];
+    let each: Vec<SamplingParams> = [(0.0, 3), (0.9, 9), (0.7, 6)]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (temperature, max_new_tokens))| SamplingParams {
+            max_new_tokens,
+            temperature,
+            seed: 100 + i as u64,
+            logprobs: Some(3),
+            ..Default::default()
+        })
+        .collect();
+    let batched = generate_each(&model, &tok, &prompts, &each, |_, _| {}).unwrap();
+    for (i, p) in prompts.iter().enumerate() {
+        let alone = generate_each(
+            &model,
+            &tok,
+            std::slice::from_ref(p),
+            &each[i..=i],
+            |_, _| {},
+        )
+        .unwrap()
+        .remove(0);
+        assert_eq!(batched[i].ids, alone.ids, "row {i}");
+        assert_eq!(batched[i].finish_reason, alone.finish_reason, "row {i}");
+        assert!(batched[i].ids.len() <= each[i].max_new_tokens);
+        // Log-probs: one per sampled token, equal to log_softmax of the full forward's logits.
+        let c = &batched[i];
+        let mut seq = p.clone();
+        for (j, lp) in c.logprobs.iter().enumerate() {
+            let x = Tensor::new(seq.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let logits = model.logits(&x).unwrap().i((0, seq.len() - 1)).unwrap();
+            let want = candle_nn::ops::log_softmax(&logits, D::Minus1)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert!(
+                (lp.logprob - want[lp.id as usize]).abs() < 1e-4,
+                "row {i} token {j}"
+            );
+            assert_eq!(lp.top.len(), 3);
+            let best = want.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert!((lp.top[0].1 - best).abs() < 1e-4);
+            assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1));
+            seq.push(lp.id);
+        }
+        let eos = c.finish_reason == retort_model::generation::FinishReason::Stop;
+        assert_eq!(c.logprobs.len(), c.ids.len() + usize::from(eos), "row {i}");
     }
 }
 

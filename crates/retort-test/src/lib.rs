@@ -10,6 +10,8 @@
 // A test-support crate: a panic here is a failed test set-up, reported where it happens.
 #![allow(clippy::unwrap_used)]
 
+pub mod fake_openai;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

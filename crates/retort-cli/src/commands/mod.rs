@@ -7,6 +7,8 @@ mod generate;
 mod info;
 mod init_student;
 mod label;
+mod serve;
+mod synth;
 mod train;
 
 use anyhow::{Context, Result};
@@ -28,6 +30,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Cache(crate::cli::CacheCommand::Inspect(a)) => cache::inspect(a, quiet),
         Command::Cache(crate::cli::CacheCommand::Recode(a)) => cache::recode(a, quiet),
         Command::Data(crate::cli::DataCommand::Inspect(a)) => data::inspect(a, quiet),
+        Command::Synth(a) => synth::run_cmd(a, quiet),
+        Command::Serve(a) => serve::run(a),
     }
 }
 
@@ -76,5 +80,6 @@ pub(crate) fn sampling_params(
         top_p: s.top_p,
         seed: s.seed,
         stop: s.stop.clone(),
+        logprobs: None,
     })
 }

@@ -1,0 +1,150 @@
+//! `retort synth PIPELINE.toml`: seeds → expansion → filters → answers, resumable (SQLite
+//! ledger). Prints the funnel; writes `synth.jsonl`, `report.md`, `report.json` and
+//! `ledger.sqlite` into the pipeline's output directory.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use indicatif::ProgressBar;
+use retort_model::WeightFormat;
+use retort_teacher::synth::{Pipeline, SynthObserver, run};
+use retort_teacher::{HttpConfig, HttpTeacher, LocalTeacher, Teacher, retry::RetryPolicy};
+
+use crate::cli::SynthArgs;
+use crate::progress;
+
+struct Bars {
+    quiet: bool,
+    bar: Option<ProgressBar>,
+}
+
+impl SynthObserver for Bars {
+    fn stage(&mut self, name: &str, total: usize, done: usize) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+        let b = progress::bar(total as u64, name, self.quiet);
+        b.set_position(done as u64);
+        b.reset_eta();
+        self.bar = Some(b);
+    }
+    fn request(&mut self) {
+        if let Some(b) = &self.bar {
+            b.inc(1);
+        }
+    }
+    fn note(&mut self, message: &str) {
+        match &self.bar {
+            Some(b) => b.suspend(|| tracing::info!("{message}")),
+            None => tracing::info!("{message}"),
+        }
+    }
+}
+
+/// The teacher a pipeline names: a local model or a server (its API key read from the
+/// environment variable the pipeline names).
+pub(crate) fn teacher_of(p: &Pipeline, quiet: bool) -> Result<Box<dyn Teacher>> {
+    let t = &p.teacher;
+    if let Some(url) = &t.url {
+        let api_key = match &t.api_key_env {
+            Some(var) => Some(std::env::var(var).with_context(|| {
+                format!("[teacher] api_key_env names `{var}`, which is not set\nhint: export {var}=… or remove api_key_env for a server without auth")
+            })?),
+            None => None,
+        };
+        let cfg = HttpConfig {
+            model: t.name.clone(),
+            api_key,
+            concurrency: t.concurrency.max(1),
+            timeout: Duration::from_secs_f64(t.timeout_secs.max(0.001)),
+            retry: RetryPolicy {
+                max_attempts: t.max_attempts.max(1),
+                base: Duration::from_secs_f64(t.backoff_secs.max(0.0)),
+                ..RetryPolicy::default()
+            },
+            ..HttpConfig::new(url.clone())
+        };
+        let pb = progress::spinner(&format!("probing {url}"), quiet);
+        let h = HttpTeacher::connect(cfg);
+        pb.finish_and_clear();
+        let h = h?;
+        let c = h.capabilities();
+        tracing::info!(
+            "teacher server {url}: model `{}`, n honoured: {}, logprobs: {}",
+            h.id().model,
+            c.n,
+            c.logprobs
+        );
+        return Ok(Box::new(h));
+    }
+    let model = t
+        .model
+        .as_ref()
+        .context("[teacher] needs `model` or `url`")?;
+    let format = match t.weights.as_str() {
+        "f32" => WeightFormat::F32,
+        "q8" => WeightFormat::Q8_0,
+        "quantized" => WeightFormat::Quantized,
+        other => anyhow::bail!(
+            "[teacher] weights = \"{other}\" is not known\nhint: use \"q8\", \"f32\" or \"quantized\""
+        ),
+    };
+    let pb = progress::spinner(&format!("loading {}", model.display()), quiet);
+    let l = LocalTeacher::load(model, format, t.batch_size);
+    pb.finish_and_clear();
+    Ok(Box::new(l.with_context(|| {
+        format!("cannot load the teacher `{}`", model.display())
+    })?))
+}
+
+pub fn run_cmd(args: SynthArgs, quiet: bool) -> Result<()> {
+    let mut p = Pipeline::read(&args.pipeline)?;
+    if let Some(out) = args.out {
+        p.output.dir = Some(out);
+    }
+    if let Some(t) = args.target {
+        p.expand.target = t;
+    }
+    let teacher = teacher_of(&p, quiet)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        tracing::warn!("stopping after the requests in flight (all finished answers are kept; run again to resume; Ctrl-C again to quit)");
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    let mut bars = Bars { quiet, bar: None };
+    let report = run(&p, teacher.as_ref(), &stop, &mut bars);
+    if let Some(b) = bars.bar.take() {
+        b.finish_and_clear();
+    }
+    let report = report?;
+    let f = &report.funnel;
+    if report.interrupted {
+        tracing::warn!(
+            "interrupted after {:.1} s; every finished request is in {}; run the same command to resume",
+            f.seconds,
+            report
+                .dir
+                .join(retort_teacher::synth::run::LEDGER)
+                .display()
+        );
+        return Ok(());
+    }
+    let md = fs_err::read_to_string(report.dir.join(retort_teacher::synth::run::REPORT_MD))?;
+    println!("{md}");
+    println!(
+        "wrote {} ({} answered inputs) in {:.1} s",
+        report
+            .dir
+            .join(retort_teacher::synth::run::OUTPUT)
+            .display(),
+        f.answered,
+        f.seconds
+    );
+    Ok(())
+}

@@ -1,0 +1,17 @@
+//! `retort serve`: an OpenAI-compatible server over any local model, so one teacher in memory
+//! can serve other tools — and the real server retort's own HTTP backend is tested against.
+//!
+//! - `GET /v1/models`
+//! - `POST /v1/chat/completions`: `n`, `temperature`, `top_p`, `seed`, `max_tokens`, `stop`,
+//!   `logprobs` + `top_logprobs`, `stream` (SSE), and vLLM's `continue_final_message`
+//!   (a final assistant message is continued, not answered);
+//! - `POST /v1/completions` with vLLM's `prompt_logprobs` extension (token-id prompts), scored
+//!   by the f32 model: what `retort label --teacher http://…` reads.
+//!
+//! Requests that arrive together are generated together (one batch, each row with its own
+//! parameters); a batch runs to its longest row. Bound to 127.0.0.1 unless told otherwise.
+
+mod api;
+mod worker;
+
+pub use api::{ServeOptions, serve};

@@ -1,0 +1,182 @@
+//! `retort serve` against retort's own HTTP client: the probe, chat completions equal to the
+//! local backend's, SSE streaming equal to the whole answer, `prompt_logprobs` equal to the
+//! model's log-softmax, and the API key.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use candle_core::{D, Device, IndexOp, Tensor};
+use retort_data::Message;
+use retort_model::{Arch, WeightFormat, checkpoint};
+use retort_server::{ServeOptions, serve};
+use retort_teacher::openai::CompletionResponse;
+use retort_teacher::{GenRequest, HttpConfig, HttpTeacher, LocalTeacher, Sampling, Teacher};
+use retort_test::{tiny_config, write_tiny_model};
+
+fn start(model: &Path, api_key: Option<&str>) -> SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let opts = ServeOptions {
+        model: model.to_path_buf(),
+        name: Some("tiny".into()),
+        host: "127.0.0.1".into(),
+        port: 0,
+        weights: WeightFormat::F32,
+        max_batch: 16,
+        api_key: api_key.map(str::to_string),
+    };
+    std::thread::spawn(move || serve(opts, |addr| tx.send(addr).unwrap()).unwrap());
+    rx.recv().unwrap()
+}
+
+fn requests() -> Vec<GenRequest> {
+    ["hello world", "why is the sky blue ?", "the stock market"]
+        .iter()
+        .enumerate()
+        .map(|(i, p)| GenRequest {
+            messages: vec![Message::user(*p)],
+            sampling: Sampling {
+                max_tokens: 10,
+                temperature: 0.9,
+                top_p: 0.95,
+                seed: 40 + i as u64,
+                n: 2,
+                ..Default::default()
+            },
+            prefill: (i == 2).then(|| "yes the".to_string()),
+        })
+        .collect()
+}
+
+#[test]
+fn served_answers_equal_the_local_backend_and_streaming_equals_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = write_tiny_model(dir.path(), &tiny_config(Arch::Llama), 3);
+    let addr = start(&model, None);
+    let url = format!("http://{addr}/v1");
+    let http = HttpTeacher::connect(HttpConfig::new(&url)).unwrap();
+    let caps = http.capabilities();
+    assert_eq!(caps.models, ["tiny"]);
+    assert!(caps.n && caps.logprobs, "{caps:?}");
+
+    let local = LocalTeacher::load(&model, WeightFormat::F32, 1).unwrap();
+    let reqs = requests();
+    let mut via_http = vec![None; reqs.len()];
+    http.generate(&reqs, &mut |i, o| via_http[i] = Some(o.unwrap()));
+    let mut via_local = vec![None; reqs.len()];
+    local.generate(&reqs, &mut |i, o| via_local[i] = Some(o.unwrap()));
+    for (i, (h, l)) in via_http.iter().zip(&via_local).enumerate() {
+        let (h, l) = (h.as_ref().unwrap(), l.as_ref().unwrap());
+        assert_eq!(h.len(), 2);
+        let texts = |g: &Vec<retort_teacher::Generation>| {
+            g.iter()
+                .map(|g| (g.text.clone(), g.finish))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(texts(h), texts(l), "request {i}");
+    }
+
+    // Streaming: the deltas of each choice add up to the whole answer.
+    let body = serde_json::json!({
+        "model": "tiny", "messages": [{"role": "user", "content": "hello world"}],
+        "n": 2, "max_tokens": 10, "temperature": 0.9, "top_p": 0.95, "seed": 40, "stream": true,
+    });
+    let text = ureq::post(&format!("{url}/chat/completions"))
+        .send_json(&body)
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    let mut streamed = [String::new(), String::new()];
+    let mut finishes = 0;
+    for line in text.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if line == "[DONE]" {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let c = &v["choices"][0];
+        if let Some(s) = c["delta"]["content"].as_str() {
+            streamed[c["index"].as_u64().unwrap() as usize].push_str(s);
+        }
+        finishes += usize::from(c["finish_reason"].is_string());
+    }
+    assert!(text.trim_end().ends_with("data: [DONE]"));
+    assert_eq!(finishes, 2);
+    let whole = via_http[0].as_ref().unwrap();
+    assert_eq!(streamed[0], whole[0].text);
+    assert_eq!(streamed[1], whole[1].text);
+}
+
+#[test]
+fn prompt_logprobs_are_the_models_log_softmax() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = write_tiny_model(dir.path(), &tiny_config(Arch::Llama), 4);
+    let addr = start(&model, None);
+    let ids: Vec<u32> = vec![1, 5, 6, 7, 8, 2, 9];
+    let body =
+        serde_json::json!({"model": "tiny", "prompt": ids, "max_tokens": 1, "prompt_logprobs": 3});
+    let resp: CompletionResponse = ureq::post(&format!("http://{addr}/v1/completions"))
+        .send_json(&body)
+        .unwrap()
+        .body_mut()
+        .read_json()
+        .unwrap();
+    let rows = resp.choices[0].prompt_logprobs.clone().unwrap();
+    assert_eq!(rows.len(), ids.len());
+    assert!(rows[0].is_none());
+    let (m, _) = checkpoint::load(&model, WeightFormat::F32, &Device::Cpu).unwrap();
+    let x = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logp = candle_nn::ops::log_softmax(&m.logits(&x).unwrap().i(0).unwrap(), D::Minus1)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    for p in 1..ids.len() {
+        let row = rows[p].as_ref().unwrap();
+        let want = &logp[p - 1];
+        let mut order: Vec<usize> = (0..want.len()).collect();
+        order.sort_by(|a, b| want[*b].total_cmp(&want[*a]));
+        for (r, &id) in order.iter().take(3).enumerate() {
+            let e = &row[&id.to_string()];
+            assert!((e.logprob - want[id]).abs() < 1e-5, "position {p}");
+            assert_eq!(e.rank, Some(r + 1));
+        }
+        // The prompt's own token is always there, with its true rank.
+        let own = &row[&ids[p].to_string()];
+        assert!((own.logprob - want[ids[p] as usize]).abs() < 1e-5);
+        assert_eq!(
+            own.rank,
+            Some(1 + order.iter().position(|&i| i == ids[p] as usize).unwrap())
+        );
+        assert!(row.len() == 3 || row.len() == 4);
+    }
+}
+
+#[test]
+fn an_api_key_is_required_when_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = write_tiny_model(dir.path(), &tiny_config(Arch::Llama), 5);
+    let addr = start(&model, Some("s3cret"));
+    let url = format!("http://{addr}/v1");
+    let status = ureq::get(&format!("{url}/models"))
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .call()
+        .unwrap()
+        .status();
+    assert_eq!(status.as_u16(), 401);
+    let err = HttpTeacher::connect(HttpConfig::new(&url))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("401"), "{err}");
+    let ok = HttpTeacher::connect(HttpConfig {
+        api_key: Some("s3cret".into()),
+        ..HttpConfig::new(&url)
+    })
+    .unwrap();
+    assert_eq!(ok.capabilities().models, ["tiny"]);
+}

@@ -1,0 +1,137 @@
+//! The local backend: a model held in this process, requests answered in batches (one forward
+//! pass per step for the whole batch; each row keeps its own sampling parameters).
+
+use std::path::Path;
+
+use retort_model::generation::{FinishReason, SamplingParams, generate_each};
+use retort_model::{Model, Tokenizer, WeightFormat, checkpoint};
+
+use crate::error::Result;
+use crate::teacher::{Failure, Finish, GenRequest, Generation, Outcome, Teacher, TeacherId};
+
+pub struct LocalTeacher {
+    model: Model,
+    tokenizer: Tokenizer,
+    id: TeacherId,
+    /// Rows generated together.
+    pub batch_size: usize,
+}
+
+impl LocalTeacher {
+    /// Load `path` (GGUF or HF directory) with `format` weights.
+    pub fn load(path: &Path, format: WeightFormat, batch_size: usize) -> Result<LocalTeacher> {
+        let (model, tokenizer) = checkpoint::load(path, format, &candle_core::Device::Cpu)?;
+        let fingerprint = retort_distill::setup::weights_sha256(path)?;
+        Ok(LocalTeacher {
+            model,
+            tokenizer,
+            id: TeacherId {
+                backend: "local".into(),
+                model: path.display().to_string(),
+                fingerprint,
+            },
+            batch_size: batch_size.max(1),
+        })
+    }
+
+    pub fn from_parts(
+        model: Model,
+        tokenizer: Tokenizer,
+        id: TeacherId,
+        batch_size: usize,
+    ) -> Self {
+        LocalTeacher {
+            model,
+            tokenizer,
+            id,
+            batch_size: batch_size.max(1),
+        }
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The answers to `rows` (request index, choice) as one batch.
+    fn run_batch(
+        &self,
+        requests: &[GenRequest],
+        rows: &[(usize, usize)],
+    ) -> std::result::Result<Vec<Generation>, String> {
+        let mut prompts = Vec::with_capacity(rows.len());
+        let mut params = Vec::with_capacity(rows.len());
+        for &(i, j) in rows {
+            let r = &requests[i];
+            let ids = match &r.prefill {
+                Some(p) => self.tokenizer.encode_prompt_prefilled(&r.messages, p),
+                None => self.tokenizer.encode_prompt(&r.messages),
+            };
+            prompts.push(ids.map_err(|e| e.to_string())?);
+            params.push(SamplingParams {
+                max_new_tokens: r.sampling.max_tokens,
+                temperature: r.sampling.temperature,
+                top_p: r.sampling.top_p,
+                seed: r.sampling.seed.wrapping_add(j as u64),
+                stop: r.sampling.stop.clone(),
+                logprobs: None,
+            });
+        }
+        let out = generate_each(&self.model, &self.tokenizer, &prompts, &params, |_, _| {})
+            .map_err(|e| e.to_string())?;
+        Ok(out
+            .into_iter()
+            .map(|c| Generation {
+                completion_tokens: c.ids.len(),
+                prompt_tokens: c.prompt_tokens,
+                text: c.text,
+                finish: match c.finish_reason {
+                    FinishReason::Stop => Finish::Stop,
+                    FinishReason::Length => Finish::Length,
+                },
+            })
+            .collect())
+    }
+}
+
+impl Teacher for LocalTeacher {
+    fn id(&self) -> &TeacherId {
+        &self.id
+    }
+
+    fn generate(&self, requests: &[GenRequest], on_done: &mut dyn FnMut(usize, Outcome)) {
+        // Rows = (request, choice). A request is reported once all its choices are done.
+        let rows: Vec<(usize, usize)> = requests
+            .iter()
+            .enumerate()
+            .flat_map(|(i, r)| (0..r.sampling.n.max(1)).map(move |j| (i, j)))
+            .collect();
+        let mut pending: Vec<Vec<Generation>> = vec![Vec::new(); requests.len()];
+        for batch in rows.chunks(self.batch_size) {
+            match self.run_batch(requests, batch) {
+                Ok(gens) => {
+                    for (&(i, _), g) in batch.iter().zip(gens) {
+                        pending[i].push(g);
+                        if pending[i].len() == requests[i].sampling.n.max(1) {
+                            on_done(i, Ok(std::mem::take(&mut pending[i])));
+                        }
+                    }
+                }
+                Err(reason) => {
+                    let mut seen = Vec::new();
+                    for &(i, _) in batch {
+                        if !seen.contains(&i) {
+                            seen.push(i);
+                            on_done(
+                                i,
+                                Err(Failure {
+                                    reason: reason.clone(),
+                                    attempts: 1,
+                                }),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
