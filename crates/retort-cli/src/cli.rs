@@ -150,6 +150,19 @@ pub struct LabelArgs {
     /// Skip and count invalid records instead of stopping at the first.
     #[arg(long)]
     pub skip_invalid: bool,
+    /// With `--teacher http://HOST/v1`: a local copy of the served model (or any model with the
+    /// same tokenizer) whose tokenizer and chat template turn the data into token ids.
+    #[arg(long, value_name = "PATH")]
+    pub tokenizer: Option<PathBuf>,
+    /// With an HTTP teacher: the served model name (default: the first the server lists).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// With an HTTP teacher: samples scored at once.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// With an HTTP teacher: environment variable holding the API key.
+    #[arg(long, value_name = "VAR")]
+    pub api_key_env: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -180,3 +180,97 @@ fn an_api_key_is_required_when_set() {
     .unwrap();
     assert_eq!(ok.capabilities().models, ["tiny"]);
 }
+
+fn write_chat_data(path: &Path, n: usize) {
+    let words = [
+        "the", "sky", "is", "blue", "why", "because", "of", "light", "hello", "world",
+    ];
+    let mut out = String::new();
+    for i in 0..n {
+        let q = format!(
+            "{} {} {}",
+            words[i % 10],
+            words[(i * 3 + 1) % 10],
+            words[(i * 7 + 2) % 10]
+        );
+        let a = format!(
+            "{} {} yes {}",
+            words[(i * 3 + 1) % 10],
+            words[i % 10],
+            words[(i * 5 + 3) % 10]
+        );
+        out.push_str(&format!(
+            "{{\"messages\": [{{\"role\": \"user\", \"content\": \"{q}\"}}, {{\"role\": \"assistant\", \"content\": \"{a}\"}}]}}\n"
+        ));
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn labelling_over_http_writes_the_cache_local_labelling_writes() {
+    use retort_distill::cache::label::{LabelOptions, Silent, label, label_with};
+    use retort_distill::cache::{Codec, Reader};
+    let dir = tempfile::tempdir().unwrap();
+    let model = write_tiny_model(dir.path(), &tiny_config(Arch::Llama), 6);
+    let data = dir.path().join("chat.jsonl");
+    write_chat_data(&data, 20);
+    let addr = start(&model, None);
+    let opts = |out: &str| LabelOptions {
+        teacher: model.clone(),
+        data: data.clone(),
+        read: Default::default(),
+        out: dir.path().join(out),
+        k: 8,
+        temperature: 1.0,
+        min_prob: 0.0,
+        codec: Codec::F32,
+        max_len: 64,
+        truncation: retort_distill::batch::Truncation::Right,
+        batch_size: 4,
+        shard_samples: 7,
+        chunk_rows: 64,
+        command: "test".into(),
+    };
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let local = label(&opts("local"), &stop, &mut Silent).unwrap();
+    let (_, tok) = checkpoint::load(&model, WeightFormat::F32, &Device::Cpu).unwrap();
+    let scorer = retort_teacher::remote_label::RemoteScorer::connect(
+        HttpConfig::new(format!("http://{addr}/v1")),
+        tok.vocab_size(),
+        8,
+    )
+    .unwrap();
+    let remote = label_with(&opts("remote"), &scorer, &tok, &stop, &mut Silent).unwrap();
+    assert!(local.manifest.complete && remote.manifest.complete);
+    assert_eq!(remote.manifest.positions(), local.manifest.positions());
+    assert!(
+        remote
+            .manifest
+            .teacher
+            .sha256
+            .starts_with("remote:tiny@http://")
+    );
+    let (a, b) = (
+        Reader::open(&dir.path().join("local"), false).unwrap(),
+        Reader::open(&dir.path().join("remote"), false).unwrap(),
+    );
+    let mut rows = 0;
+    for si in 0..a.manifest.shards.len() {
+        for (e, ta) in a.shard_entries(si).unwrap() {
+            let tb = b.get(&e.key).unwrap().expect("every sample in both caches");
+            assert_eq!(ta.positions, tb.positions);
+            assert_eq!(ta.ids, tb.ids, "same top-k ids in the same order");
+            for (x, y) in ta.logp.iter().zip(&tb.logp) {
+                assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+            }
+            for (x, y) in ta.log_tail.iter().zip(&tb.log_tail) {
+                // The server's tail is 1 − Σ top-k (f64 from f32 log-probs): close, not exact.
+                assert!((x.exp() - y.exp()).abs() < 1e-5, "tail {x} vs {y}");
+            }
+            rows += ta.rows();
+        }
+    }
+    assert_eq!(rows, local.manifest.positions());
+    let c = retort_distill::cache::recode::compare(&a, &b).unwrap();
+    assert!(c.mean_kl < 1e-6 && c.top1_agreement == 1.0, "{c:?}");
+}

@@ -7,6 +7,7 @@ mod error;
 pub mod http;
 pub mod local;
 pub mod openai;
+pub mod remote_label;
 pub mod retry;
 pub mod synth;
 pub mod teacher;

@@ -96,7 +96,36 @@ pub fn run(args: LabelArgs, quiet: bool) -> Result<()> {
     })
     .context("cannot install the Ctrl-C handler")?;
     let mut bar = Bar { quiet, bar: None };
-    let report = label::label(&opts, &stop, &mut bar);
+    let teacher = args.teacher.to_string_lossy().to_string();
+    let report = if teacher.starts_with("http://") || teacher.starts_with("https://") {
+        let tok_path = args.tokenizer.as_ref().context(
+            "--teacher is a server, so retort needs the tokenizer locally\nhint: add --tokenizer PATH (a GGUF file or HF directory of the served model)",
+        )?;
+        let (_, tok) = retort_model::checkpoint::load(
+            tok_path,
+            retort_model::WeightFormat::Quantized,
+            &candle_core::Device::Cpu,
+        )
+        .with_context(|| format!("cannot load the tokenizer of `{}`", tok_path.display()))?;
+        let api_key = match &args.api_key_env {
+            Some(var) => Some(
+                std::env::var(var)
+                    .with_context(|| format!("--api-key-env names `{var}`, which is not set"))?,
+            ),
+            None => None,
+        };
+        let cfg = retort_teacher::HttpConfig {
+            model: args.name.clone(),
+            api_key,
+            concurrency: args.concurrency.max(1),
+            ..retort_teacher::HttpConfig::new(teacher.clone())
+        };
+        let scorer =
+            retort_teacher::remote_label::RemoteScorer::connect(cfg, tok.vocab_size(), args.top_k)?;
+        label::label_with(&opts, &scorer, &tok, &stop, &mut bar)
+    } else {
+        label::label(&opts, &stop, &mut bar)
+    };
     if let Some(b) = bar.bar.take() {
         b.finish();
     }

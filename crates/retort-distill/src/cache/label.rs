@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use retort_data::{ReadOptions, dataset};
-use retort_model::{Model, WeightFormat, checkpoint};
+use retort_model::{Model, Tokenizer, WeightFormat, checkpoint};
 use sha2::{Digest, Sha256};
 
 use super::codec::{Codec, TopK};
@@ -74,6 +74,63 @@ pub struct LabelReport {
     pub seconds: f64,
     /// True when the run stopped early (stop flag) with the cache unfinished.
     pub interrupted: bool,
+}
+
+/// What labels a batch of samples: the local f32 model, or a server reached over HTTP
+/// (`retort_teacher::remote_label`). Rows follow [`loss_positions`]; each row holds exactly
+/// `k` entries (unused slots [`super::codec::NONE`] with log-prob `-inf`), sorted descending.
+pub trait Scorer: Sync {
+    fn vocab_size(&self) -> usize;
+    /// Recorded in the manifest (and compared by guards).
+    fn info(&self) -> Result<TeacherInfo>;
+    fn label_batch(
+        &self,
+        samples: &[&Sample],
+        pad_id: u32,
+        k: usize,
+        temperature: f64,
+        min_prob: f64,
+    ) -> Result<Vec<TopK>>;
+}
+
+/// The teacher loaded in this process, scored in f32.
+pub struct LocalScorer<'a> {
+    pub model: &'a Model,
+    pub path: PathBuf,
+    pub arch: String,
+    pub chunk_rows: usize,
+}
+
+impl Scorer for LocalScorer<'_> {
+    fn vocab_size(&self) -> usize {
+        self.model.config().vocab_size
+    }
+    fn info(&self) -> Result<TeacherInfo> {
+        Ok(TeacherInfo {
+            path: self.path.clone(),
+            sha256: crate::setup::weights_sha256(&self.path)?,
+            arch: self.arch.clone(),
+            vocab_size: self.vocab_size(),
+        })
+    }
+    fn label_batch(
+        &self,
+        samples: &[&Sample],
+        pad_id: u32,
+        k: usize,
+        temperature: f64,
+        min_prob: f64,
+    ) -> Result<Vec<TopK>> {
+        label_batch(
+            self.model,
+            samples,
+            pad_id,
+            k,
+            temperature,
+            min_prob,
+            self.chunk_rows,
+        )
+    }
 }
 
 /// Positions `p` of a sample whose next token carries loss, i.e. rows of its teacher targets.
@@ -144,7 +201,19 @@ pub fn label(
     stop: &AtomicBool,
     obs: &mut dyn LabelObserver,
 ) -> Result<LabelReport> {
-    let t0 = Instant::now();
+    check_options(opts)?;
+    let ck = checkpoint::read(&opts.teacher, &candle_core::Device::Cpu)?;
+    let teacher = ck.frozen(WeightFormat::F32)?;
+    let scorer = LocalScorer {
+        model: &teacher,
+        path: opts.teacher.clone(),
+        arch: format!("{:?}", ck.config.arch).to_lowercase(),
+        chunk_rows: opts.chunk_rows,
+    };
+    label_with(opts, &scorer, &ck.tokenizer, stop, obs)
+}
+
+fn check_options(opts: &LabelOptions) -> Result<()> {
     if opts.k == 0
         || opts.shard_samples == 0
         || opts.temperature <= 0.0
@@ -159,24 +228,30 @@ pub fn label(
              min-prob in [0, 1)",
         ));
     }
-    let ck = checkpoint::read(&opts.teacher, &candle_core::Device::Cpu)?;
-    let teacher = ck.frozen(WeightFormat::F32)?;
-    let tok = &ck.tokenizer;
+    Ok(())
+}
+
+/// [`label`] with any [`Scorer`] and the tokenizer that matches it (`opts.teacher` is only
+/// recorded).
+pub fn label_with(
+    opts: &LabelOptions,
+    scorer: &dyn Scorer,
+    tok: &Tokenizer,
+    stop: &AtomicBool,
+    obs: &mut dyn LabelObserver,
+) -> Result<LabelReport> {
+    let t0 = Instant::now();
+    check_options(opts)?;
     let ds = dataset::read(&opts.data, &opts.read)?;
     let (samples, _) = batch::tokenize(&ds, tok, opts.max_len, opts.truncation)?;
-    let vocab = teacher.config().vocab_size;
+    let vocab = scorer.vocab_size();
     let k = opts.k.min(vocab);
     let fresh = Manifest {
         format: FORMAT_NAME.into(),
         format_version: FORMAT_VERSION,
         created_by: format!("retort {}", env!("CARGO_PKG_VERSION")),
         command: opts.command.clone(),
-        teacher: TeacherInfo {
-            path: opts.teacher.clone(),
-            sha256: crate::setup::weights_sha256(&opts.teacher)?,
-            arch: format!("{:?}", ck.config.arch).to_lowercase(),
-            vocab_size: vocab,
-        },
+        teacher: scorer.info()?,
         tokenizer_fingerprint: tok.fingerprint(),
         dataset: DatasetInfo {
             path: opts.data.clone(),
@@ -248,15 +323,7 @@ pub fn label(
                 break;
             }
             let batch: Vec<&Sample> = b.iter().map(|&i| &samples[i]).collect();
-            let out = label_batch(
-                &teacher,
-                &batch,
-                pad_id,
-                k,
-                opts.temperature,
-                opts.min_prob,
-                opts.chunk_rows,
-            )?;
+            let out = scorer.label_batch(&batch, pad_id, k, opts.temperature, opts.min_prob)?;
             let rows: usize = out.iter().map(TopK::rows).sum();
             for (&i, t) in b.iter().zip(out) {
                 results[i - first] = Some(t);
