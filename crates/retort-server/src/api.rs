@@ -70,15 +70,16 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn send_job(s: &AppState, job: Job) -> Result<(), Response> {
+/// Hand `job` to the model thread; `Err` is the error response to return.
+fn send_job(s: &AppState, job: Job) -> Result<(), (StatusCode, &'static str)> {
     let tx = s.jobs.lock().map_err(|_| {
-        error(
+        (
             StatusCode::INTERNAL_SERVER_ERROR,
             "model thread lock poisoned",
         )
     })?;
     tx.send(job).map_err(|_| {
-        error(
+        (
             StatusCode::SERVICE_UNAVAILABLE,
             "the model thread has stopped",
         )
@@ -181,7 +182,7 @@ async fn chat(
     let (reply_tx, reply_rx) = oneshot::channel();
     if req.stream == Some(true) {
         let (tx, rx) = tmpsc::unbounded_channel();
-        if let Err(r) = send_job(
+        if let Err((status, message)) = send_job(
             &s,
             Job::Chat {
                 prompt,
@@ -190,7 +191,7 @@ async fn chat(
                 reply: reply_tx,
             },
         ) {
-            return r;
+            return error(status, message);
         }
         let (name, created) = (s.name.clone(), now());
         let chunk = move |index: usize, delta: Delta, finish: Option<String>| ChatChunk {
@@ -255,7 +256,7 @@ async fn chat(
             .chain(stream::once(async { Ok(Event::default().data("[DONE]")) }));
         return Sse::new(events).into_response();
     }
-    if let Err(r) = send_job(
+    if let Err((status, message)) = send_job(
         &s,
         Job::Chat {
             prompt,
@@ -264,7 +265,7 @@ async fn chat(
             reply: reply_tx,
         },
     ) {
-        return r;
+        return error(status, message);
     }
     let completions = match reply_rx.await {
         Ok(Ok(c)) => c,
@@ -377,7 +378,7 @@ async fn completions(
         );
     }
     let (tx, rx) = oneshot::channel();
-    if let Err(r) = send_job(
+    if let Err((status, message)) = send_job(
         &s,
         Job::Score {
             ids: ids.clone(),
@@ -385,7 +386,7 @@ async fn completions(
             reply: tx,
         },
     ) {
-        return r;
+        return error(status, message);
     }
     let rows = match rx.await {
         Ok(Ok(r)) => r,

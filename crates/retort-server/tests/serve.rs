@@ -203,7 +203,7 @@ fn write_chat_data(path: &Path, n: usize) {
             "{{\"messages\": [{{\"role\": \"user\", \"content\": \"{q}\"}}, {{\"role\": \"assistant\", \"content\": \"{a}\"}}]}}\n"
         ));
     }
-    std::fs::write(path, out).unwrap();
+    fs_err::write(path, out).unwrap();
 }
 
 #[test]

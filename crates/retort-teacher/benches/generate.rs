@@ -35,7 +35,7 @@ fn main() {
     }
     let tokens: usize = arg(&args, "--tokens", "96").parse().unwrap();
     let n_requests: usize = arg(&args, "--requests", "16").parse().unwrap();
-    let seeds = std::fs::read_to_string(
+    let seeds = fs_err::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/stock-advisor/seeds.jsonl"),
     )
     .unwrap();

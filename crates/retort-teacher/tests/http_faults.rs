@@ -3,6 +3,8 @@
 //! connections): every item completes, each request is answered and recorded exactly once, and
 //! the output equals a run against a clean server.
 
+#![allow(clippy::unwrap_used, clippy::print_stderr)] // test code: a panic is a failed test
+
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
@@ -228,4 +230,29 @@ fn a_client_error_fails_at_once_and_a_dead_server_is_named() {
     .unwrap()
     .to_string();
     assert!(err.contains("gpt-9") && err.contains("fake"), "{err}");
+}
+
+#[test]
+fn the_shipped_example_pipelines_read_and_validate() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    for name in ["stock-advisor", "healthbench"] {
+        let p = Pipeline::read(&root.join(name).join("pipeline.toml")).unwrap();
+        assert!(
+            p.teacher.model.is_some() && p.expand.prefill.is_some(),
+            "{name}"
+        );
+        if p.seeds.path.exists() {
+            let seeds =
+                retort_teacher::synth::run::read_seeds(&p.seeds.path, &p.seeds.fields).unwrap();
+            assert_eq!(seeds.len(), 8, "{name}");
+        }
+    }
+    // A misspelt key is named.
+    let err = Pipeline::parse("[teacher]\nmodle = \"x\"\n", Path::new("p.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("modle") && err.contains("p.toml") && err.contains("hint:"),
+        "{err}"
+    );
 }

@@ -31,10 +31,10 @@ fn strip_decoration(line: &str) -> &str {
         let digits = s
             .trim_start_matches('(')
             .trim_start_matches(|c: char| c.is_ascii_digit());
-        if digits.len() < s.trim_start_matches('(').len() {
-            if let Some(rest) = digits.strip_prefix(['.', ')', ':']) {
-                s = rest;
-            }
+        if digits.len() < s.trim_start_matches('(').len()
+            && let Some(rest) = digits.strip_prefix(['.', ')', ':'])
+        {
+            s = rest;
         }
         let lower = s.to_ascii_lowercase();
         for word in ["example", "sample", "item"] {

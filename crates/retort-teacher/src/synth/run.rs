@@ -216,18 +216,30 @@ fn expansion(
     })
 }
 
+/// What every request of a run goes through.
+struct Sender<'a> {
+    teacher: &'a dyn Teacher,
+    ledger: &'a Ledger,
+    /// Requests handed to the teacher at once (between checks of `stop`).
+    chunk: usize,
+    stop: &'a AtomicBool,
+}
+
 /// Send the requests of `todo` not yet done, recording each; returns false if stopped.
 fn run_requests(
-    teacher: &dyn Teacher,
-    ledger: &Ledger,
+    tx: &Sender,
     stage: &str,
     label: &str,
     todo: &[(&GenRequest, &str)],
-    chunk: usize,
-    stop: &AtomicBool,
     funnel: &mut Funnel,
     obs: &mut dyn SynthObserver,
 ) -> Result<bool> {
+    let Sender {
+        teacher,
+        ledger,
+        chunk,
+        stop,
+    } = *tx;
     let mut pending = Vec::new();
     for &(r, k) in todo {
         if !ledger.is_done(k)? {
@@ -294,6 +306,12 @@ pub fn run(
     let mut kept: Vec<Kept> = Vec::new();
     let mut low_streak = 0;
     let chunk = p.teacher.batch_size.max(p.teacher.concurrency).max(1);
+    let tx = Sender {
+        teacher,
+        ledger: &ledger,
+        chunk,
+        stop,
+    };
     // 1. Expansion, round by round.
     for round in 0..p.expand.max_rounds {
         let first = expansions.len();
@@ -305,13 +323,10 @@ pub fn run(
             .map(|e| (&e.request, e.key.as_str()))
             .collect();
         if !run_requests(
-            teacher,
-            &ledger,
+            &tx,
             "expand",
             &format!("expand round {}", round + 1),
             &todo,
-            chunk,
-            stop,
             &mut funnel,
             obs,
         )? {
@@ -428,17 +443,7 @@ pub fn run(
         })
         .collect::<Result<_>>()?;
     let todo: Vec<(&GenRequest, &str)> = first.iter().map(|(r, k)| (r, k.as_str())).collect();
-    if !run_requests(
-        teacher,
-        &ledger,
-        "answer",
-        "answer",
-        &todo,
-        chunk,
-        stop,
-        &mut funnel,
-        obs,
-    )? {
+    if !run_requests(&tx, "answer", "answer", &todo, &mut funnel, obs)? {
         return interrupted(funnel, dir, t0);
     }
     // Cut-off answers: regenerate with the larger limit.
@@ -459,13 +464,10 @@ pub fn run(
         .collect();
     if !todo.is_empty()
         && !run_requests(
-            teacher,
-            &ledger,
+            &tx,
             "answer",
             "answer (regenerate cut-off)",
             &todo,
-            chunk,
-            stop,
             &mut funnel,
             obs,
         )?
