@@ -294,25 +294,7 @@ fn chat_answers_each_line_from_stdin_and_ends_on_eof() {
     );
 }
 
-fn write_chat_data(path: &Path, n: usize) {
-    let words = [
-        "the", "sky", "is", "blue", "why", "because", "of", "light", "hello", "world",
-    ];
-    let mut out = String::new();
-    for i in 0..n {
-        let q = format!(
-            "{} {} {}",
-            words[i % 10],
-            words[(i * 3 + 1) % 10],
-            words[(i * 7 + 2) % 10]
-        );
-        let a = format!("{} {} yes", words[(i * 3 + 1) % 10], words[i % 10]);
-        out.push_str(&format!(
-            "{{\"messages\": [{{\"role\": \"user\", \"content\": \"{q}\"}}, {{\"role\": \"assistant\", \"content\": \"{a}\"}}]}}\n"
-        ));
-    }
-    fs_err::write(path, out).unwrap();
-}
+use retort_test::write_chat_data;
 
 #[test]
 fn data_inspect_reports_statistics_and_names_bad_records() {

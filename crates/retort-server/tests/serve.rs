@@ -12,7 +12,7 @@ use retort_model::{Arch, WeightFormat, checkpoint};
 use retort_server::{ServeOptions, serve};
 use retort_teacher::openai::CompletionResponse;
 use retort_teacher::{GenRequest, HttpConfig, HttpTeacher, LocalTeacher, Sampling, Teacher};
-use retort_test::{tiny_config, write_tiny_model};
+use retort_test::{tiny_config, write_chat_data, write_tiny_model};
 
 fn start(model: &Path, api_key: Option<&str>) -> SocketAddr {
     let (tx, rx) = std::sync::mpsc::channel();
@@ -179,31 +179,6 @@ fn an_api_key_is_required_when_set() {
     })
     .unwrap();
     assert_eq!(ok.capabilities().models, ["tiny"]);
-}
-
-fn write_chat_data(path: &Path, n: usize) {
-    let words = [
-        "the", "sky", "is", "blue", "why", "because", "of", "light", "hello", "world",
-    ];
-    let mut out = String::new();
-    for i in 0..n {
-        let q = format!(
-            "{} {} {}",
-            words[i % 10],
-            words[(i * 3 + 1) % 10],
-            words[(i * 7 + 2) % 10]
-        );
-        let a = format!(
-            "{} {} yes {}",
-            words[(i * 3 + 1) % 10],
-            words[i % 10],
-            words[(i * 5 + 3) % 10]
-        );
-        out.push_str(&format!(
-            "{{\"messages\": [{{\"role\": \"user\", \"content\": \"{q}\"}}, {{\"role\": \"assistant\", \"content\": \"{a}\"}}]}}\n"
-        ));
-    }
-    fs_err::write(path, out).unwrap();
 }
 
 #[test]

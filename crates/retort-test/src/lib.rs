@@ -309,3 +309,25 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 /// Re-exported so doc tests and users of this crate need not depend on it.
 pub use retort_data::Message;
+
+/// `n` two-turn chats (user question, assistant answer) over the tiny vocabulary, as JSONL
+/// `messages` records: deterministic, every word known to [`tiny_tokenizer`].
+pub fn write_chat_data(path: &Path, n: usize) {
+    let words = [
+        "the", "sky", "is", "blue", "why", "because", "of", "light", "hello", "world",
+    ];
+    let mut out = String::new();
+    for i in 0..n {
+        let q = format!(
+            "{} {} {}",
+            words[i % 10],
+            words[(i * 3 + 1) % 10],
+            words[(i * 7 + 2) % 10]
+        );
+        let a = format!("{} {} yes", words[(i * 3 + 1) % 10], words[i % 10]);
+        out.push_str(&format!(
+            "{{\"messages\": [{{\"role\": \"user\", \"content\": \"{q}\"}}, {{\"role\": \"assistant\", \"content\": \"{a}\"}}]}}\n"
+        ));
+    }
+    fs_err::write(path, out).unwrap();
+}
