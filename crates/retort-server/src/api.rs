@@ -165,7 +165,7 @@ async fn chat(
         max_new_tokens: req.max_tokens.unwrap_or(256),
         temperature: req.temperature.unwrap_or(1.0),
         top_p: req.top_p.unwrap_or(1.0),
-        seed: req.seed.unwrap_or_else(rand_seed),
+        seed: req.seed.unwrap_or_else(rand::random),
         stop: req.stop.clone().map(|s| s.into_vec()).unwrap_or_default(),
         logprobs: req
             .logprobs
@@ -178,7 +178,7 @@ async fn chat(
             ..base.clone()
         })
         .collect();
-    let id = format!("chatcmpl-{:016x}", rand_seed());
+    let id = format!("chatcmpl-{:016x}", rand::random::<u64>());
     let (reply_tx, reply_rx) = oneshot::channel();
     if req.stream == Some(true) {
         let (tx, rx) = tmpsc::unbounded_channel();
@@ -334,13 +334,6 @@ fn finish_str(f: FinishReason) -> &'static str {
     }
 }
 
-fn rand_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(now());
-    h.finish()
-}
-
 /// `/v1/completions`: scoring only (`prompt_logprobs`), as `retort label` uses it; generation
 /// goes through `/v1/chat/completions`.
 async fn completions(
@@ -419,7 +412,7 @@ async fn completions(
         })
         .collect();
     Json(CompletionResponse {
-        id: format!("cmpl-{:016x}", rand_seed()),
+        id: format!("cmpl-{:016x}", rand::random::<u64>()),
         object: "text_completion".into(),
         created: now(),
         model: s.name.clone(),

@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 use std::sync::mpsc;
 
-use candle_core::{D, Device, Tensor};
-use retort_model::generation::{Completion, SamplingParams, generate_each};
+use candle_core::{Device, Tensor};
+use retort_model::generation::{Completion, SamplingParams, generate_each, token_logprob};
 use retort_model::{Model, Tokenizer, WeightFormat, checkpoint};
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
@@ -140,26 +140,19 @@ impl Worker {
             return Ok(out);
         }
         let x = Tensor::new(&ids[..ids.len() - 1], &Device::Cpu)?.unsqueeze(0)?;
-        let logits = model.logits(&x)?.squeeze(0)?; // (T-1, V)
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec2::<f32>()?;
-        for (p, row) in logp.iter().enumerate() {
-            let actual = ids[p + 1];
-            let mut idx: Vec<u32> = (0..row.len() as u32).collect();
-            let by_desc =
-                |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
-            let kk = k.min(idx.len()).max(1);
-            idx.select_nth_unstable_by(kk - 1, by_desc);
-            idx.truncate(kk);
-            idx.sort_unstable_by(by_desc);
-            let mut entries: Vec<(u32, f32, usize)> = idx
+        let logits = model.logits(&x)?.squeeze(0)?.to_vec2::<f32>()?; // (T-1, V)
+        for (p, row) in logits.iter().enumerate() {
+            let t = token_logprob(row, ids[p + 1], k.max(1));
+            let mut entries: Vec<(u32, f32, usize)> = t
+                .top
                 .iter()
                 .enumerate()
-                .map(|(r, &i)| (i, row[i as usize], r + 1))
+                .map(|(r, &(i, lp))| (i, lp, r + 1))
                 .collect();
-            if !idx.contains(&actual) {
-                let lp = row[actual as usize];
-                let rank = 1 + row.iter().filter(|&&v| v > lp).count();
-                entries.push((actual, lp, rank));
+            if !t.top.iter().any(|&(i, _)| i == t.id) {
+                let own = row[t.id as usize];
+                let rank = 1 + row.iter().filter(|&&v| v > own).count();
+                entries.push((t.id, t.logprob, rank));
             }
             out.push(Some(entries));
         }

@@ -79,13 +79,6 @@ impl Drop for FakeServer {
     }
 }
 
-fn hash_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 const WORDS: &[&str] = &[
     "teacher",
     "nurse",
@@ -258,7 +251,7 @@ fn handle(
             );
             continue;
         }
-        let body_hash = hash_hex(&body);
+        let body_hash = hex::encode(Sha256::digest(&body));
         // Seeded draw: x in [0, 1), then which fault.
         let r = rng
             .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::SeqCst)

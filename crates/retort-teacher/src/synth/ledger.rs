@@ -126,7 +126,15 @@ impl Ledger {
     }
 
     pub fn is_done(&self, key: &str) -> Result<bool> {
-        Ok(matches!(self.get(key)?, Some(Stored::Done(_))))
+        let status: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT status FROM requests WHERE key = ?1",
+                params![key],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(status.as_deref() == Some("done"))
     }
 
     /// Record the outcome of request `key`. A `done` row is final: recording again is a no-op
