@@ -51,6 +51,35 @@ pub enum Command {
     Synth(SynthArgs),
     /// Serve a local model over an OpenAI-compatible API (chat, streaming, logprobs, scoring).
     Serve(ServeArgs),
+    /// Review synthetic data in the browser: accept, edit, reject, or write your own answers.
+    Review(ReviewArgs),
+    /// Write the reviewed data as training sets: stage 1, stage 2 and preference pairs (JSONL).
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReviewArgs {
+    /// The synth ledger (`OUT/ledger.sqlite`) or the synth output directory holding it.
+    #[arg(value_name = "PIPELINE_DB")]
+    pub db: PathBuf,
+    /// Address to bind. Anything but loopback requires the token printed at start.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Name recorded with every decision (default: `$USER`).
+    #[arg(long, value_name = "NAME")]
+    pub reviewer: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The synth ledger (`OUT/ledger.sqlite`) or the synth output directory holding it.
+    #[arg(value_name = "PIPELINE_DB")]
+    pub db: PathBuf,
+    /// Directory for stage1.jsonl, stage2.jsonl, preferences.jsonl and export.json.
+    #[arg(long, short = 'o', value_name = "DIR")]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -52,6 +52,10 @@ fn every_subcommand_has_help() {
         "label",
         "cache",
         "data",
+        "synth",
+        "serve",
+        "review",
+        "export",
     ] {
         assert!(top.contains(sub), "{sub} missing from --help");
         let help = ok(&retort(&[sub, "--help"]));
@@ -569,4 +573,118 @@ fn synth_killed_with_sigkill_resumes_with_every_item_exactly_once() {
         total - rows_at_kill,
         "the resumed run sent only what the ledger lacked"
     );
+}
+
+/// A ledger with decisions: 0 accepted as is, 1 edited, 2 rejected, 3 an own answer.
+fn reviewed_ledger(dir: &Path) -> PathBuf {
+    use retort_server::review::{Action, NewDecision, Store};
+    let db = dir.join("ledger.sqlite");
+    retort_server::review::testing::ledger_with_items(&db, 5, |i| format!("answer {i}"));
+    let mut s = Store::open(&db).unwrap();
+    for (i, action, answer, human) in [
+        (0, Action::Accept, "answer 0", false),
+        (1, Action::Accept, "a better answer 1", false),
+        (2, Action::Reject, "answer 2", false),
+        (3, Action::Accept, "my own answer 3", true),
+    ] {
+        let d = NewDecision {
+            action,
+            input: format!("question {i}"),
+            answer: answer.into(),
+            human,
+            reason: "wrong".into(),
+            reviewer: "ana".into(),
+        };
+        s.decide(&format!("{i:064x}"), &d).unwrap();
+    }
+    db
+}
+
+#[test]
+fn export_writes_the_stage_sets_and_stage_two_can_be_labelled() {
+    let dir = tempfile::tempdir().unwrap();
+    reviewed_ledger(dir.path());
+    let out = dir.path().join("export");
+    // The synth output directory stands for its ledger.
+    let printed = ok(&retort(&[
+        "export",
+        &dir.path().display().to_string(),
+        "--out",
+        &out.display().to_string(),
+    ]));
+    assert!(
+        printed.contains("5 items (3 accepted, 1 rejected, 0 pending, 1 without answer)"),
+        "{printed}"
+    );
+    let lines = |f: &str| fs_err::read_to_string(out.join(f)).unwrap().lines().count();
+    assert_eq!(
+        (
+            lines("stage1.jsonl"),
+            lines("stage2.jsonl"),
+            lines("preferences.jsonl")
+        ),
+        (2, 2, 2)
+    );
+    // Stage 2 goes through the teacher's labelling like any dataset.
+    let model = tiny(dir.path(), 2);
+    let cache = dir.path().join("cache");
+    ok(&retort(&[
+        "label",
+        "--teacher",
+        &model.display().to_string(),
+        "--data",
+        &out.join("stage2.jsonl").display().to_string(),
+        "--top-k",
+        "4",
+        "--out",
+        &cache.display().to_string(),
+    ]));
+    let m = manifest(&cache).unwrap();
+    assert_eq!(m["samples"], 2, "{m}");
+    // Not a ledger: a clear error.
+    let err = fail(&retort(&[
+        "export",
+        &out.join("stage1.jsonl").display().to_string(),
+        "--out",
+        &out.display().to_string(),
+    ]));
+    assert!(err.contains("hint:"), "{err}");
+}
+
+#[test]
+fn review_serves_the_queue_and_prints_its_address() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    reviewed_ledger(dir.path());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_retort"))
+        .args([
+            "--quiet",
+            "review",
+            &dir.path().display().to_string(),
+            "--port",
+            "0",
+        ])
+        .args(["--reviewer", "ana"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line.trim().rsplit(' ').next().unwrap().to_string();
+    assert!(url.starts_with("http://127.0.0.1:"), "{line}");
+    let addr = url.trim_start_matches("http://").trim_end_matches('/');
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut page = String::new();
+    s.read_to_string(&mut page).unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(page.contains("<b>4</b> / 5 decided"), "{page}");
 }

@@ -10,8 +10,11 @@
 //!
 //! Requests that arrive together are generated together (one batch, each row with its own
 //! parameters); a batch runs to its longest row. Bound to 127.0.0.1 unless told otherwise.
+//!
+//! [`review`]: `retort review` (the expert-review web page) and `retort export`.
 
 mod api;
+pub mod review;
 mod worker;
 
 pub use api::{ServeOptions, serve};

@@ -7,6 +7,7 @@ mod generate;
 mod info;
 mod init_student;
 mod label;
+mod review;
 mod serve;
 mod synth;
 mod train;
@@ -32,6 +33,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Data(crate::cli::DataCommand::Inspect(a)) => data::inspect(a, quiet),
         Command::Synth(a) => synth::run_cmd(a, quiet),
         Command::Serve(a) => serve::run(a),
+        Command::Review(a) => review::review(a),
+        Command::Export(a) => review::export(a),
     }
 }
 
