@@ -651,11 +651,21 @@ fn export_writes_the_stage_sets_and_stage_two_can_be_labelled() {
     assert!(err.contains("hint:"), "{err}");
 }
 
+/// One HTTP/1.1 request over a plain socket; the whole response.
+fn http(addr: &str, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    response
+}
+
 #[test]
-fn review_serves_the_queue_and_prints_its_address() {
-    use std::io::{BufRead, BufReader, Read, Write};
+fn review_serves_the_queue_and_a_decision_survives_sigkill() {
+    use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
-    reviewed_ledger(dir.path());
+    let db = reviewed_ledger(dir.path());
     let mut child = Command::new(env!("CARGO_BIN_EXE_retort"))
         .args([
             "--quiet",
@@ -675,16 +685,41 @@ fn review_serves_the_queue_and_prints_its_address() {
     let url = line.trim().rsplit(' ').next().unwrap().to_string();
     assert!(url.starts_with("http://127.0.0.1:"), "{line}");
     let addr = url.trim_start_matches("http://").trim_end_matches('/');
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut page = String::new();
-    s.read_to_string(&mut page).unwrap();
-    child.kill().unwrap();
+    let get = |path: &str| {
+        http(
+            addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+        )
+    };
+    let queue = get("/");
+    assert!(queue.starts_with("HTTP/1.1 200"), "{queue}");
+    assert!(queue.contains("<b>4</b> / 5 decided"), "{queue}");
+    // Reject item 0 through the form, then kill -9 the server at once.
+    let item = format!("{:064x}", 0);
+    let page = get(&format!("/item/{item}"));
+    let at = page.find("name=\"csrf\" value=\"").unwrap() + 19;
+    let csrf = &page[at..at + 64];
+    let body = format!(
+        "csrf={csrf}&action=reject&input=question+0&answer=answer+0&human=0&reason=off+topic&back="
+    );
+    let response = http(
+        addr,
+        &format!(
+            "POST /item/{item} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert!(response.starts_with("HTTP/1.1 303"), "{response}");
+    child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
-    assert!(page.contains("<b>4</b> / 5 decided"), "{page}");
+    let s = retort_server::review::Store::open(&db).unwrap();
+    let log = s.history(&item).unwrap();
+    let last = log.last().unwrap();
+    assert_eq!(last.reason.as_deref(), Some("off topic"));
+    assert_eq!(last.reviewer, "ana");
+    assert_eq!(
+        s.item(&item).unwrap().unwrap().status,
+        retort_server::review::Status::Rejected
+    );
 }

@@ -40,26 +40,37 @@ CREATE TABLE IF NOT EXISTS review_state (
     decision_id INTEGER NOT NULL REFERENCES review_decisions (id));
 ";
 
-/// One item as the queue and the item page see it (a row of the temporary view `review_queue`).
-const VIEW: &str = "
-CREATE TEMP VIEW IF NOT EXISTS review_queue AS
+/// The synth items with their texts pulled out of the JSON once (a snapshot, rebuilt whenever
+/// another connection — a `retort synth` run — has committed since), so queue queries over
+/// 10,000 items scan plain columns.
+const SNAPSHOT: &str = "
+DROP TABLE IF EXISTS temp.review_items;
+CREATE TEMP TABLE review_items AS
 SELECT i.hash, i.position, i.status AS teacher_status, i.detail, i.answer_key, i.provenance,
     json_extract(r.request, '$.messages') AS prompt,
     COALESCE(json_extract(r.request, '$.messages[#-1].content'), i.input) AS original_input,
     CASE WHEN i.status = 'answered' THEN json_extract(i.messages, '$[#-1].content') END
-        AS original_answer,
+        AS original_answer
+FROM items i LEFT JOIN requests r ON r.key = i.answer_key;
+CREATE UNIQUE INDEX temp.review_items_hash ON review_items (hash);
+CREATE INDEX temp.review_items_position ON review_items (position);
+";
+
+/// One item as the queue and the item page see it: the snapshot joined with the decision that
+/// holds.
+const VIEW: &str = "
+CREATE TEMP VIEW IF NOT EXISTS review_queue AS
+SELECT t.hash, t.position, t.teacher_status, t.detail, t.answer_key, t.provenance, t.prompt,
+    t.original_input, t.original_answer,
     d.id AS decision_id, d.action, d.origin, d.reason, d.reviewer, d.at,
-    COALESCE(d.input, json_extract(r.request, '$.messages[#-1].content'), i.input) AS input,
-    COALESCE(d.answer,
-        CASE WHEN i.status = 'answered' THEN json_extract(i.messages, '$[#-1].content') END)
-        AS answer,
+    COALESCE(d.input, t.original_input) AS input,
+    COALESCE(d.answer, t.original_answer) AS answer,
     CASE WHEN d.action = 'accept' THEN 'accepted'
          WHEN d.action = 'reject' THEN 'rejected'
-         WHEN i.status = 'answered' THEN 'pending'
+         WHEN t.teacher_status = 'answered' THEN 'pending'
          ELSE 'no-answer' END AS status
-FROM items i
-LEFT JOIN requests r ON r.key = i.answer_key
-LEFT JOIN review_state s ON s.item_hash = i.hash AND s.answer_key IS i.answer_key
+FROM review_items t
+LEFT JOIN review_state s ON s.item_hash = t.hash AND s.answer_key IS t.answer_key
 LEFT JOIN review_decisions d ON d.id = s.decision_id;
 ";
 
@@ -284,6 +295,8 @@ pub const MAX_FIELD_CHARS: usize = 200_000;
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    /// `PRAGMA data_version` when the snapshot was taken.
+    snapshot: std::cell::Cell<Option<i64>>,
 }
 
 impl Store {
@@ -316,11 +329,26 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch(SCHEMA)?;
-        conn.execute_batch(VIEW)?;
-        Ok(Store {
+        let store = Store {
             conn,
             path: path.to_path_buf(),
-        })
+            snapshot: std::cell::Cell::new(None),
+        };
+        store.refresh()?;
+        store.conn.execute_batch(VIEW)?;
+        Ok(store)
+    }
+
+    /// Retake the snapshot of `items` if another connection committed since the last one.
+    fn refresh(&self) -> Result<()> {
+        let version: i64 = self
+            .conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))?;
+        if self.snapshot.get() != Some(version) {
+            self.conn.execute_batch(SNAPSHOT)?;
+            self.snapshot.set(Some(version));
+        }
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -328,6 +356,7 @@ impl Store {
     }
 
     pub fn progress(&self) -> Result<Progress> {
+        self.refresh()?;
         let mut p = Progress::default();
         let mut st = self
             .conn
@@ -355,6 +384,7 @@ impl Store {
         page: usize,
         per_page: usize,
     ) -> Result<(Vec<QueueRow>, usize)> {
+        self.refresh()?;
         let (clause, mut values) = filter.clause();
         let count: i64 = self.conn.query_row(
             &format!("SELECT COUNT(*) FROM review_queue WHERE {clause}"),
@@ -388,6 +418,7 @@ impl Store {
 
     /// The item after (`forward`) or before `hash` among those matching `filter`.
     pub fn neighbour(&self, hash: &str, filter: &Filter, forward: bool) -> Result<Option<String>> {
+        self.refresh()?;
         let Some(position) = self.position(hash)? else {
             return Ok(None);
         };
@@ -412,6 +443,7 @@ impl Store {
 
     /// The first item matching `filter`.
     pub fn first(&self, filter: &Filter) -> Result<Option<String>> {
+        self.refresh()?;
         let (clause, values) = filter.clause();
         Ok(self
             .conn
@@ -427,7 +459,7 @@ impl Store {
         Ok(self
             .conn
             .query_row(
-                "SELECT position FROM items WHERE hash = ?1",
+                "SELECT position FROM review_items WHERE hash = ?1",
                 params![hash],
                 |r| r.get::<_, i64>(0),
             )
@@ -448,6 +480,7 @@ impl Store {
     }
 
     fn select_items(&self, clause: &str, values: &[&dyn rusqlite::ToSql]) -> Result<Vec<Item>> {
+        self.refresh()?;
         let mut st = self.conn.prepare_cached(&format!(
             "SELECT q.hash, q.position, q.status, q.teacher_status, q.detail, q.answer_key,
                     q.prompt, q.original_input, q.original_answer, q.input, q.answer, q.provenance,
@@ -847,8 +880,9 @@ mod tests {
         s.decide(&h0, &decision(Action::Accept, "question 0", "answer 0", ""))
             .unwrap();
         assert_eq!(s.item(&h0).unwrap().unwrap().status, Status::Accepted);
-        // A new synth run re-answered item 0 under another request.
-        s.conn
+        // A new synth run (another connection) re-answered item 0 under another request.
+        Connection::open(&db)
+            .unwrap()
             .execute(
                 "UPDATE items SET answer_key = 'answer-key-1' WHERE hash = ?1",
                 params![h0],
