@@ -10,7 +10,7 @@
 //! - [`web`]: the pages (server-rendered, auto-escaped) and routes;
 //! - [`guard`]: loopback binding, token, anti-forgery, security headers;
 //! - [`diff`]: word diff of an edit against the teacher's original;
-//! - [`export`]: the training sets.
+//! - [`mod@export`]: the training sets.
 
 pub mod diff;
 pub mod error;
