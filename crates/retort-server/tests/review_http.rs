@@ -12,9 +12,13 @@ const PAYLOAD: &str =
 
 /// Start `retort review` on `host` (port 0) over a 6-item ledger; its base URL as printed.
 fn start(host: &str) -> (tempfile::TempDir, String, std::net::SocketAddr) {
+    start_with(host, 6)
+}
+
+fn start_with(host: &str, n: usize) -> (tempfile::TempDir, String, std::net::SocketAddr) {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("ledger.sqlite");
-    ledger_with(&db, 6, |i| {
+    ledger_with(&db, n, |i| {
         if i == 2 {
             (PAYLOAD.into(), PAYLOAD.into())
         } else {
@@ -242,4 +246,35 @@ fn off_loopback_every_request_needs_the_token() {
         .call()
         .unwrap();
     assert_eq!(r.status(), 200);
+}
+
+#[test]
+fn queue_pages_keep_the_filter() {
+    let (_dir, url, _) = start_with("127.0.0.1", 130);
+    let a = agent();
+    let page = |q: &str| {
+        a.get(format!("{url}{q}"))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap()
+            // Attribute values as the browser reads them (minijinja escapes `/` and `&`).
+            .replace("&#x2f;", "/")
+            .replace("&amp;", "&")
+    };
+    let first = page("");
+    assert!(first.contains("130 matching · page 1 of 3"), "{first}");
+    assert!(first.contains(r#"href="/?page=2" id="next-page""#));
+    assert!(!first.contains("prev-page"));
+    // 104 of 130 are pending (every fifth has no answer); the filter travels with the pages.
+    let pending = page("?status=pending&page=3");
+    assert!(pending.contains("104 matching · page 3 of 3"), "{pending}");
+    assert!(pending.contains(r#"href="/?status=pending&page=2" id="prev-page""#));
+    assert_eq!(pending.matches(r#"class="row status-pending""#).count(), 4);
+    // An item link carries the filter, so next/previous stay inside it.
+    assert!(
+        pending.contains("?status=pending\">"),
+        "item links keep the filter"
+    );
 }

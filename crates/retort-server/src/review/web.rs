@@ -213,7 +213,10 @@ async fn queue(State(app): State<Arc<App>>, Query(q): Query<QueueQuery>) -> Resp
     };
     let pages = matching.div_ceil(PER_PAGE).max(1);
     let qs = q.query_string();
-    let page_link = |p: usize| with_query("/", &[qs.clone(), format!("page={p}")].join("&"));
+    let page_link = |p: usize| match qs.as_str() {
+        "" => format!("/?page={p}"),
+        qs => format!("/?{qs}&page={p}"),
+    };
     html(
         &app,
         "queue.html",
