@@ -55,6 +55,61 @@ pub enum Command {
     Review(ReviewArgs),
     /// Write the reviewed data as training sets: stage 1, stage 2 and preference pairs (JSONL).
     Export(ExportArgs),
+    /// Evaluate models on reference answers: NLL, perplexity, ROUGE-L, agreement with a teacher.
+    Eval(EvalArgs),
+    /// Before training: is KD likely to beat SFT for this data and teacher? Says why.
+    Probe(ProbeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A model to evaluate (GGUF or HF directory, scored in f32); repeat for a side-by-side table.
+    #[arg(long, short = 'm', value_name = "PATH", required = true)]
+    pub model: Vec<PathBuf>,
+    /// Held-out data with reference answers (JSONL, JSON or Parquet; the last assistant turn is
+    /// the reference).
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    /// Also compare with this teacher on the same tokens: KL, top-1 agreement, entropy.
+    #[arg(long, value_name = "PATH")]
+    pub teacher: Option<PathBuf>,
+    /// Generate greedy answers for the first N records and score them with ROUGE-L (0: none).
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    pub generate: usize,
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Tokens per conversation (longer ones are cut on the right, as in training).
+    #[arg(long, default_value_t = 512)]
+    pub max_len: usize,
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Write the reports as JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// The teacher (GGUF or HF directory).
+    #[arg(long, value_name = "PATH")]
+    pub teacher: PathBuf,
+    /// The student before training (e.g. from `retort init-student`).
+    #[arg(long, value_name = "PATH")]
+    pub student: PathBuf,
+    /// Your training data with gold answers; a held-out slice of it is scored.
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    /// Records scored (spread evenly over the file).
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub holdout: usize,
+    /// Training examples you will train on (default: the records of --data).
+    #[arg(long, value_name = "N")]
+    pub train_size: Option<usize>,
+    #[arg(long, default_value_t = 512)]
+    pub max_len: usize,
+    /// Print the numbers and the verdict as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

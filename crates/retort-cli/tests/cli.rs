@@ -723,3 +723,75 @@ fn review_serves_the_queue_and_a_decision_survives_sigkill() {
         retort_server::review::Status::Rejected
     );
 }
+
+#[test]
+fn eval_compares_models_side_by_side_and_probe_gives_a_verdict() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = tiny(&dir.path().join("t"), 4);
+    let student = tiny(&dir.path().join("s"), 2);
+    let data = dir.path().join("chat.jsonl");
+    write_chat_data(&data, 12);
+    let json = dir.path().join("eval.json");
+    let p = |x: &Path| x.display().to_string();
+    let table = ok(&retort(&[
+        "eval",
+        "--model",
+        &p(&teacher),
+        "--model",
+        &p(&student),
+        "--teacher",
+        &p(&teacher),
+        "--data",
+        &p(&data),
+        "--generate",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--json",
+        &p(&json),
+    ]));
+    assert!(
+        table.contains(&format!(
+            "| metric | `{}` | `{}` |",
+            p(&teacher),
+            p(&student)
+        )),
+        "{table}"
+    );
+    assert!(
+        table.contains("KL(teacher ‖ model)") && table.contains("ROUGE-L F"),
+        "{table}"
+    );
+    let reports: Vec<serde_json::Value> =
+        serde_json::from_str(&fs_err::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(reports.len(), 2);
+    // The teacher against itself: KL 0, agreement 1.
+    assert!(reports[0]["tokens"]["kl"].as_f64().unwrap().abs() < 1e-5);
+    assert_eq!(reports[0]["tokens"]["agreement"], 1.0);
+    assert!(reports[1]["tokens"]["kl"].as_f64().unwrap() > 0.0);
+    assert_eq!(reports[1]["generation"]["samples"], 2);
+    let verdict = ok(&retort(&[
+        "probe",
+        "--teacher",
+        &p(&teacher),
+        "--student",
+        &p(&student),
+        "--data",
+        &p(&data),
+        "--holdout",
+        "4",
+    ]));
+    assert!(
+        verdict.contains("KD over SFT with 12 training examples:"),
+        "{verdict}"
+    );
+    // A missing data file is named.
+    let err = fail(&retort(&[
+        "eval",
+        "--model",
+        &p(&student),
+        "--data",
+        &p(&dir.path().join("none.jsonl")),
+    ]));
+    assert!(err.contains("none.jsonl"), "{err}");
+}

@@ -3,6 +3,7 @@
 mod cache;
 mod chat;
 mod data;
+mod eval;
 mod generate;
 mod info;
 mod init_student;
@@ -35,6 +36,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Serve(a) => serve::run(a),
         Command::Review(a) => review::review(a),
         Command::Export(a) => review::export(a),
+        Command::Eval(a) => eval::eval(a, quiet),
+        Command::Probe(a) => eval::probe(a, quiet),
     }
 }
 

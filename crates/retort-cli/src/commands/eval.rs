@@ -1,0 +1,164 @@
+//! `retort eval` (models on reference answers, side by side) and `retort probe` (will KD pay off?).
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use indicatif::ProgressBar;
+use retort_data::{Dataset, ReadOptions, dataset};
+use retort_eval::eval::{self, EvalOptions, EvalReport, Phase};
+use retort_model::{Model, Tokenizer, WeightFormat, checkpoint};
+
+use crate::cli::{EvalArgs, ProbeArgs};
+use crate::progress;
+
+fn load(path: &Path, quiet: bool) -> Result<(Model, Tokenizer)> {
+    let pb = progress::spinner(&format!("loading {}", path.display()), quiet);
+    let loaded = checkpoint::load(path, WeightFormat::F32, &Device::Cpu)
+        .with_context(|| format!("cannot load the model `{}`", path.display()));
+    pb.finish_and_clear();
+    loaded
+}
+
+fn read(path: &Path) -> Result<Dataset> {
+    dataset::read(path, &ReadOptions::default())
+        .with_context(|| format!("cannot read the data `{}`", path.display()))
+}
+
+/// A progress callback drawing one bar per phase.
+fn bars(quiet: bool, name: String) -> impl FnMut(Phase, usize, usize) {
+    let mut current: Option<(Phase, ProgressBar)> = None;
+    move |phase, done, total| {
+        if current.as_ref().map(|(p, _)| *p) != Some(phase) {
+            if let Some((_, b)) = current.take() {
+                b.finish_and_clear();
+            }
+            let what = match phase {
+                Phase::Score => format!("{name}: scoring answer tokens"),
+                Phase::Generate => format!("{name}: generating answers"),
+            };
+            current = Some((phase, progress::bar(total as u64, &what, quiet)));
+        }
+        if let Some((_, b)) = &current {
+            b.set_position(done as u64);
+            if done >= total {
+                b.finish_and_clear();
+            }
+        }
+    }
+}
+
+pub fn eval(args: EvalArgs, quiet: bool) -> Result<()> {
+    let ds = read(&args.data)?;
+    let teacher = match &args.teacher {
+        Some(t) => Some(load(t, quiet)?),
+        None => None,
+    };
+    let opts = EvalOptions {
+        max_len: args.max_len,
+        batch_size: args.batch_size,
+        generate: args.generate,
+        max_new_tokens: args.max_new_tokens,
+        ..EvalOptions::default()
+    };
+    let mut reports: Vec<EvalReport> = Vec::new();
+    for path in &args.model {
+        let (model, tok) = load(path, quiet)?;
+        if let Some((_, ttok)) = &teacher
+            && ttok.fingerprint() != tok.fingerprint()
+        {
+            anyhow::bail!(
+                "`{}` and the teacher `{}` have different tokenizers\nhint: KL and agreement need one tokenizer; drop --teacher",
+                path.display(),
+                args.teacher.as_deref().unwrap_or(Path::new("")).display()
+            );
+        }
+        let name = path.display().to_string();
+        let mut r = eval::evaluate(
+            &model,
+            &tok,
+            teacher.as_ref().map(|(m, _)| m),
+            &ds,
+            &opts,
+            bars(quiet, name.clone()),
+        )
+        .with_context(|| format!("evaluating `{name}` on `{}`", args.data.display()))?;
+        r.model = name;
+        r.teacher = args.teacher.as_ref().map(|t| t.display().to_string());
+        tracing::info!("{}: done in {:.1}s", r.model, r.seconds);
+        reports.push(r);
+    }
+    println!("{}", eval::markdown(&reports));
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&reports)?;
+        retort_distill::atomic::write_atomic(path, json.as_bytes())
+            .with_context(|| format!("cannot write `{}`", path.display()))?;
+    }
+    Ok(())
+}
+
+pub fn probe(args: ProbeArgs, quiet: bool) -> Result<()> {
+    let mut ds = read(&args.data)?;
+    let records = ds.records.len();
+    anyhow::ensure!(records > 0, "`{}` has no records", args.data.display());
+    // An evenly spread slice: every k-th record.
+    let n = args.holdout.clamp(1, records);
+    let stride = records as f64 / n as f64;
+    let keep: Vec<usize> = (0..n).map(|i| (i as f64 * stride) as usize).collect();
+    ds.records = keep.iter().map(|&i| ds.records[i].clone()).collect();
+    let train_size = args.train_size.unwrap_or(records);
+    let (teacher, ttok) = load(&args.teacher, quiet)?;
+    let (student, stok) = load(&args.student, quiet)?;
+    anyhow::ensure!(
+        ttok.fingerprint() == stok.fingerprint(),
+        "the teacher and the student have different tokenizers\nhint: token-level KD needs one tokenizer (a student pruned from the teacher, or the same family)"
+    );
+    let opts = EvalOptions {
+        max_len: args.max_len,
+        ..EvalOptions::default()
+    };
+    let r = eval::evaluate(
+        &student,
+        &stok,
+        Some(&teacher),
+        &ds,
+        &opts,
+        bars(quiet, "probe".into()),
+    )?;
+    let v = retort_eval::verdict(&r.tokens, train_size);
+    if args.json {
+        let out = serde_json::json!({"holdout": r, "verdict": v});
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    let m = &r.tokens;
+    let opt = |x: Option<f64>| x.map_or("—".into(), |x| format!("{x:.3}"));
+    println!(
+        "held-out slice: {} conversations, {} answer tokens of `{}`\n",
+        r.samples,
+        m.tokens,
+        args.data.display()
+    );
+    println!("| on the gold answers | teacher | student |\n| --- | ---: | ---: |");
+    println!(
+        "| NLL (nats/token) | {} | {:.3} |",
+        opt(m.teacher_nll),
+        m.nll
+    );
+    println!(
+        "| entropy (nats) | {} | {:.3} |",
+        opt(m.teacher_entropy),
+        m.entropy
+    );
+    println!("| KL(teacher ‖ student) | {} | |", opt(m.kl));
+    println!("| top-1 agreement | {} | |", opt(m.agreement));
+    println!(
+        "\nKD over SFT with {} training examples: {}",
+        v.train_size,
+        v.kd_pays_off.as_str().to_uppercase()
+    );
+    for reason in &v.reasons {
+        println!("- {reason}");
+    }
+    Ok(())
+}
