@@ -59,6 +59,21 @@ pub enum Command {
     Eval(EvalArgs),
     /// Before training: is KD likely to beat SFT for this data and teacher? Says why.
     Probe(ProbeArgs),
+    /// Run a grid of train + eval cells (arms × sizes × seeds), resumable, with report and plots.
+    Experiment(ExperimentArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExperimentArgs {
+    /// An experiment TOML file (see experiments/README.md).
+    #[arg(value_name = "EXPERIMENT")]
+    pub experiment: PathBuf,
+    /// Output directory (default: runs/<name>).
+    #[arg(long, short = 'o', value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Only rebuild report.md and the plots from the finished cells.
+    #[arg(long)]
+    pub report_only: bool,
 }
 
 #[derive(Debug, Args)]

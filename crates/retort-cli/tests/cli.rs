@@ -795,3 +795,78 @@ fn eval_compares_models_side_by_side_and_probe_gives_a_verdict() {
     ]));
     assert!(err.contains("none.jsonl"), "{err}");
 }
+
+#[test]
+fn experiment_runs_the_grid_skips_finished_cells_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = tiny(dir.path(), 3);
+    write_chat_data(&dir.path().join("pool.jsonl"), 20);
+    write_chat_data(&dir.path().join("heldout.jsonl"), 6);
+    fs_err::write(
+        dir.path().join("base.toml"),
+        format!(
+            "[teacher]\npath = \"{}\"\n[student]\nnum_layers = 2\n[train]\nbatch_size = 2\nmax_len = 32\n\n[[stages]]\nname = \"train\"\ndata = \"pool.jsonl\"\nmethod = \"sft\"\nepochs = 1\nlr = 0.01\n",
+            teacher.display()
+        ),
+    )
+    .unwrap();
+    let exp = dir.path().join("exp.toml");
+    fs_err::write(
+        &exp,
+        format!(
+            "name = \"tiny\"\nrecipe = \"base.toml\"\n[data]\npool = \"pool.jsonl\"\neval = \"heldout.jsonl\"\n\
+             [eval]\nmax_len = 32\ngenerate = 2\nmax_new_tokens = 3\n\
+             [grid]\ntrain_size = [4, 8]\nseeds = [0, 1]\n\
+             [[arms]]\nname = \"sft\"\nset = [\"stages.0.method=sft\"]\n\
+             [[arms]]\nname = \"kd\"\nset = [\"stages.0.method=kd\", \"stages.0.alpha=1.0\"]\n\
+             [[baselines]]\nname = \"teacher\"\nmodel = \"{}\"\n",
+            teacher.display()
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let args = [
+        "experiment",
+        exp.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let printed = ok(&retort(&args));
+    assert!(printed.trim().ends_with("report.md"), "{printed}");
+    let report = fs_err::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("| train size | sft | kd |"), "{report}");
+    assert!(report.contains("Cells done: 8 of 8"), "{report}");
+    // 4 and 8 with 2 seeds per arm.
+    assert_eq!(report.matches(" (2) |").count(), 4, "{report}");
+    assert!(report.contains("| teacher ("), "{report}");
+    for png in ["nll-vs-train-size.png", "loss-curves.png"] {
+        let bytes = fs_err::read(out.join(png)).unwrap();
+        assert!(
+            bytes.starts_with(b"\x89PNG") && bytes.len() > 5_000,
+            "{png}"
+        );
+    }
+    // Subsets are nested: the 4-record subset is the start of the 8-record one (same seed).
+    let n4 = fs_err::read_to_string(out.join("data/train-n4-s1.jsonl")).unwrap();
+    let n8 = fs_err::read_to_string(out.join("data/train-n8-s1.jsonl")).unwrap();
+    assert!(n8.starts_with(&n4));
+    // The cells differ by method: KD's run has a kd term in its metrics, SFT's not.
+    let kd = fs_err::read_to_string(out.join("cells/kd-n4-s0/metrics.jsonl")).unwrap();
+    let sft = fs_err::read_to_string(out.join("cells/sft-n4-s0/metrics.jsonl")).unwrap();
+    assert!(
+        kd.contains("\"kd\":") && !kd.contains("\"kd\":null"),
+        "{kd}"
+    );
+    assert!(sft.contains("\"kd\":null"), "{sft}");
+    // A rerun trains nothing: every cell keeps its result file.
+    let before = fs_err::metadata(out.join("cells/kd-n8-s1/result.json"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    ok(&retort(&args));
+    let after = fs_err::metadata(out.join("cells/kd-n8-s1/result.json"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(before, after);
+}

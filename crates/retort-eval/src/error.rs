@@ -13,6 +13,9 @@ pub enum Error {
     #[error(transparent)]
     Distill(#[from] retort_distill::Error),
 
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+
     /// Anything passed in that cannot work, with a fix.
     #[error("{reason}\nhint: {hint}")]
     Invalid { reason: String, hint: String },

@@ -5,11 +5,15 @@
 //!   teacher KL(p_T‖p_S), top-1 agreement, entropies (teacher-forced on the same tokens);
 //! - [`text`]: exact match of generated answers (ROUGE-L is `retort_data::rouge`);
 //! - [`eval`]: a dataset through both (`retort eval`), with a JSON and Markdown report;
-//! - [`probe`]: `retort probe`'s verdict on whether KD is likely to beat SFT here.
+//! - [`probe`]: `retort probe`'s verdict on whether KD is likely to beat SFT here;
+//! - [`experiment`]: `retort experiment`, a resumable grid of train + eval runs, and
+//!   [`report`], its `report.md` and plots.
 
 pub mod error;
 pub mod eval;
+pub mod experiment;
 pub mod probe;
+pub mod report;
 pub mod text;
 pub mod tokens;
 

@@ -181,8 +181,8 @@ mod tests {
 
     #[test]
     fn sums_of_chunks_equal_the_whole() {
-        let s = retort_test_logits(7, 9, 11);
-        let te = retort_test_logits(8, 9, 11);
+        let s = retort_test::random_logits(7, 9, 11);
+        let te = retort_test::random_logits(8, 9, 11);
         let targets = Tensor::new(&[0u32, 3, 5, 10, 2, 2, 7, 1, 9], &Device::Cpu).unwrap();
         let whole = chunk_sums(&s, Some(&te), &targets).unwrap();
         let mut parts = TokenSums::default();
@@ -210,20 +210,5 @@ mod tests {
         // Without a teacher the teacher fields stay empty.
         let alone = chunk_sums(&s, None, &targets).unwrap().means();
         assert_eq!((alone.kl, alone.agreement), (None, None));
-    }
-
-    fn retort_test_logits(seed: u64, n: usize, v: usize) -> Tensor {
-        let mut x = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let vals: Vec<f32> = (0..n * v)
-            .map(|_| {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((x >> 33) as f32 / (1u64 << 31) as f32) * 6.0 - 3.0
-            })
-            .collect();
-        Tensor::from_vec(vals, (n, v), &Device::Cpu).unwrap()
     }
 }

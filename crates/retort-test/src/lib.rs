@@ -331,3 +331,10 @@ pub fn write_chat_data(path: &Path, n: usize) {
     }
     fs_err::write(path, out).unwrap();
 }
+
+/// `(n, v)` f32 logits uniform in [-3, 3), seeded: inputs for loss and metric tests.
+pub fn random_logits(seed: u64, n: usize, v: usize) -> Tensor {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let data: Vec<f32> = (0..n * v).map(|_| rng.random_range(-3.0..3.0)).collect();
+    Tensor::from_vec(data, (n, v), &Device::Cpu).expect("a (n, v) tensor")
+}

@@ -4,6 +4,7 @@ mod cache;
 mod chat;
 mod data;
 mod eval;
+mod experiment;
 mod generate;
 mod info;
 mod init_student;
@@ -38,6 +39,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Export(a) => review::export(a),
         Command::Eval(a) => eval::eval(a, quiet),
         Command::Probe(a) => eval::probe(a, quiet),
+        Command::Experiment(a) => experiment::run(a, quiet),
     }
 }
 

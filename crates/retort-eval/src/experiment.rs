@@ -1,0 +1,394 @@
+//! `retort experiment EXPERIMENT.toml`: a grid of train + eval runs and the report that compares
+//! them.
+//!
+//! The grid is arms × training-set sizes × seeds. An *arm* is a named way to train — a method,
+//! a teacher, a stage recipe — given as a base recipe plus `--set`-style overrides. For a cell
+//! (arm, N, seed) the runner:
+//! 1. writes the training subset: the pool shuffled with seed `1000 + seed`, first N records
+//!    (so subsets are nested, N₁ ⊂ N₂, as in the paper's sweeps), into `OUT/data/`;
+//! 2. trains `OUT/cells/ARM-nN-sS/` from the base recipe with the arm's overrides, the subset as
+//!    the arm's `subset_key` (default `stages.0.data`) and `train.seed = seed`;
+//! 3. evaluates the final model on the held-out set and writes `result.json` last.
+//!
+//! A cell with `result.json` is skipped, a cell with a checkpoint resumes, so the whole grid can be
+//! interrupted and rerun with the same command. The report (`report.md`, plots) is rebuilt from
+//! the results each time (`crate::report`).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Device;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use retort_data::dataset;
+use retort_distill::recipe::Recipe;
+use retort_distill::setup;
+use retort_distill::trainer::{self, Observer, Outcome, RunOptions};
+use retort_model::{WeightFormat, checkpoint};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::eval::{self, EvalOptions, EvalReport, Phase};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Experiment {
+    pub name: String,
+    /// What the experiment tests, for the report.
+    #[serde(default)]
+    pub description: String,
+    /// The base recipe (relative to the experiment file).
+    pub recipe: PathBuf,
+    /// Overrides applied to every cell (`key=value`, as `retort train --set`).
+    #[serde(default)]
+    pub set: Vec<String>,
+    pub data: DataSpec,
+    #[serde(default)]
+    pub eval: EvalSpec,
+    pub grid: Grid,
+    pub arms: Vec<Arm>,
+    /// Models evaluated once for reference (the teacher, the untrained student, …).
+    #[serde(default)]
+    pub baselines: Vec<Baseline>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// The training pool (JSONL), subsets of which the cells train on.
+    pub pool: PathBuf,
+    /// Held-out data with reference answers.
+    pub eval: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSpec {
+    pub max_len: usize,
+    pub batch_size: usize,
+    /// Greedy answers scored with ROUGE-L for the first N eval records (0: none).
+    pub generate: usize,
+    pub max_new_tokens: usize,
+    /// Teacher for KL and agreement in the evaluation (optional).
+    pub teacher: Option<PathBuf>,
+}
+
+impl Default for EvalSpec {
+    fn default() -> Self {
+        EvalSpec {
+            max_len: 512,
+            batch_size: 4,
+            generate: 0,
+            max_new_tokens: 128,
+            teacher: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grid {
+    pub train_size: Vec<usize>,
+    pub seeds: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Arm {
+    pub name: String,
+    /// A recipe of its own instead of the base one.
+    #[serde(default)]
+    pub recipe: Option<PathBuf>,
+    #[serde(default)]
+    pub set: Vec<String>,
+    /// The recipe key that receives the N-record subset (default `stages.0.data`).
+    #[serde(default)]
+    pub subset_key: Option<String>,
+    /// Training sizes for this arm only (default: the grid's).
+    #[serde(default)]
+    pub train_size: Option<Vec<usize>>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Baseline {
+    pub name: String,
+    pub model: PathBuf,
+}
+
+/// One finished cell (`result.json`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct CellResult {
+    pub id: String,
+    pub arm: String,
+    pub train_size: usize,
+    pub seed: u64,
+    pub train_seconds: f64,
+    pub eval: serde_json::Value,
+    /// Held-out NLL (nats/token), copied out of `eval` for the report.
+    pub nll: f64,
+    pub rouge_l: Option<f64>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct BaselineResult {
+    pub name: String,
+    pub model: String,
+    pub nll: f64,
+    pub rouge_l: Option<f64>,
+}
+
+/// What the runner tells its caller.
+pub trait ExperimentObserver: Observer {
+    fn cell_start(&mut self, _index: usize, _total: usize, _id: &str, _skipped: bool) {}
+    fn eval_progress(&mut self, _phase: Phase, _done: usize, _total: usize) {}
+    fn cell_done(&mut self, _r: &CellResult) {}
+}
+
+impl Experiment {
+    pub fn load(path: &Path) -> Result<Experiment> {
+        let text = fs_err::read_to_string(path).map_err(|e| {
+            Error::invalid(
+                format!("cannot read `{}`: {e}", path.display()),
+                "pass an experiment TOML file (see experiments/)",
+            )
+        })?;
+        let mut e: Experiment = toml::from_str(&text).map_err(|err| {
+            Error::invalid(
+                format!("experiment `{}`: {err}", path.display()),
+                "fix the field named above; experiments/README.md documents every key",
+            )
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let abs = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        e.recipe = abs(&e.recipe);
+        e.data.pool = abs(&e.data.pool);
+        e.data.eval = abs(&e.data.eval);
+        e.eval.teacher = e.eval.teacher.as_deref().map(abs);
+        for a in &mut e.arms {
+            a.recipe = a.recipe.as_deref().map(abs);
+        }
+        for b in &mut e.baselines {
+            b.model = abs(&b.model);
+        }
+        if e.arms.is_empty() || e.grid.seeds.is_empty() || e.grid.train_size.is_empty() {
+            return Err(Error::invalid(
+                format!("experiment `{}` has an empty grid", path.display()),
+                "give at least one [[arms]], one seed and one train_size",
+            ));
+        }
+        let mut names: Vec<&str> = e.arms.iter().map(|a| a.name.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        if names.len() != e.arms.len() {
+            return Err(Error::invalid(
+                format!("experiment `{}`: two arms share a name", path.display()),
+                "give each [[arms]] its own name",
+            ));
+        }
+        Ok(e)
+    }
+
+    /// Every cell in run order: size, then seed, then arm (so a partial grid compares arms early).
+    pub fn cells(&self) -> Vec<(&Arm, usize, u64)> {
+        let mut sizes: Vec<usize> = self
+            .arms
+            .iter()
+            .flat_map(|a| {
+                a.train_size
+                    .clone()
+                    .unwrap_or_else(|| self.grid.train_size.clone())
+            })
+            .collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        let mut out = Vec::new();
+        for &n in &sizes {
+            for &seed in &self.grid.seeds {
+                for a in &self.arms {
+                    let arm_sizes = a.train_size.as_ref().unwrap_or(&self.grid.train_size);
+                    if arm_sizes.contains(&n) {
+                        out.push((a, n, seed));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+pub fn cell_id(arm: &str, n: usize, seed: u64) -> String {
+    format!("{arm}-n{n}-s{seed}")
+}
+
+/// The first `n` records of the pool shuffled with `1000 + seed`: nested across `n`.
+pub fn write_subset(pool: &Path, n: usize, seed: u64, out: &Path) -> Result<PathBuf> {
+    let text = fs_err::read_to_string(pool)?;
+    let lines: Vec<&str> = text.split('\n').filter(|l| !l.trim().is_empty()).collect();
+    if n > lines.len() {
+        return Err(Error::invalid(
+            format!(
+                "train_size {n} is larger than the pool `{}` ({} records)",
+                pool.display(),
+                lines.len()
+            ),
+            "lower train_size or use a larger pool",
+        ));
+    }
+    let mut order: Vec<usize> = (0..lines.len()).collect();
+    order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(1000 + seed));
+    let mut body = String::new();
+    for &i in &order[..n] {
+        body.push_str(lines[i]);
+        body.push('\n');
+    }
+    fs_err::create_dir_all(out)?;
+    let path = out.join(format!("train-n{n}-s{seed}.jsonl"));
+    retort_distill::atomic::write_atomic(&path, body.as_bytes())?;
+    Ok(path)
+}
+
+fn eval_options(spec: &EvalSpec) -> EvalOptions {
+    EvalOptions {
+        max_len: spec.max_len,
+        batch_size: spec.batch_size,
+        generate: spec.generate,
+        max_new_tokens: spec.max_new_tokens,
+        ..EvalOptions::default()
+    }
+}
+
+fn evaluate_model(
+    model_path: &Path,
+    exp: &Experiment,
+    obs: &mut dyn ExperimentObserver,
+) -> Result<EvalReport> {
+    let ds = dataset::read(&exp.data.eval, &Default::default()).map_err(|e| {
+        Error::invalid(
+            format!("eval data `{}`: {e}", exp.data.eval.display()),
+            "fix [data] eval",
+        )
+    })?;
+    let (model, tok) = checkpoint::load(model_path, WeightFormat::F32, &Device::Cpu)?;
+    let teacher = match &exp.eval.teacher {
+        Some(t) => Some(checkpoint::load(t, WeightFormat::F32, &Device::Cpu)?.0),
+        None => None,
+    };
+    let mut r = eval::evaluate(
+        &model,
+        &tok,
+        teacher.as_ref(),
+        &ds,
+        &eval_options(&exp.eval),
+        |p, d, n| obs.eval_progress(p, d, n),
+    )?;
+    r.model = model_path.display().to_string();
+    r.teacher = exp.eval.teacher.as_ref().map(|t| t.display().to_string());
+    Ok(r)
+}
+
+/// Run (or finish) every cell of `exp` into `out`, then the baselines. Returns the results.
+pub fn run(
+    exp: &Experiment,
+    out: &Path,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    obs: &mut dyn ExperimentObserver,
+) -> Result<(Vec<CellResult>, Vec<BaselineResult>)> {
+    use std::sync::atomic::Ordering;
+    fs_err::create_dir_all(out.join("cells"))?;
+    let out = &std::path::absolute(out)?;
+    let mut baselines = Vec::new();
+    for b in &exp.baselines {
+        let path = out.join("baselines").join(format!("{}.json", b.name));
+        if let Ok(text) = fs_err::read_to_string(&path)
+            && let Ok(r) = serde_json::from_str::<BaselineResult>(&text)
+        {
+            baselines.push(r);
+            continue;
+        }
+        let r = evaluate_model(&b.model, exp, obs)?;
+        let res = BaselineResult {
+            name: b.name.clone(),
+            model: b.model.display().to_string(),
+            nll: r.tokens.nll,
+            rouge_l: r.generation.as_ref().map(|g| g.rouge_l),
+        };
+        fs_err::create_dir_all(out.join("baselines"))?;
+        retort_distill::atomic::write_atomic(
+            &path,
+            serde_json::to_string_pretty(&res)
+                .unwrap_or_default()
+                .as_bytes(),
+        )?;
+        baselines.push(res);
+    }
+    let cells = exp.cells();
+    let total = cells.len();
+    let mut results = Vec::new();
+    for (i, (arm, n, seed)) in cells.into_iter().enumerate() {
+        let id = cell_id(&arm.name, n, seed);
+        let dir = out.join("cells").join(&id);
+        let result_path = dir.join("result.json");
+        if let Ok(text) = fs_err::read_to_string(&result_path)
+            && let Ok(r) = serde_json::from_str::<CellResult>(&text)
+        {
+            obs.cell_start(i, total, &id, true);
+            results.push(r);
+            continue;
+        }
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        obs.cell_start(i, total, &id, false);
+        let subset = write_subset(&exp.data.pool, n, seed, &out.join("data"))?;
+        let mut sets = exp.set.clone();
+        sets.extend(arm.set.iter().cloned());
+        let key = arm.subset_key.as_deref().unwrap_or("stages.0.data");
+        // Unquoted: an absolute path is never valid TOML, so it is read as a string.
+        sets.push(format!("{key}={}", subset.display()));
+        sets.push(format!("train.seed={seed}"));
+        let recipe_path = arm.recipe.as_ref().unwrap_or(&exp.recipe);
+        let recipe = Recipe::load(recipe_path, &sets)?;
+        let plan = setup::prepare(recipe, &Device::Cpu)?;
+        let resume = dir.join("checkpoints").join("latest").exists();
+        let opts = RunOptions {
+            out: dir.clone(),
+            resume,
+            stop: stop.clone(),
+            max_steps_this_run: None,
+        };
+        let t0 = Instant::now();
+        let model_dir = match trainer::run(&plan, &opts, obs)? {
+            Outcome::Finished(d) => d,
+            Outcome::Interrupted(_) => break,
+        };
+        let train_seconds = t0.elapsed().as_secs_f64();
+        drop(plan);
+        let r = evaluate_model(&model_dir, exp, obs)?;
+        let res = CellResult {
+            id: id.clone(),
+            arm: arm.name.clone(),
+            train_size: n,
+            seed,
+            train_seconds,
+            nll: r.tokens.nll,
+            rouge_l: r.generation.as_ref().map(|g| g.rouge_l),
+            eval: serde_json::to_value(&r).unwrap_or_default(),
+        };
+        retort_distill::atomic::write_atomic(
+            &result_path,
+            serde_json::to_string_pretty(&res)
+                .unwrap_or_default()
+                .as_bytes(),
+        )?;
+        obs.cell_done(&res);
+        results.push(res);
+    }
+    Ok((results, baselines))
+}
