@@ -150,6 +150,9 @@ pub struct ExportArgs {
     /// Directory for stage1.jsonl, stage2.jsonl, preferences.jsonl and export.json.
     #[arg(long, short = 'o', value_name = "DIR")]
     pub out: PathBuf,
+    /// Also export every teacher answer nobody has decided on, as accepted (no reviewer).
+    #[arg(long)]
+    pub auto_accept: bool,
 }
 
 #[derive(Debug, Args)]

@@ -42,7 +42,7 @@ pub fn review(args: ReviewArgs) -> Result<()> {
 pub fn export(args: ExportArgs) -> Result<()> {
     let db = ledger_path(&args.db);
     let store = Store::open(&db).with_context(|| format!("cannot open `{}`", db.display()))?;
-    let s = review::export(&store, &args.out)
+    let s = review::export_with(&store, &args.out, args.auto_accept)
         .with_context(|| format!("cannot export into `{}`", args.out.display()))?;
     println!(
         "{}: {} items ({} accepted, {} rejected, {} pending, {} without answer)",
@@ -72,7 +72,13 @@ pub fn export(args: ExportArgs) -> Result<()> {
     ] {
         println!("  {:<44} {n:>6}  {what}", args.out.join(file).display());
     }
-    if s.accepted == 0 {
+    if s.auto_accepted > 0 {
+        tracing::info!(
+            "{} pending teacher answers exported as accepted (--auto-accept)",
+            s.auto_accepted
+        );
+    }
+    if s.accepted == 0 && s.auto_accepted == 0 {
         tracing::warn!(
             "nothing is accepted yet, so the sets are empty\nhint: review first: retort review {}",
             args.db.display()

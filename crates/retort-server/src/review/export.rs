@@ -40,10 +40,19 @@ pub struct ExportSummary {
     pub preferences: usize,
     /// Accepted items whose input the reviewer edited.
     pub inputs_edited: usize,
+    /// Pending items exported as accepted by `--auto-accept`.
+    pub auto_accepted: usize,
 }
 
 /// Write the three sets and the summary into `dir` (created if missing).
 pub fn export(store: &Store, dir: &Path) -> Result<ExportSummary> {
+    export_with(store, dir, false)
+}
+
+/// [`export`], optionally taking every pending teacher answer as accepted unchanged
+/// (`auto_accept`: for pipelines run without a reviewer; such records say
+/// `"review": {"auto_accepted": true}` and nothing is written to the ledger).
+pub fn export_with(store: &Store, dir: &Path, auto_accept: bool) -> Result<ExportSummary> {
     fs_err::create_dir_all(dir)?;
     let items = store.items()?;
     let progress = store.progress()?;
@@ -58,57 +67,31 @@ pub fn export(store: &Store, dir: &Path) -> Result<ExportSummary> {
         stage2: 0,
         preferences: 0,
         inputs_edited: 0,
+        auto_accepted: 0,
     };
     let (mut stage1, mut stage2, mut prefs) = (String::new(), String::new(), String::new());
-    for item in items.iter().filter(|i| i.status == Status::Accepted) {
-        let (Some(decision), Some(answer)) = (&item.decision, &item.answer) else {
+    // One pass in queue order: auto-accepted pending items among the decided ones.
+    for item in &items {
+        if item.status == Status::Accepted {
+            accepted(item, &mut summary, &mut stage1, &mut stage2, &mut prefs);
+            continue;
+        }
+        let (true, Status::Pending, Some(answer)) = (auto_accept, item.status, &item.answer) else {
             continue;
         };
-        let origin = decision.origin.unwrap_or(Origin::Teacher);
-        let prompt = prompt(item);
-        if item.input != item.original_input {
-            summary.inputs_edited += 1;
-        }
-        let provenance = json!({
-            "synth": item.provenance,
-            "review": {
-                "ledger": summary.ledger,
-                "item": item.hash,
-                "decision": decision.id,
-                "reviewer": decision.reviewer,
-                "at": decision.at,
-                "origin": origin.as_str(),
-                "input_edited": item.input != item.original_input,
-                "original_input": (item.input != item.original_input).then_some(&item.original_input),
-                "teacher_answer_key": decision.answer_key,
-            },
-        });
-        let mut messages = prompt.clone();
+        let mut messages = prompt(item);
         messages.push(Message::assistant(answer.clone()));
         let record = json!({
             "id": &item.hash[..16.min(item.hash.len())],
             "messages": messages,
-            "provenance": provenance,
+            "provenance": {
+                "synth": item.provenance,
+                "review": {"ledger": summary.ledger, "item": item.hash, "auto_accepted": true},
+            },
         });
-        if matches!(origin, Origin::Teacher | Origin::Edited) {
-            push_line(&mut stage1, &record);
-            summary.stage1 += 1;
-        }
-        if matches!(origin, Origin::Edited | Origin::Human) {
-            push_line(&mut stage2, &record);
-            summary.stage2 += 1;
-            if let Some(original) = item.original_answer.as_ref().filter(|o| *o != answer) {
-                let pair = json!({
-                    "id": record["id"],
-                    "prompt": prompt,
-                    "chosen": [Message::assistant(answer.clone())],
-                    "rejected": [Message::assistant(original.clone())],
-                    "provenance": provenance,
-                });
-                push_line(&mut prefs, &pair);
-                summary.preferences += 1;
-            }
-        }
+        push_line(&mut stage1, &record);
+        summary.stage1 += 1;
+        summary.auto_accepted += 1;
     }
     let write = retort_distill::atomic::write_atomic;
     write(&dir.join(STAGE1), stage1.as_bytes())?;
@@ -117,6 +100,64 @@ pub fn export(store: &Store, dir: &Path) -> Result<ExportSummary> {
     let json = serde_json::to_string_pretty(&summary).unwrap_or_default();
     write(&dir.join(SUMMARY), json.as_bytes())?;
     Ok(summary)
+}
+
+/// An accepted item into its stage set(s) and, for a human answer over a teacher's, a pair.
+fn accepted(
+    item: &Item,
+    summary: &mut ExportSummary,
+    stage1: &mut String,
+    stage2: &mut String,
+    prefs: &mut String,
+) {
+    let (Some(decision), Some(answer)) = (&item.decision, &item.answer) else {
+        return;
+    };
+    let origin = decision.origin.unwrap_or(Origin::Teacher);
+    let prompt = prompt(item);
+    if item.input != item.original_input {
+        summary.inputs_edited += 1;
+    }
+    let provenance = json!({
+        "synth": item.provenance,
+        "review": {
+            "ledger": summary.ledger,
+            "item": item.hash,
+            "decision": decision.id,
+            "reviewer": decision.reviewer,
+            "at": decision.at,
+            "origin": origin.as_str(),
+            "input_edited": item.input != item.original_input,
+            "original_input": (item.input != item.original_input).then_some(&item.original_input),
+            "teacher_answer_key": decision.answer_key,
+        },
+    });
+    let mut messages = prompt.clone();
+    messages.push(Message::assistant(answer.clone()));
+    let record = json!({
+        "id": &item.hash[..16.min(item.hash.len())],
+        "messages": messages,
+        "provenance": provenance,
+    });
+    if matches!(origin, Origin::Teacher | Origin::Edited) {
+        push_line(stage1, &record);
+        summary.stage1 += 1;
+    }
+    if matches!(origin, Origin::Edited | Origin::Human) {
+        push_line(stage2, &record);
+        summary.stage2 += 1;
+        if let Some(original) = item.original_answer.as_ref().filter(|o| *o != answer) {
+            let pair = json!({
+                "id": record["id"],
+                "prompt": prompt,
+                "chosen": [Message::assistant(answer.clone())],
+                "rejected": [Message::assistant(original.clone())],
+                "provenance": provenance,
+            });
+            push_line(prefs, &pair);
+            summary.preferences += 1;
+        }
+    }
 }
 
 /// The prompt as reviewed: the teacher's system message(s), then the (possibly edited) input as
@@ -221,5 +262,13 @@ mod tests {
         let summary: Value =
             serde_json::from_str(&fs_err::read_to_string(out.join(SUMMARY)).unwrap()).unwrap();
         assert_eq!(summary["stage2"], 3);
+        // Auto-accept adds the one pending teacher answer (item 5) to stage 1, in queue order,
+        // marked as such; the ledger is not written.
+        let auto = export_with(&s, &out, true).unwrap();
+        assert_eq!((auto.stage1, auto.auto_accepted, auto.stage2), (3, 1, 3));
+        let s1 = read(STAGE1);
+        assert_eq!(s1[2]["messages"][2]["content"], "answer 5");
+        assert_eq!(s1[2]["provenance"]["review"]["auto_accepted"], true);
+        assert_eq!(s.progress().unwrap().pending, 1);
     }
 }

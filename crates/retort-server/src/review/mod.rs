@@ -22,6 +22,6 @@ pub mod testing;
 pub mod web;
 
 pub use error::{Error, Result};
-pub use export::{ExportSummary, export};
+pub use export::{ExportSummary, export, export_with};
 pub use store::{Action, Filter, NewDecision, Origin, Status, Store};
 pub use web::{ReviewOptions, router, serve};
