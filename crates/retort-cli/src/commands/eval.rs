@@ -133,11 +133,20 @@ pub fn probe(args: ProbeArgs, quiet: bool) -> Result<()> {
     }
     let m = &r.tokens;
     let opt = |x: Option<f64>| x.map_or("—".into(), |x| format!("{x:.3}"));
+    let skipped = r.records - r.samples;
     println!(
-        "held-out slice: {} conversations, {} answer tokens of `{}`\n",
+        "held-out slice of `{}`: {} conversations, {} answer tokens{}\n",
+        args.data.display(),
         r.samples,
         m.tokens,
-        args.data.display()
+        if skipped > 0 {
+            format!(
+                " ({skipped} skipped: no answer token within --max-len {})",
+                args.max_len
+            )
+        } else {
+            String::new()
+        }
     );
     println!("| on the gold answers | teacher | student |\n| --- | ---: | ---: |");
     println!(
