@@ -1,6 +1,6 @@
 //! The experiment report: `report.md` (results table, mean ± standard deviation over seeds, every
 //! cell, baselines) and two PNG plots drawn with plotters — held-out NLL against training-set size
-//! per arm, and the training-loss curves of every cell.
+//! per arm, and every cell's training cross-entropy on the reference tokens.
 //!
 //! Text in the plots needs a TrueType font: `RETORT_FONT`, else DejaVu Sans or Liberation Sans
 //! from the usual system paths (Debian: `fonts-dejavu-core`).
@@ -118,7 +118,7 @@ pub fn markdown(
         ));
     }
     s.push_str(&format!(
-        "\n![held-out NLL against training-set size]({PLOT_SIZE})\n\n![training loss]({PLOT_LOSS})\n"
+        "\n![held-out NLL against training-set size]({PLOT_SIZE})\n\n![training cross-entropy per step]({PLOT_LOSS})\n"
     ));
     s
 }
@@ -236,7 +236,8 @@ pub fn plot_nll_vs_size(exp: &Experiment, cells: &[CellResult], path: &Path) -> 
     finish(chart, &root)
 }
 
-/// Training loss (per logged step) of every cell, coloured by arm.
+/// Training cross-entropy of the reference tokens per step, every cell, coloured by arm: the
+/// quantity every method reports (a KD loss is a divergence, not comparable across methods).
 pub fn plot_loss_curves(
     exp: &Experiment,
     cells_dir: &Path,
@@ -253,7 +254,7 @@ pub fn plot_loss_curves(
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|v| v["kind"] == "train")
-            .filter_map(|v| Some((v["global_step"].as_f64()?, v["loss"].as_f64()?)))
+            .filter_map(|v| Some((v["global_step"].as_f64()?, v["ce"].as_f64()?)))
             .collect();
         let arm = exp.arms.iter().position(|a| a.name == c.arm).unwrap_or(0);
         if !pts.is_empty() {
@@ -270,7 +271,7 @@ pub fn plot_loss_curves(
     let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption(format!("{}: training loss", exp.name), ("sans-serif", 22))
+        .caption(format!("{}: training CE", exp.name), ("sans-serif", 22))
         .margin(16)
         .x_label_area_size(44)
         .y_label_area_size(64)
@@ -279,7 +280,7 @@ pub fn plot_loss_curves(
     chart
         .configure_mesh()
         .x_desc("optimizer step")
-        .y_desc("training loss per token")
+        .y_desc("training CE of the references (nats/token)")
         .label_style(("sans-serif", 14))
         .draw()
         .map_err(plot_err)?;
