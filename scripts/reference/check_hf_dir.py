@@ -4,8 +4,8 @@
 text; model.safetensors carries `format = pt` and every tensor config.json implies.
 
     pip install tokenizers safetensors numpy
-    scripts/quickstart            # writes runs/quickstart/student-10l
-    python3 scripts/reference/check_hf_dir.py runs/quickstart/student-10l
+    scripts/quickstart            # writes runs/main-job/pruned (the untrained pruned student)
+    python3 scripts/reference/check_hf_dir.py runs/main-job/pruned
 """
 import json
 import sys

@@ -79,7 +79,8 @@ pub struct ExperimentArgs {
 #[derive(Debug, Args)]
 pub struct EvalArgs {
     /// A model to evaluate (GGUF or HF directory, scored in f32); repeat for a side-by-side table.
-    #[arg(long, short = 'm', value_name = "PATH", required = true)]
+    /// `NAME=PATH` names the column (e.g. `sft=runs/sft/model`).
+    #[arg(long, short = 'm', value_name = "[NAME=]PATH", required = true)]
     pub model: Vec<PathBuf>,
     /// Held-out data with reference answers (JSONL, JSON or Parquet; the last assistant turn is
     /// the reference).
@@ -365,6 +366,10 @@ pub struct SamplingArgs {
     /// Nucleus sampling threshold.
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f64,
+    /// Repetition penalty on the last 64 tokens (1.0: off; llama.cpp uses 1.1): curbs the
+    /// loops small models fall into.
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
     /// Sampler seed (prompt i of a batch uses seed + i).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,

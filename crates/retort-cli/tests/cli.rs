@@ -846,6 +846,10 @@ fn experiment_runs_the_grid_skips_finished_cells_and_reports() {
             "{png}"
         );
     }
+    // A finished cell keeps its final model and drops its training checkpoints.
+    let cell = out.join("cells/sft-n8-s0");
+    assert!(cell.join("model/model.safetensors").exists());
+    assert!(!cell.join("checkpoints").exists());
     // Subsets are nested: the 4-record subset is the start of the 8-record one (same seed).
     let n4 = fs_err::read_to_string(out.join("data/train-n4-s1.jsonl")).unwrap();
     let n8 = fs_err::read_to_string(out.join("data/train-n8-s1.jsonl")).unwrap();

@@ -355,7 +355,9 @@ impl Run<'_> {
         let lengths: Vec<usize> = sp.train.iter().map(|s| s.ids.len()).collect();
         let mut epoch_plans: HashMap<usize, Vec<Vec<usize>>> = HashMap::new();
         obs.stage_start(sp, start);
-        if start == 0 {
+        // No held-out split (eval_fraction = 0, no eval_data): no eval records.
+        let has_eval = !sp.eval.is_empty();
+        if start == 0 && has_eval {
             let e = self.evaluate(sp)?; // the baseline the stage starts from
             obs.eval(&e);
         }
@@ -438,7 +440,7 @@ impl Run<'_> {
             self.write_metric(&rec)?;
             obs.step(&rec);
             let last = step == sp.total_steps;
-            if !last && t.eval_every > 0 && step.is_multiple_of(t.eval_every) {
+            if has_eval && !last && t.eval_every > 0 && step.is_multiple_of(t.eval_every) {
                 let e = self.evaluate(sp)?;
                 obs.eval(&e);
             }
@@ -458,8 +460,10 @@ impl Run<'_> {
                 }
             }
         }
-        let e = self.evaluate(sp)?;
-        obs.eval(&e);
+        if has_eval {
+            let e = self.evaluate(sp)?;
+            obs.eval(&e);
+        }
         self.lineage = self.lineage_with(sp, step, true);
         let name = format!("stage-{}-{}", sp.index, sanitize(&sp.stage.name));
         let ck = self.save_checkpoint(&name, sp, step, true, &opt, self.lineage.clone())?;

@@ -221,6 +221,7 @@ fn generate(
         seed: 0,
         stop: vec![],
         logprobs: None,
+        ..SamplingParams::default()
     };
     let total = items.len();
     progress(Phase::Generate, 0, total);

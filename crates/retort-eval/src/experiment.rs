@@ -10,6 +10,8 @@
 //!    the arm's `subset_key` (default `stages.0.data`) and `train.seed = seed`;
 //! 3. evaluates the final model on the held-out set and writes `result.json` last.
 //!
+//! A finished cell keeps its final `model/` and drops its training checkpoints (unless
+//! `keep_checkpoints = true`).
 //! A cell with `result.json` is skipped, a cell with a checkpoint resumes, so the whole grid can be
 //! interrupted and rerun with the same command. The report (`report.md`, plots) is rebuilt from
 //! the results each time (`crate::report`).
@@ -50,6 +52,10 @@ pub struct Experiment {
     /// Models evaluated once for reference (the teacher, the untrained student, …).
     #[serde(default)]
     pub baselines: Vec<Baseline>,
+    /// Keep each finished cell's training checkpoints (model + optimizer state, ~1 GB for the
+    /// pruned SmolLM2). Off by default: a finished cell keeps its final `model/` only.
+    #[serde(default)]
+    pub keep_checkpoints: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -387,6 +393,13 @@ pub fn run(
                 .unwrap_or_default()
                 .as_bytes(),
         )?;
+        if !exp.keep_checkpoints {
+            // result.json is written: the cell is done and will never resume.
+            let ckpt = dir.join("checkpoints");
+            if ckpt.exists() {
+                fs_err::remove_dir_all(&ckpt)?;
+            }
+        }
         obs.cell_done(&res);
         results.push(res);
     }

@@ -92,6 +92,51 @@ pub fn markdown(
         }
         s.push('\n');
     }
+    if let Some((first, first_m)) = groups.first()
+        && groups.len() > 1
+    {
+        s.push_str(&format!(
+            "\n## Gain over `{first}`, paired by seed: {first} − arm (positive: the arm is better)\n\n| train size |"
+        ));
+        for (arm, _) in &groups[1..] {
+            s.push_str(&format!(" {arm} |"));
+        }
+        s.push_str("\n| ---: |");
+        s.push_str(&" ---: |".repeat(groups.len() - 1));
+        s.push('\n');
+        let seed_nll = |arm: &str, n: usize| -> BTreeMap<u64, f64> {
+            cells
+                .iter()
+                .filter(|c| c.arm == arm && c.train_size == n)
+                .map(|c| (c.seed, c.nll))
+                .collect()
+        };
+        for n in &sizes {
+            if !first_m.contains_key(n) {
+                continue;
+            }
+            let base = seed_nll(first, *n);
+            s.push_str(&format!("| {n} |"));
+            for (arm, _) in &groups[1..] {
+                let other = seed_nll(arm, *n);
+                let d: Vec<f64> = base
+                    .iter()
+                    .filter_map(|(seed, b)| other.get(seed).map(|o| b - o))
+                    .collect();
+                if d.is_empty() {
+                    s.push_str(" — |");
+                } else {
+                    let (mean, sd) = mean_sd(&d);
+                    let wins = d.iter().filter(|x| **x > 0.0).count();
+                    s.push_str(&format!(
+                        " {mean:+.3} ± {sd:.3}, better in {wins} of {} |",
+                        d.len()
+                    ));
+                }
+            }
+            s.push('\n');
+        }
+    }
     if !baselines.is_empty() {
         s.push_str("\n## Baselines\n\n| model | held-out NLL | ROUGE-L |\n| --- | ---: | ---: |\n");
         for b in baselines {
@@ -117,10 +162,35 @@ pub fn markdown(
             c.train_seconds
         ));
     }
+    let train_s: f64 = cells.iter().map(|c| c.train_seconds).sum();
+    let eval_s: f64 = cells
+        .iter()
+        .filter_map(|c| c.eval.get("seconds").and_then(|v| v.as_f64()))
+        .sum();
+    s.push_str(&format!(
+        "\nCompute in the cells: {train_s:.0} s training, {eval_s:.0} s evaluation. Machine: {}.\n",
+        machine()
+    ));
     s.push_str(&format!(
         "\n![held-out NLL against training-set size]({PLOT_SIZE})\n\n![training cross-entropy per step]({PLOT_LOSS})\n"
     ));
     s
+}
+
+/// The CPU and the threads the report was made with (`/proc/cpuinfo`, `RAYON_NUM_THREADS`).
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
+    format!("{cpu}, {cores} logical CPUs, RAYON_NUM_THREADS={threads}")
 }
 
 fn font_path() -> Option<PathBuf> {
@@ -328,5 +398,49 @@ mod tests {
         assert!((m - 2.0).abs() < 1e-12 && (s - 1.0).abs() < 1e-12);
         assert_eq!(mean_sd(&[4.0]), (4.0, 0.0));
         assert!(mean_sd(&[]).0.is_nan());
+    }
+
+    fn cell(arm: &str, n: usize, seed: u64, nll: f64) -> CellResult {
+        CellResult {
+            id: crate::experiment::cell_id(arm, n, seed),
+            arm: arm.into(),
+            train_size: n,
+            seed,
+            train_seconds: 10.0,
+            eval: serde_json::json!({ "seconds": 2.0 }),
+            nll,
+            rouge_l: None,
+        }
+    }
+
+    #[test]
+    fn gains_are_paired_by_seed_against_the_first_arm() {
+        let exp: Experiment = toml::from_str(
+            "name = \"t\"\nrecipe = \"r.toml\"\n[data]\npool = \"p\"\neval = \"e\"\n\
+             [grid]\ntrain_size = [4, 8]\nseeds = [0, 1]\n\
+             [[arms]]\nname = \"sft\"\n[[arms]]\nname = \"kd\"\n",
+        )
+        .unwrap();
+        // n = 4: gains 0.5 and -0.1 (seed 1 of kd is worse); n = 8: kd's seed 1 is missing.
+        let cells = [
+            cell("sft", 4, 0, 3.0),
+            cell("kd", 4, 0, 2.5),
+            cell("sft", 4, 1, 3.0),
+            cell("kd", 4, 1, 3.1),
+            cell("sft", 8, 0, 2.0),
+            cell("sft", 8, 1, 2.2),
+            cell("kd", 8, 0, 1.0),
+        ];
+        let md = markdown(&exp, &cells, &[], "retort experiment t.toml");
+        // mean 0.2, sample sd of {0.5, -0.1} = 0.424.
+        assert!(
+            md.contains("| 4 | +0.200 ± 0.424, better in 1 of 2 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 8 | +1.000 ± 0.000, better in 1 of 1 |"),
+            "{md}"
+        );
+        assert!(md.contains("70 s training, 14 s evaluation"), "{md}");
     }
 }

@@ -146,6 +146,7 @@ fn main() {
             seed: 1,
             stop: vec![],
             logprobs: None,
+            ..Default::default()
         };
         for streams in [1usize, 8] {
             // candle has no SIMD kernel for Q4_1: 8 streams take minutes (≈10 tok/s), so that

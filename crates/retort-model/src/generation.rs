@@ -30,6 +30,13 @@ pub struct SamplingParams {
     /// Record the log-prob of each generated token and of this many most likely alternatives
     /// (`None`: no log-probs). Log-probs are of the model's distribution (temperature 1).
     pub logprobs: Option<usize>,
+    /// Repetition penalty (CTRL, Keskar et al. 2019; `repetition_penalty` in transformers and
+    /// vLLM, `repeat_penalty` in llama.cpp): before sampling, a token seen in the last
+    /// `repeat_last_n` tokens (prompt and completion) has its logit divided by this when positive,
+    /// multiplied when negative. 1.0 is off. Log-probs stay those of the model.
+    pub repeat_penalty: f32,
+    /// The window of [`SamplingParams::repeat_penalty`], in tokens (llama.cpp's default, 64).
+    pub repeat_last_n: usize,
 }
 
 impl Default for SamplingParams {
@@ -41,6 +48,28 @@ impl Default for SamplingParams {
             seed: 0,
             stop: vec![],
             logprobs: None,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+        }
+    }
+}
+
+/// Apply a CTRL repetition penalty to `logits (V)` in place: each distinct id of `recent`
+/// (out-of-vocabulary ids ignored) is penalised once, however often it occurs.
+pub fn apply_repeat_penalty(logits: &mut [f32], recent: &[u32], penalty: f32) {
+    if penalty == 1.0 {
+        return;
+    }
+    let mut seen: Vec<u32> = recent.to_vec();
+    seen.sort_unstable();
+    seen.dedup();
+    for id in seen {
+        if let Some(l) = logits.get_mut(id as usize) {
+            *l = if *l >= 0.0 {
+                *l / penalty
+            } else {
+                *l * penalty
+            };
         }
     }
 }
@@ -246,7 +275,19 @@ pub fn generate_each(
             if done[r].is_some() {
                 continue;
             }
-            let id = samplers[r].sample(&rows[r]);
+            let p = &params[r];
+            let id = if p.repeat_penalty != 1.0 && p.repeat_last_n > 0 {
+                // The window: the last n tokens of prompt + completion.
+                let from_out = out[r].len().min(p.repeat_last_n);
+                let from_prompt = (p.repeat_last_n - from_out).min(prompts[r].len());
+                let mut recent = prompts[r][prompts[r].len() - from_prompt..].to_vec();
+                recent.extend_from_slice(&out[r][out[r].len() - from_out..]);
+                let mut row = rows[r].clone();
+                apply_repeat_penalty(&mut row, &recent, p.repeat_penalty);
+                samplers[r].sample(&row)
+            } else {
+                samplers[r].sample(&rows[r])
+            };
             next[r] = id;
             if let Some(n) = params[r].logprobs {
                 logprobs[r].push(token_logprob(&rows[r], id, n));
@@ -352,6 +393,21 @@ mod tests {
             xs.iter().any(|&x| x != xs[0]),
             "temperature 1 should vary: {xs:?}"
         );
+    }
+
+    #[test]
+    fn repeat_penalty_divides_positive_and_multiplies_negative_logits_once() {
+        let mut logits = [2.0f32, -1.0, 0.5, 3.0, 0.0];
+        // id 0 twice (penalised once), id 1 negative, id 9 outside the vocabulary.
+        apply_repeat_penalty(&mut logits, &[0, 1, 0, 9], 2.0);
+        assert_eq!(logits, [1.0, -2.0, 0.5, 3.0, 0.0]);
+        let mut same = [2.0f32, -1.0];
+        apply_repeat_penalty(&mut same, &[0, 1], 1.0);
+        assert_eq!(same, [2.0, -1.0]);
+        // Greedy now prefers the unpenalised token.
+        let mut l = [2.0f32, 1.5];
+        apply_repeat_penalty(&mut l, &[0], 1.5);
+        assert_eq!(Sampler::new(0, 0.0, 1.0).sample(&l), 1);
     }
 
     #[test]

@@ -193,6 +193,9 @@ fn batched_generation_equals_one_prompt_at_a_time() {
                 seed: 11,
                 stop: vec![],
                 logprobs: None,
+                // The penalty window is each row's own tokens, never the padding.
+                repeat_penalty: if temperature > 0.0 { 1.3 } else { 1.0 },
+                ..Default::default()
             };
             let batched = generate(&model, &tok, &prompts, &params, |_, _| {}).unwrap();
             for (i, p) in prompts.iter().enumerate() {

@@ -171,6 +171,8 @@ async fn chat(
             .logprobs
             .unwrap_or(false)
             .then_some(req.top_logprobs.unwrap_or(0).min(20)),
+        repeat_penalty: req.repetition_penalty.unwrap_or(1.0) as f32,
+        ..SamplingParams::default()
     };
     let params: Vec<SamplingParams> = (0..n)
         .map(|j| SamplingParams {

@@ -335,6 +335,7 @@ impl HttpTeacher {
             n: (n > 1).then_some(n),
             temperature: Some(s.temperature),
             top_p: Some(s.top_p),
+            repetition_penalty: (s.repeat_penalty != 1.0).then_some(s.repeat_penalty),
             seed: Some(seed),
             max_tokens: Some(s.max_tokens),
             stop: (!s.stop.is_empty()).then(|| Stop::Many(s.stop.clone())),

@@ -74,6 +74,8 @@ impl LocalTeacher {
                 seed: r.sampling.seed.wrapping_add(j as u64),
                 stop: r.sampling.stop.clone(),
                 logprobs: None,
+                repeat_penalty: r.sampling.repeat_penalty as f32,
+                ..SamplingParams::default()
             });
         }
         let out = generate_each(&self.model, &self.tokenizer, &prompts, &params, |_, _| {})

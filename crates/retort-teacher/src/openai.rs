@@ -42,6 +42,9 @@ pub struct ChatRequest {
     pub temperature: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub top_p: Option<f64>,
+    /// vLLM/SGLang extension (`repeat_penalty` in llama.cpp's server): CTRL repetition penalty.
+    #[serde(skip_serializing_if = "Option::is_none", alias = "repeat_penalty")]
+    pub repetition_penalty: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     #[serde(
@@ -219,4 +222,29 @@ pub struct ModelList {
     #[serde(default)]
     pub object: String,
     pub data: Vec<ModelCard>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repetition_penalty_is_sent_only_when_set_and_read_under_both_names() {
+        let off = serde_json::to_string(&ChatRequest::default()).unwrap();
+        assert!(!off.contains("penalty"), "{off}");
+        let on = ChatRequest {
+            repetition_penalty: Some(1.2),
+            ..Default::default()
+        };
+        assert!(
+            serde_json::to_string(&on)
+                .unwrap()
+                .contains("\"repetition_penalty\":1.2")
+        );
+        for key in ["repetition_penalty", "repeat_penalty"] {
+            let r: ChatRequest =
+                serde_json::from_str(&format!("{{\"messages\":[],\"{key}\":1.1}}")).unwrap();
+            assert_eq!(r.repetition_penalty, Some(1.1), "{key}");
+        }
+    }
 }

@@ -20,10 +20,22 @@ pub struct Sampling {
     /// Answers per request (OpenAI's `n`).
     #[serde(default = "one")]
     pub n: usize,
+    /// Repetition penalty (1.0: off; see `retort_model::generation::SamplingParams`). Left out
+    /// of the serialised form when off, so ledgers written before it existed keep their keys.
+    #[serde(default = "no_penalty", skip_serializing_if = "is_no_penalty")]
+    pub repeat_penalty: f64,
 }
 
 fn one() -> usize {
     1
+}
+
+fn no_penalty() -> f64 {
+    1.0
+}
+
+fn is_no_penalty(p: &f64) -> bool {
+    *p == 1.0
 }
 
 impl Default for Sampling {
@@ -35,6 +47,7 @@ impl Default for Sampling {
             seed: 0,
             stop: vec![],
             n: 1,
+            repeat_penalty: 1.0,
         }
     }
 }

@@ -21,7 +21,11 @@ const SEEDS: &str = r#"{"id": "s1", "user_context": "I am a 35-year-old business
 
 fn pipeline(dir: &Path, url: &str, system: &str) -> Pipeline {
     fs_err::write(dir.join("seeds.jsonl"), SEEDS).unwrap();
-    let toml = format!(
+    Pipeline::parse(&pipeline_text(url, system), &dir.join("pipeline.toml")).unwrap()
+}
+
+fn pipeline_text(url: &str, system: &str) -> String {
+    format!(
         r#"
 [teacher]
 url = "{url}"
@@ -45,8 +49,7 @@ template = "User context: {{{{ user_context }}}}\nQuestion: {{{{ question }}}}"
 max_tokens = 32
 retry_max_tokens = 128
 "#
-    );
-    Pipeline::parse(&toml, &dir.join("pipeline.toml")).unwrap()
+    )
 }
 
 fn teacher(url: &str, timeout: Duration) -> HttpTeacher {
@@ -235,7 +238,7 @@ fn a_client_error_fails_at_once_and_a_dead_server_is_named() {
 #[test]
 fn the_shipped_example_pipelines_read_and_validate() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
-    for name in ["stock-advisor", "healthbench"] {
+    for name in ["stock-advisor", "healthbench", "main-job"] {
         let p = Pipeline::read(&root.join(name).join("pipeline.toml")).unwrap();
         assert!(
             p.teacher.model.is_some() && p.expand.prefill.is_some(),
@@ -247,6 +250,17 @@ fn the_shipped_example_pipelines_read_and_validate() {
             assert_eq!(seeds.len(), 8, "{name}");
         }
     }
+    let main = Pipeline::read(&root.join("main-job/pipeline.toml")).unwrap();
+    assert!(main.answer.repeat_penalty > 1.0 && main.expand.repeat_penalty > 1.0);
+    // A penalty of 0 is refused with the section named.
+    let bad = pipeline_text("http://127.0.0.1:9", "s").replace(
+        "retry_max_tokens = 128",
+        "retry_max_tokens = 128\nrepeat_penalty = 0.0",
+    );
+    let err = Pipeline::parse(&bad, Path::new("p.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("[answer] repeat_penalty"), "{err}");
     // A misspelt key is named.
     let err = Pipeline::parse("[teacher]\nmodle = \"x\"\n", Path::new("p.toml"))
         .unwrap_err()

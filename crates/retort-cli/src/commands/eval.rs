@@ -48,6 +48,19 @@ fn bars(quiet: bool, name: String) -> impl FnMut(Phase, usize, usize) {
     }
 }
 
+/// `NAME=PATH` → (NAME, PATH); a plain path (or an existing file whose name has `=`) is its own
+/// name.
+fn labelled(arg: &Path) -> (String, std::path::PathBuf) {
+    if !arg.exists()
+        && let Some((name, path)) = arg.to_str().and_then(|s| s.split_once('='))
+        && !name.is_empty()
+        && !name.contains(['/', '\\'])
+    {
+        return (name.to_string(), path.into());
+    }
+    (arg.display().to_string(), arg.to_path_buf())
+}
+
 pub fn eval(args: EvalArgs, quiet: bool) -> Result<()> {
     let ds = read(&args.data)?;
     let teacher = match &args.teacher {
@@ -62,7 +75,9 @@ pub fn eval(args: EvalArgs, quiet: bool) -> Result<()> {
         ..EvalOptions::default()
     };
     let mut reports: Vec<EvalReport> = Vec::new();
-    for path in &args.model {
+    for arg in &args.model {
+        let (name, path) = labelled(arg);
+        let path = &path;
         let (model, tok) = load(path, quiet)?;
         if let Some((_, ttok)) = &teacher
             && ttok.fingerprint() != tok.fingerprint()
@@ -73,7 +88,6 @@ pub fn eval(args: EvalArgs, quiet: bool) -> Result<()> {
                 args.teacher.as_deref().unwrap_or(Path::new("")).display()
             );
         }
-        let name = path.display().to_string();
         let mut r = eval::evaluate(
             &model,
             &tok,
@@ -170,4 +184,25 @@ pub fn probe(args: ProbeArgs, quiet: bool) -> Result<()> {
         println!("- {reason}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_model_argument_may_carry_a_column_name() {
+        let (n, p) = labelled(Path::new("sft=runs/sft/model"));
+        assert_eq!(
+            (n.as_str(), p.as_path()),
+            ("sft", Path::new("runs/sft/model"))
+        );
+        let (n, p) = labelled(Path::new("runs/a=b/model"));
+        assert_eq!(
+            (n.as_str(), p.as_path()),
+            ("runs/a=b/model", Path::new("runs/a=b/model"))
+        );
+        let (n, _) = labelled(Path::new("model.gguf"));
+        assert_eq!(n, "model.gguf");
+    }
 }

@@ -81,6 +81,11 @@ pub(crate) fn sampling_params(
         "--top-p must be in (0, 1], got {}",
         s.top_p
     );
+    anyhow::ensure!(
+        s.repeat_penalty > 0.0,
+        "--repeat-penalty must be > 0 (1.0 is off), got {}",
+        s.repeat_penalty
+    );
     anyhow::ensure!(s.max_new_tokens > 0, "--max-new-tokens must be at least 1");
     Ok(retort_model::generation::SamplingParams {
         max_new_tokens: s.max_new_tokens,
@@ -89,5 +94,7 @@ pub(crate) fn sampling_params(
         seed: s.seed,
         stop: s.stop.clone(),
         logprobs: None,
+        repeat_penalty: s.repeat_penalty,
+        ..Default::default()
     })
 }

@@ -101,6 +101,10 @@ pub struct ExpandConfig {
     pub top_p: f64,
     #[serde(default = "default_expand_tokens")]
     pub max_tokens: usize,
+    /// Repetition penalty on the last 64 tokens, prompt included (1.0: off). Small teachers copy
+    /// the examples they are shown and fall into loops; 1.1–1.3 curbs both.
+    #[serde(default = "no_penalty")]
+    pub repeat_penalty: f64,
     #[serde(default)]
     pub seed: u64,
 }
@@ -217,8 +221,15 @@ pub struct AnswerConfig {
     /// it is dropped (never silently kept).
     #[serde(default = "default_retry_tokens")]
     pub retry_max_tokens: usize,
+    /// Repetition penalty on the last 64 tokens (1.0: off); see `[expand] repeat_penalty`.
+    #[serde(default = "no_penalty")]
+    pub repeat_penalty: f64,
     #[serde(default)]
     pub seed: u64,
+}
+
+fn no_penalty() -> f64 {
+    1.0
 }
 
 fn default_answer_temperature() -> f64 {
@@ -348,6 +359,17 @@ impl Pipeline {
                 ),
                 "Self-Instruct uses 0.7",
             ));
+        }
+        for (section, v) in [
+            ("expand", p.expand.repeat_penalty),
+            ("answer", p.answer.repeat_penalty),
+        ] {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(err(
+                    format!("[{section}] repeat_penalty = {v} must be positive"),
+                    "1.0 is off; 1.1–1.3 curbs repetition loops",
+                ));
+            }
         }
         if p.answer.retry_max_tokens < p.answer.max_tokens {
             return Err(err(

@@ -206,6 +206,7 @@ fn expansion(
             seed: mix(&["expand-sample", &seed_s, &r_s, &i_s]) >> 1,
             stop: vec![],
             n: 1,
+            repeat_penalty: e.repeat_penalty,
         },
     };
     Ok(Expansion {
@@ -431,6 +432,7 @@ pub fn run(
                 seed: mix(&["answer", &a.seed.to_string(), hash]) >> 1,
                 stop: vec![],
                 n: 1,
+                repeat_penalty: a.repeat_penalty,
             },
         })
     };
