@@ -179,7 +179,7 @@ pub fn markdown(
 
 /// The CPU and the threads the report was made with (`/proc/cpuinfo`, `RAYON_NUM_THREADS`).
 fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+    let cpu = fs_err::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|t| {
             t.lines()
