@@ -68,7 +68,7 @@ pub struct ExperimentArgs {
     /// An experiment TOML file (see experiments/README.md).
     #[arg(value_name = "EXPERIMENT")]
     pub experiment: PathBuf,
-    /// Output directory (default: runs/<name>).
+    /// Output directory (default: `runs/NAME`).
     #[arg(long, short = 'o', value_name = "DIR")]
     pub out: Option<PathBuf>,
     /// Only rebuild report.md and the plots from the finished cells.
