@@ -30,7 +30,8 @@ fn one() -> usize {
     1
 }
 
-fn no_penalty() -> f64 {
+/// Serde default of a repetition penalty: off (also used by the synth config).
+pub(crate) fn no_penalty() -> f64 {
     1.0
 }
 

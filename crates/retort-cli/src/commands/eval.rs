@@ -77,8 +77,7 @@ pub fn eval(args: EvalArgs, quiet: bool) -> Result<()> {
     let mut reports: Vec<EvalReport> = Vec::new();
     for arg in &args.model {
         let (name, path) = labelled(arg);
-        let path = &path;
-        let (model, tok) = load(path, quiet)?;
+        let (model, tok) = load(&path, quiet)?;
         if let Some((_, ttok)) = &teacher
             && ttok.fingerprint() != tok.fingerprint()
         {

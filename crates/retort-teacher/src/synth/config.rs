@@ -103,7 +103,7 @@ pub struct ExpandConfig {
     pub max_tokens: usize,
     /// Repetition penalty on the last 64 tokens, prompt included (1.0: off). Small teachers copy
     /// the examples they are shown and fall into loops; 1.1–1.3 curbs both.
-    #[serde(default = "no_penalty")]
+    #[serde(default = "crate::teacher::no_penalty")]
     pub repeat_penalty: f64,
     #[serde(default)]
     pub seed: u64,
@@ -222,14 +222,10 @@ pub struct AnswerConfig {
     #[serde(default = "default_retry_tokens")]
     pub retry_max_tokens: usize,
     /// Repetition penalty on the last 64 tokens (1.0: off); see `[expand] repeat_penalty`.
-    #[serde(default = "no_penalty")]
+    #[serde(default = "crate::teacher::no_penalty")]
     pub repeat_penalty: f64,
     #[serde(default)]
     pub seed: u64,
-}
-
-fn no_penalty() -> f64 {
-    1.0
 }
 
 fn default_answer_temperature() -> f64 {
