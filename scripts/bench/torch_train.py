@@ -25,6 +25,10 @@ p.add_argument("--batch", type=int, default=4)
 p.add_argument("--seq", type=int, default=256)
 p.add_argument("--teacher", default="runs/bench/teacher-hf")
 p.add_argument("--student", default="runs/bench/student-10l")
+p.add_argument("--autocast", choices=["none", "bf16"], default="none",
+               help="bf16: torch.autocast('cpu', bfloat16) around the forward passes (the reference experiment's setting)")
+p.add_argument("--teacher-logits", choices=["online", "cached"], default="online",
+               help="cached: the teacher's log-probs are computed once before the timed steps (fp16, full vocabulary), as a dense logit cache")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 teacher = LlamaForCausalLM.from_pretrained(a.teacher, torch_dtype=torch.float32, attn_implementation="sdpa").eval()
@@ -33,17 +37,31 @@ for q in teacher.parameters():
     q.requires_grad_(False)
 nparams = sum(q.numel() for q in student.parameters())
 print(f"torch {torch.__version__} transformers {transformers.__version__} threads {torch.get_num_threads()}: "
-      f"student {student.config.num_hidden_layers} layers ({nparams/1e6:.1f}M params), batch {a.batch}x{a.seq}, forward KL")
+      f"student {student.config.num_hidden_layers} layers ({nparams/1e6:.1f}M params), batch {a.batch}x{a.seq}, forward KL, "
+      f"autocast {a.autocast}, teacher {a.teacher_logits}")
+import contextlib
+def amp():
+    return torch.autocast("cpu", dtype=torch.bfloat16) if a.autocast == "bf16" else contextlib.nullcontext()
 V = student.config.vocab_size
 B, T = a.batch, a.seq
 ids = torch.tensor([(i * 2654435761) % V for i in range(B * T)], dtype=torch.long).view(B, T)
 opt = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.0)
+cached = None
+if a.teacher_logits == "cached":
+    with torch.no_grad(), amp():
+        cached = torch.log_softmax(teacher(input_ids=ids).logits[:, :-1].float(), -1).half()
+    del teacher
 times = []
 for step in range(a.steps):
     t0 = time.time()
-    with torch.no_grad():
-        t_logp = torch.log_softmax(teacher(input_ids=ids).logits[:, :-1].float(), -1)
-    s_logp = torch.log_softmax(student(input_ids=ids).logits[:, :-1].float(), -1)
+    if cached is not None:
+        t_logp = cached.float()
+    else:
+        with torch.no_grad(), amp():
+            t_logp = torch.log_softmax(teacher(input_ids=ids).logits[:, :-1].float(), -1)
+    with amp():
+        s_logits = student(input_ids=ids).logits[:, :-1]
+    s_logp = torch.log_softmax(s_logits.float(), -1)
     n = B * (T - 1)
     loss = (t_logp.exp() * (t_logp - s_logp)).sum() / n
     t1 = time.time()

@@ -19,6 +19,7 @@ use retort_distill::Divergence;
 use retort_distill::adamw::{AdamW, AdamWParams};
 use retort_distill::grads::Grads;
 use retort_distill::objective::{KdTerm, MicroBatch, Objective, accumulate};
+use retort_model::kernels::MatmulPrecision;
 use retort_model::model::evenly_spaced_layers;
 use retort_model::{WeightFormat, checkpoint};
 
@@ -61,13 +62,22 @@ fn main() {
     let ck = checkpoint::read(&path, &dev).unwrap();
     let teacher = ck.frozen(WeightFormat::F32).unwrap();
     let keep = evenly_spaced_layers(layers, ck.config.num_hidden_layers);
-    let student = teacher
+    let mut student = teacher
         .prune_layers(&keep, &path)
         .unwrap()
         .to_trainable(&path)
         .unwrap();
+    let args: Vec<String> = std::env::args().collect();
+    let matmul: MatmulPrecision = args
+        .iter()
+        .position(|a| a == "--matmul")
+        .and_then(|i| args.get(i + 1))
+        .map_or(MatmulPrecision::F32, |v| v.parse().unwrap());
+    student.set_matmul_precision(matmul);
+    let mut teacher = teacher;
+    teacher.set_matmul_precision(matmul);
     println!(
-        "retort train bench: student {} layers ({:.1}M params), teacher 30 layers f32, batch {batch}x{seq}, forward KL, chunk_rows {}, threads {}",
+        "retort train bench: student {} layers ({:.1}M params), teacher 30 layers f32, batch {batch}x{seq}, forward KL, chunk_rows {}, matmul {matmul:?}, threads {}",
         layers,
         student.config().num_parameters() as f64 / 1e6,
         arg("--chunk", 1024),
@@ -100,6 +110,36 @@ fn main() {
         chunk_rows: arg("--chunk", 1024),
         vocab_limit: None,
     };
+    if args.iter().any(|a| a == "--phases") {
+        // Where a step's time goes: forward passes alone (no backward), 3 runs each, median.
+        let time = |f: &dyn Fn()| {
+            let mut ts: Vec<f64> = (0..3)
+                .map(|_| {
+                    let t0 = Instant::now();
+                    f();
+                    t0.elapsed().as_secs_f64()
+                })
+                .collect();
+            ts.sort_by(f64::total_cmp);
+            ts[1]
+        };
+        let h_t = time(&|| {
+            teacher.forward(&mb.ids, 0, &[], None).unwrap();
+        });
+        let l_t = time(&|| {
+            let h = teacher.forward(&mb.ids, 0, &[], None).unwrap();
+            let h = h.reshape((batch * seq, ())).unwrap();
+            teacher
+                .lm_head(&h.index_select(&mb.positions, 0).unwrap())
+                .unwrap();
+        });
+        let h_s = time(&|| {
+            student.forward(&mb.ids, 0, &[], None).unwrap();
+        });
+        println!(
+            "phases: teacher body {h_t:.2}s, teacher body+head {l_t:.2}s, student body forward {h_s:.2}s"
+        );
+    }
     let mut opt = AdamW::new(student.vars(), AdamWParams::default());
     let mut times = Vec::new();
     for step in 0..steps {

@@ -36,6 +36,7 @@ use crate::batch::Truncation;
 use crate::error::{Error, Result};
 use crate::loss::Divergence;
 use crate::schedule::Decay;
+use retort_model::kernels::MatmulPrecision;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -104,6 +105,10 @@ pub struct TrainParams {
     pub eval_fraction: f64,
     /// Rows of logits computed at once by the loss.
     pub chunk_rows: usize,
+    /// Products of the linear layers and LM heads (student and online teacher): `f32`, or
+    /// `bf16` (f32 weights and accumulation, bf16 products, on CPUs with AVX-512 BF16; elsewhere
+    /// f32). PyTorch's bf16 autocast, without bf16 copies of the weights.
+    pub matmul: MatmulPrecision,
     /// Stop a run with the last good checkpoint intact on a non-finite loss or gradient.
     pub nan_guard: bool,
 }
@@ -127,6 +132,7 @@ impl Default for TrainParams {
             keep_checkpoints: 2,
             eval_fraction: 0.1,
             chunk_rows: 1024,
+            matmul: MatmulPrecision::F32,
             nan_guard: true,
         }
     }

@@ -221,7 +221,8 @@ pub fn prepare(recipe: Recipe, device: &Device) -> Result<Plan> {
         Some(p) => Some(checkpoint::read(p, device)?),
         None => None,
     };
-    let (student, tokenizer) = load_student(&recipe, teacher_ck.as_ref(), device)?;
+    let (mut student, tokenizer) = load_student(&recipe, teacher_ck.as_ref(), device)?;
+    student.set_matmul_precision(recipe.train.matmul);
     let needs_teacher = recipe.stages.iter().any(|s| s.method == Method::Kd);
     let cache = match recipe.teacher.as_ref().and_then(|t| t.cache.as_ref()) {
         Some(dir) if needs_teacher => Some(Reader::open(dir, teacher_ck.is_some())?),
@@ -229,7 +230,8 @@ pub fn prepare(recipe: Recipe, device: &Device) -> Result<Plan> {
     };
     let (teacher, teacher_id, vocab_limit) = match (&teacher_ck, needs_teacher) {
         (Some(ck), true) => {
-            let t = ck.frozen(WeightFormat::F32)?;
+            let mut t = ck.frozen(WeightFormat::F32)?;
+            t.set_matmul_precision(recipe.train.matmul);
             let limit = shared_vocab(&student, &tokenizer, &t, &ck.tokenizer, &ck.path)?;
             let id = TeacherId {
                 path: ck.path.clone(),

@@ -60,6 +60,57 @@ fn main() {
             "gemm f32 1024³: {:.1} GFLOP/s",
             2.0 * (n as f64).powi(3) / median(times) / 1e9
         );
+        // The training step's shapes (10-layer student, 1024 rows): forward x·Wᵀ, backward
+        // g·W and gᵀ·x, and the LM head; candle's f32 GEMM against the bf16 kernel.
+        let shapes: [(&str, usize, usize, usize, bool, bool); 7] = [
+            ("1024³", 1024, 1024, 1024, false, false),
+            ("x·Wᵀ  1024×576·576×1536", 1024, 1536, 576, false, true),
+            ("g·W   1024×1536·1536×576", 1024, 576, 1536, false, false),
+            ("gᵀ·x  1536×1024·1024×576", 1536, 576, 1024, true, false),
+            ("head  1024×576·576×49152", 1024, 49152, 576, false, true),
+            ("dh    1024×49152·49152×576", 1024, 576, 49152, false, false),
+            ("dE    49152×1024·1024×576", 49152, 576, 1024, true, false),
+        ];
+        let bf16 = retort_model::kernels::bf16_gemm::available();
+        for (name, m, n, k, a_t, b_t) in shapes {
+            // a_t / b_t: the operand is a transposed view, as in a linear layer's passes.
+            let a = if a_t {
+                Tensor::randn(0f32, 1., (k, m), &dev).unwrap().t().unwrap()
+            } else {
+                Tensor::randn(0f32, 1., (m, k), &dev).unwrap()
+            };
+            let b = if b_t {
+                Tensor::randn(0f32, 1., (n, k), &dev).unwrap().t().unwrap()
+            } else {
+                Tensor::randn(0f32, 1., (k, n), &dev).unwrap()
+            };
+            let flop = 2.0 * (m * n * k) as f64;
+            let reps = if flop > 2e10 { 3 } else { runs };
+            let time = |f: &dyn Fn() -> Tensor| {
+                f();
+                median(
+                    (0..reps)
+                        .map(|_| {
+                            let t0 = Instant::now();
+                            std::hint::black_box(f());
+                            t0.elapsed().as_secs_f64()
+                        })
+                        .collect(),
+                )
+            };
+            let f32_s = time(&|| a.matmul(&b).unwrap());
+            let line = format!("gemm {name}: f32 {:.1} GFLOP/s", flop / f32_s / 1e9);
+            if bf16 {
+                let bf_s = time(&|| retort_model::kernels::matmul_bf16(&a, &b).unwrap());
+                println!(
+                    "{line} | bf16 {:.1} GFLOP/s ({:.2}x)",
+                    flop / bf_s / 1e9,
+                    f32_s / bf_s
+                );
+            } else {
+                println!("{line} | bf16: no AVX-512 BF16 on this CPU");
+            }
+        }
     }
 
     if only("linear") {

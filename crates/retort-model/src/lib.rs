@@ -20,6 +20,7 @@ pub mod config;
 mod error;
 pub mod generation;
 pub mod gguf;
+pub mod kernels;
 pub mod kv_cache;
 pub mod model;
 pub mod rope;

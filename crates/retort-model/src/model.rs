@@ -20,6 +20,7 @@ use candle_core::{D, DType, Device, Module, Tensor, Var};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::kernels::{MatmulPrecision, matmul_bf16};
 use crate::kv_cache::KvCache;
 use crate::rope::Rope;
 use crate::weights::{LinearWeight, WeightFormat, Weights};
@@ -34,6 +35,8 @@ const SMALL_BATCH_ROWS: usize = 8;
 pub struct Linear {
     weight: LinearWeight,
     bias: Option<Tensor>,
+    /// Products of a dense weight in bf16 where that runs (see [`MatmulPrecision`]).
+    precision: MatmulPrecision,
 }
 
 impl Linear {
@@ -49,7 +52,12 @@ impl Linear {
                 let (out, _) = w.dims2()?;
                 let rows: usize = lead.iter().product();
                 let x2 = x.reshape((rows, inner))?;
-                let y = if (2..=SMALL_BATCH_ROWS).contains(&rows) {
+                let y = if rows > SMALL_BATCH_ROWS
+                    && x.device().is_cpu()
+                    && self.precision.bf16_runs_here()
+                {
+                    matmul_bf16(&x2, &w.t()?)? // (rows, out), bf16 products
+                } else if (2..=SMALL_BATCH_ROWS).contains(&rows) {
                     // Few rows (decoding): W (out, in) · xᵀ keeps the big weight as the
                     // contiguous left operand, which gemm streams without repacking it.
                     w.matmul(&x2.t()?)?.t()?.contiguous()? // (rows, out)
@@ -282,7 +290,11 @@ impl Model {
             } else {
                 None
             };
-            Ok(Linear { weight, bias })
+            Ok(Linear {
+                weight,
+                bias,
+                precision: MatmulPrecision::F32,
+            })
         };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         let qkv_bias = cfg.arch.qkv_bias();
@@ -310,10 +322,12 @@ impl Model {
                 WeightFormat::Quantized | WeightFormat::Q8_0 if mode == Mode::Frozen => Linear {
                     weight: w.linear(embed_name, &[v, c], format)?,
                     bias: None,
+                    precision: MatmulPrecision::F32,
                 },
                 _ => Linear {
                     weight: LinearWeight::Dense(embed_tokens.clone()),
                     bias: None,
+                    precision: MatmulPrecision::F32,
                 },
             }
         } else {
@@ -362,6 +376,26 @@ impl Model {
     /// Trainable parameters by Hugging Face name; empty for a frozen model.
     pub fn vars(&self) -> &[(String, Var)] {
         &self.vars
+    }
+
+    /// Run the products of every dense linear layer and of the LM head at `p` (weights and
+    /// activations stay f32). Attention's own matmuls stay f32.
+    pub fn set_matmul_precision(&mut self, p: MatmulPrecision) {
+        for layer in &mut self.layers {
+            let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
+            for l in [
+                &mut a.q_proj,
+                &mut a.k_proj,
+                &mut a.v_proj,
+                &mut a.o_proj,
+                &mut m.gate_proj,
+                &mut m.up_proj,
+                &mut m.down_proj,
+            ] {
+                l.precision = p;
+            }
+        }
+        self.lm_head.precision = p;
     }
 
     pub fn is_trainable(&self) -> bool {
