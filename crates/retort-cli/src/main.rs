@@ -16,6 +16,7 @@ use clap::Parser;
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
     init_logging(args.global.verbose, args.global.quiet);
+    retort_model::runtime::configure_allocator(args.global.allocator);
     if let Some(n) = args.global.threads {
         set_threads(n);
     }

@@ -21,6 +21,7 @@ use retort_distill::grads::Grads;
 use retort_distill::objective::{KdTerm, MicroBatch, Objective, accumulate};
 use retort_model::kernels::MatmulPrecision;
 use retort_model::model::evenly_spaced_layers;
+use retort_model::runtime::{AllocatorMode, configure_allocator};
 use retort_model::{WeightFormat, checkpoint};
 
 fn arg(name: &str, default: usize) -> usize {
@@ -58,6 +59,14 @@ fn main() {
         );
         return;
     }
+    // As the CLI does (`--allocator retain`), unless `--allocator system`.
+    let args: Vec<String> = std::env::args().collect();
+    let allocator: AllocatorMode = args
+        .iter()
+        .position(|a| a == "--allocator")
+        .and_then(|i| args.get(i + 1))
+        .map_or(AllocatorMode::Retain, |v| v.parse().unwrap());
+    configure_allocator(allocator);
     let dev = Device::Cpu;
     let ck = checkpoint::read(&path, &dev).unwrap();
     let teacher = ck.frozen(WeightFormat::F32).unwrap();
@@ -67,7 +76,6 @@ fn main() {
         .unwrap()
         .to_trainable(&path)
         .unwrap();
-    let args: Vec<String> = std::env::args().collect();
     let matmul: MatmulPrecision = args
         .iter()
         .position(|a| a == "--matmul")
@@ -77,7 +85,7 @@ fn main() {
     let mut teacher = teacher;
     teacher.set_matmul_precision(matmul);
     println!(
-        "retort train bench: student {} layers ({:.1}M params), teacher 30 layers f32, batch {batch}x{seq}, forward KL, chunk_rows {}, matmul {matmul:?}, threads {}",
+        "retort train bench: student {} layers ({:.1}M params), teacher 30 layers f32, batch {batch}x{seq}, forward KL, chunk_rows {}, matmul {matmul:?}, allocator {allocator:?}, threads {}",
         layers,
         student.config().num_parameters() as f64 / 1e6,
         arg("--chunk", 1024),

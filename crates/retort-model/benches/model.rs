@@ -39,6 +39,8 @@ fn main() {
         println!("{} not found: run scripts/fetch-assets", gguf.display());
         return;
     }
+    // As the CLI does by default (`--allocator retain`).
+    retort_model::runtime::configure_allocator(retort_model::runtime::AllocatorMode::Retain);
     let dev = Device::Cpu;
     let threads = candle_core::utils::get_num_threads();
     println!("retort model bench: {} | threads {threads}", gguf.display());

@@ -24,6 +24,7 @@ pub mod kernels;
 pub mod kv_cache;
 pub mod model;
 pub mod rope;
+pub mod runtime;
 pub mod tokenizer;
 pub mod weights;
 

@@ -20,7 +20,7 @@ use candle_core::{D, DType, Device, Module, Tensor, Var};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::kernels::{MatmulPrecision, matmul_bf16};
+use crate::kernels::{self, MatmulPrecision, matmul_bf16};
 use crate::kv_cache::KvCache;
 use crate::rope::Rope;
 use crate::weights::{LinearWeight, WeightFormat, Weights};
@@ -110,6 +110,7 @@ enum Mode {
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, mode: Mode) -> Result<Tensor> {
     Ok(match mode {
         Mode::Frozen => candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?,
+        Mode::Trainable if x.device().is_cpu() => kernels::rms_norm(x, w, eps as f32)?,
         Mode::Trainable => {
             // x · (mean(x²) + eps)^-½ · w, over the last dim.
             let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -144,6 +145,7 @@ impl Attention {
         x: &Tensor,
         rope: &Rope,
         pos0: usize,
+        left_pad: &[usize],
         mask: Option<&Tensor>,
         cache: Option<&mut candle_nn::kv_cache::KvCache>,
         mode: Mode,
@@ -183,15 +185,21 @@ impl Attention {
         //    head are stacked along the position axis. (B, H, T, D) → (B, KVH, G·T, D).
         let q = q.reshape((b, kvh, g * t, d))?;
         let scale = 1.0 / (d as f64).sqrt();
-        let att = (q.matmul(&k.t()?)? * scale)?; // (B, KVH, G·T, S)
-        let att = match mask {
-            Some(m) => att
-                .reshape((b, kvh, g, t, s))?
-                .broadcast_add(&m.unsqueeze(1)?)?
-                .reshape((b, kvh, g * t, s))?,
-            None => att,
+        let att = if q.device().is_cpu() {
+            // Scale, mask and softmax in one op with its own backward.
+            let scores = q.matmul(&k.t()?)?; // (B, KVH, G·T, S)
+            kernels::masked_softmax(&scores, scale as f32, t, pos0, left_pad)?
+        } else {
+            let att = (q.matmul(&k.t()?)? * scale)?; // (B, KVH, G·T, S)
+            let att = match mask {
+                Some(m) => att
+                    .reshape((b, kvh, g, t, s))?
+                    .broadcast_add(&m.unsqueeze(1)?)?
+                    .reshape((b, kvh, g * t, s))?,
+                None => att,
+            };
+            softmax_last(&att, mode)?
         };
-        let att = softmax_last(&att, mode)?;
         let y = att.matmul(&v.contiguous()?)?; // (B, KVH, G·T, D)
         // 5. Heads back together: (B, H, T, D) → (B, T, H·D) → (B, T, C).
         let y = y
@@ -212,8 +220,13 @@ struct Mlp {
 impl Mlp {
     /// SwiGLU: `down(silu(gate(x)) · up(x))`, `(B, T, C) → (B, T, F) → (B, T, C)`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let a = self.gate_proj.forward(x)?.silu()?;
-        self.down_proj.forward(&(a * self.up_proj.forward(x)?)?)
+        let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
+        let a = if x.device().is_cpu() {
+            kernels::swiglu(&gate, &up)?
+        } else {
+            (gate.silu()? * up)?
+        };
+        self.down_proj.forward(&a)
     }
 }
 
@@ -434,7 +447,12 @@ impl Model {
             .embed_tokens
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, c))?; // (B, T, C)
-        let mask = attention_mask(b, t, pos0, left_pad, &self.device)?; // (B|1, 1, T, S)
+        // The CPU path masks inside its fused softmax; other devices add this mask.
+        let mask = if self.device.is_cpu() {
+            None
+        } else {
+            attention_mask(b, t, pos0, left_pad, &self.device)? // (B|1, 1, T, S)
+        };
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = match cache.as_deref_mut() {
                 Some(kc) => Some(kc.layer_mut(i)?),
@@ -445,6 +463,7 @@ impl Model {
                 &h,
                 &self.rope,
                 pos0,
+                left_pad,
                 mask.as_ref(),
                 layer_cache,
                 self.mode,

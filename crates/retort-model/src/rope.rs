@@ -34,7 +34,9 @@ impl Rope {
         let (_b, _h, t, _d) = x.dims4()?;
         let cos = self.cos.narrow(0, pos0, t)?; // (T, D/2)
         let sin = self.sin.narrow(0, pos0, t)?;
-        Ok(if differentiable {
+        Ok(if differentiable && x.device().is_cpu() {
+            crate::kernels::rope(x, &cos, &sin)?
+        } else if differentiable {
             candle_nn::rotary_emb::rope_slow(x, &cos, &sin)?
         } else {
             candle_nn::rotary_emb::rope(&x.contiguous()?, &cos.contiguous()?, &sin.contiguous()?)?

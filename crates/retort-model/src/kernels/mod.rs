@@ -1,11 +1,25 @@
 //! Kernels candle 0.11 does not have on the CPU, each with a measured reason (see
-//! `docs/performance.md`) and tests against the plain composition.
+//! `docs/performance.md`) and tests against the plain composition it replaces (values and
+//! gradients).
 //!
-//! - [`bf16_gemm`]: f32-in/f32-out GEMM with bf16 products (AVX-512 BF16), the CPU's fastest
-//!   matmul here; candle widens bf16 to f32.
-//! - [`matmul`]: that GEMM as a differentiable candle op, and the precision switch.
+//! - [`bf16_gemm`]: f32-in/f32-out GEMM with bf16 products (AVX-512 BF16); candle widens bf16
+//!   to f32. [`matmul`]: that GEMM as a differentiable op, and the precision switch.
+//! - [`rms_norm`], [`rope`], [`swiglu`], [`softmax`]: the trainable model's elementwise and
+//!   row-wise pieces as single ops with explicit backward; candle's fused versions carry no
+//!   gradient, and the compositions allocate a tensor per step.
 
 pub mod bf16_gemm;
 pub mod matmul;
+mod par;
+pub mod rms_norm;
+pub mod rope;
+pub mod softmax;
+pub mod swiglu;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use matmul::{MatmulPrecision, matmul_bf16};
+pub use rms_norm::rms_norm;
+pub use rope::rope;
+pub use softmax::masked_softmax;
+pub use swiglu::swiglu;

@@ -1,0 +1,59 @@
+//! Equivalence checks of a fused op against the plain composition it replaces: values, and the
+//! gradients of `Σ out ⊙ R` (R fixed and random) with respect to every input.
+
+use candle_core::{Tensor, Var};
+
+/// Max |a − b| ≤ tol · (1 + max |b|).
+pub fn assert_close(a: &Tensor, b: &Tensor, tol: f32) {
+    assert_eq!(a.dims(), b.dims());
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = b
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        diff <= tol * (1.0 + scale),
+        "max abs diff {diff} (scale {scale}, tol {tol})"
+    );
+}
+
+pub fn check_against_composition(
+    inputs: &[Tensor],
+    fused: impl Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+    composed: impl Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+    tol: f32,
+) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let a = fused(&ts).unwrap();
+    let b = composed(&ts).unwrap();
+    assert_close(&a, &b, tol);
+    let r = Tensor::randn(0f32, 1.0, a.shape(), a.device()).unwrap();
+    let ga = (&a * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gb = (&b * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    for (i, t) in ts.iter().enumerate() {
+        let (x, y) = (ga.get(t), gb.get(t));
+        match (x, y) {
+            (Some(x), Some(y)) => assert_close(x, y, tol),
+            (None, None) => {}
+            _ => panic!("input {i}: gradient present in one version only"),
+        }
+    }
+}
