@@ -17,8 +17,10 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use retort_distill::Divergence;
 use retort_distill::adamw::{AdamW, AdamWParams};
+use retort_distill::cache::topk::{coarse_log_probs, top_k_rows};
 use retort_distill::grads::Grads;
 use retort_distill::objective::{KdTerm, MicroBatch, Objective, accumulate};
+use retort_distill::sparse::SparseTargets;
 use retort_model::kernels::MatmulPrecision;
 use retort_model::model::evenly_spaced_layers;
 use retort_model::runtime::{AllocatorMode, configure_allocator};
@@ -84,8 +86,13 @@ fn main() {
     student.set_matmul_precision(matmul);
     let mut teacher = teacher;
     teacher.set_matmul_precision(matmul);
+    let teacher_mode = args
+        .iter()
+        .position(|a| a == "--teacher")
+        .and_then(|i| args.get(i + 1))
+        .map_or("online", |s| s.as_str());
     println!(
-        "retort train bench: student {} layers ({:.1}M params), teacher 30 layers f32, batch {batch}x{seq}, forward KL, chunk_rows {}, matmul {matmul:?}, allocator {allocator:?}, threads {}",
+        "retort train bench: teacher {teacher_mode}, student {} layers ({:.1}M params), teacher 30 layers f32, batch {batch}x{seq}, forward KL, chunk_rows {}, matmul {matmul:?}, allocator {allocator:?}, threads {}",
         layers,
         student.config().num_parameters() as f64 / 1e6,
         arg("--chunk", 1024),
@@ -148,12 +155,38 @@ fn main() {
             "phases: teacher body {h_t:.2}s, teacher body+head {l_t:.2}s, student body forward {h_s:.2}s"
         );
     }
+    // `--teacher cached`: the teacher's top-64 at every loss position computed once, before the
+    // timed steps, as `retort label` stores them; the steps then read them like a logit cache.
+    let cached = args
+        .iter()
+        .position(|a| a == "--teacher")
+        .and_then(|i| args.get(i + 1))
+        .is_some_and(|v| v == "cached");
+    let mut mb = mb;
+    if cached {
+        let k = arg("--top-k", 64);
+        let h = teacher.forward(&mb.ids, 0, &[], None).unwrap();
+        let h = h
+            .reshape((batch * seq, ()))
+            .unwrap()
+            .index_select(&mb.positions, 0)
+            .unwrap();
+        let logits = teacher.lm_head(&h).unwrap().flatten_all().unwrap();
+        let logits = logits.to_vec1::<f32>().unwrap();
+        let (ids, logp, tail) = top_k_rows(&logits, v as usize, k, 1.0);
+        mb.sparse = Some(SparseTargets {
+            k,
+            logp: coarse_log_probs(&logp, &tail, k, v as usize, 1.0),
+            ids,
+        });
+    }
+    let teacher_arg = if cached { None } else { Some(&teacher) };
     let mut opt = AdamW::new(student.vars(), AdamWParams::default());
     let mut times = Vec::new();
     for step in 0..steps {
         let t0 = Instant::now();
         let mut g = Grads::new(student.vars().len());
-        let s = accumulate(&student, Some(&teacher), &obj, &mb, n as f64, &mut g).unwrap();
+        let s = accumulate(&student, teacher_arg, &obj, &mb, n as f64, &mut g).unwrap();
         let t1 = Instant::now();
         opt.step(student.vars(), &g, 1e-4, 1.0).unwrap();
         let dt = t0.elapsed().as_secs_f64();

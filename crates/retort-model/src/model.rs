@@ -127,6 +127,14 @@ fn softmax_last(x: &Tensor, mode: Mode) -> Result<Tensor> {
     })
 }
 
+/// Where a call's queries sit: absolute position of the first, per-row left padding, and the
+/// additive mask built from both (devices other than the CPU, whose softmax masks itself).
+struct Positions<'a> {
+    pos0: usize,
+    left_pad: &'a [usize],
+    mask: Option<Tensor>,
+}
+
 #[derive(Debug, Clone)]
 struct Attention {
     q_proj: Linear,
@@ -144,12 +152,11 @@ impl Attention {
         &self,
         x: &Tensor,
         rope: &Rope,
-        pos0: usize,
-        left_pad: &[usize],
-        mask: Option<&Tensor>,
+        at: &Positions,
         cache: Option<&mut candle_nn::kv_cache::KvCache>,
         mode: Mode,
     ) -> Result<Tensor> {
+        let (pos0, left_pad, mask) = (at.pos0, at.left_pad, at.mask.as_ref());
         let (b, t, _c) = x.dims3()?;
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let g = h / kvh;
@@ -453,21 +460,20 @@ impl Model {
         } else {
             attention_mask(b, t, pos0, left_pad, &self.device)? // (B|1, 1, T, S)
         };
+        let at = Positions {
+            pos0,
+            left_pad,
+            mask,
+        };
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = match cache.as_deref_mut() {
                 Some(kc) => Some(kc.layer_mut(i)?),
                 None => None,
             };
             let h = rms_norm(&x, &layer.input_layernorm, self.cfg.rms_norm_eps, self.mode)?;
-            let a = layer.self_attn.forward(
-                &h,
-                &self.rope,
-                pos0,
-                left_pad,
-                mask.as_ref(),
-                layer_cache,
-                self.mode,
-            )?;
+            let a = layer
+                .self_attn
+                .forward(&h, &self.rope, &at, layer_cache, self.mode)?;
             x = (x + a)?;
             let h = rms_norm(
                 &x,

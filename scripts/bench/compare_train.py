@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""retort's KD training step against PyTorch + transformers, alternated, one table.
+
+Runs `cargo bench -p retort-distill --bench train` and scripts/bench/torch_train.py in each
+configuration, ROUNDS times in alternation (retort, PyTorch, retort, ...), and prints a Markdown
+table of the medians over rounds with the ratio to PyTorch's best configuration for the same
+teacher mode, and peak RSS. Same student (10 of 30 layers of SmolLM2-135M-Instruct), batch 4x256,
+forward KL at every position, AdamW, 2 threads.
+
+Teacher modes:
+  online  the 30-layer teacher runs in every step (f32 weights);
+  cached  the teacher's targets are computed once before the timed steps: retort reads top-64
+          (what `retort label` stores), PyTorch full-vocabulary fp16 log-probs (a dense cache,
+          as in ../shared/design/reference-experiment.md).
+
+    scripts/bench/compare-torch      # builds, makes the HF dirs, then runs this
+"""
+import os, re, statistics, subprocess, sys
+
+ROUNDS = int(os.environ.get("ROUNDS", "2"))
+STEPS = os.environ.get("STEPS", "6")
+PY = os.environ.get("TORCH_PYTHON", sys.executable)
+BENCH = sys.argv[1]  # the train bench executable
+
+RETORT = [("online", "f32"), ("online", "bf16"), ("cached", "f32"), ("cached", "bf16")]
+TORCH = [("online", "none"), ("online", "bf16"), ("cached", "bf16")]
+MEAN = re.compile(r"MEAN steps 1\.\.: ([\d.]+)s/step = ([\d.]+) tok/s; peak RSS (\d+) MB")
+
+
+def run(cmd):
+    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, RAYON_NUM_THREADS="2"))
+    m = MEAN.search(out.stdout)
+    if not m:
+        sys.exit(f"no MEAN line from {' '.join(cmd)}:\n{out.stdout}\n{out.stderr}")
+    return float(m.group(2)), int(m.group(3))
+
+
+res = {}
+for r in range(ROUNDS):
+    for (mode, mm), (tmode, ac) in zip(RETORT, TORCH + [None]):
+        tok, rss = run([BENCH, "--steps", STEPS, "--teacher", mode, "--matmul", mm])
+        res.setdefault(("retort", mode, mm), []).append((tok, rss))
+        print(f"round {r + 1}: retort {mode} matmul {mm}: {tok:.1f} tok/s, {rss} MB", flush=True)
+        if tmode is None:
+            continue
+        tok, rss = run([PY, "scripts/bench/torch_train.py", "--threads", "2", "--steps", STEPS,
+                        "--autocast", ac, "--teacher-logits", tmode])
+        res.setdefault(("torch", tmode, ac), []).append((tok, rss))
+        print(f"round {r + 1}: pytorch {tmode} autocast {ac}: {tok:.1f} tok/s, {rss} MB", flush=True)
+
+med = {k: (statistics.median(t for t, _ in v), max(m for _, m in v), [t for t, _ in v]) for k, v in res.items()}
+best = {}
+for (who, mode, cfg), (tok, _, _) in med.items():
+    if who == "torch" and tok > best.get(mode, (0, ""))[0]:
+        best[mode] = (tok, cfg)
+print()
+print(f"| configuration | tok/s (median of {ROUNDS}; runs) | peak RSS MB | ratio to PyTorch's best {'{'}same teacher mode{'}'} |")
+print("| --- | --- | --- | --- |")
+for (who, mode, cfg), (tok, rss, runs) in sorted(med.items()):
+    name = f"retort, teacher {mode}, matmul {cfg}" if who == "retort" else f"PyTorch, teacher {mode}, autocast {cfg}"
+    ratio = tok / best[mode][0] if mode in best else float("nan")
+    print(f"| {name} | {tok:.1f} ({', '.join(f'{x:.1f}' for x in runs)}) | {rss} | {ratio:.2f}x |")
