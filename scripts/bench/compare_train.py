@@ -15,7 +15,7 @@ Teacher modes:
 
     scripts/bench/compare-torch      # builds, makes the HF dirs, then runs this
 """
-import os, re, statistics, subprocess, sys
+import itertools, os, re, statistics, subprocess, sys
 
 ROUNDS = int(os.environ.get("ROUNDS", "2"))
 STEPS = os.environ.get("STEPS", "6")
@@ -37,12 +37,13 @@ def run(cmd):
 
 res = {}
 for r in range(ROUNDS):
-    for (mode, mm), (tmode, ac) in zip(RETORT, TORCH + [None]):
+    for (mode, mm), theirs in itertools.zip_longest(RETORT, TORCH):
         tok, rss = run([BENCH, "--steps", STEPS, "--teacher", mode, "--matmul", mm])
         res.setdefault(("retort", mode, mm), []).append((tok, rss))
         print(f"round {r + 1}: retort {mode} matmul {mm}: {tok:.1f} tok/s, {rss} MB", flush=True)
-        if tmode is None:
+        if theirs is None:
             continue
+        tmode, ac = theirs
         tok, rss = run([PY, "scripts/bench/torch_train.py", "--threads", "2", "--steps", STEPS,
                         "--autocast", ac, "--teacher-logits", tmode])
         res.setdefault(("torch", tmode, ac), []).append((tok, rss))
@@ -54,7 +55,7 @@ for (who, mode, cfg), (tok, _, _) in med.items():
     if who == "torch" and tok > best.get(mode, (0, ""))[0]:
         best[mode] = (tok, cfg)
 print()
-print(f"| configuration | tok/s (median of {ROUNDS}; runs) | peak RSS MB | ratio to PyTorch's best {'{'}same teacher mode{'}'} |")
+print(f"| configuration | tok/s (median of {ROUNDS}; runs) | peak RSS MB | ratio to PyTorch's best (same teacher mode) |")
 print("| --- | --- | --- | --- |")
 for (who, mode, cfg), (tok, rss, runs) in sorted(med.items()):
     name = f"retort, teacher {mode}, matmul {cfg}" if who == "retort" else f"PyTorch, teacher {mode}, autocast {cfg}"
