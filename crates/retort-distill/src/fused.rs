@@ -12,6 +12,7 @@
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use retort_model::kernels::exp;
 
 use crate::error::{Error, Result};
 
@@ -40,9 +41,9 @@ struct Op {
 
 /// log Σ exp(x·k) computed stably, returning (max·k, lse) so that log softmax = x·k − max − lse.
 pub(crate) fn row_stats(x: &[f32], k: f32) -> (f32, f32) {
-    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * k;
-    let sum: f32 = x.iter().map(|&v| (v * k - max).exp()).sum();
-    (max, sum.ln())
+    // k > 0 (an inverse temperature), so max(x·k) = max(x)·k.
+    let max = exp::max(x) * k;
+    (max, exp::sum_exp(x, k, max).ln())
 }
 
 impl Op {

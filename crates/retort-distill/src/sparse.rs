@@ -13,6 +13,7 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use retort_model::kernels::exp;
 
 use crate::error::{Error, Result};
 use crate::fused::{FusedLoss, row_stats, rows_in_parallel, stored_grad};
@@ -121,9 +122,7 @@ impl Op {
             row_stats(z, inv_t)
         };
         // Student softmax at T into g (reused as scratch), tail mass outside the top-k.
-        for (gv, &zv) in g.iter_mut().zip(z) {
-            *gv = (zv * inv_t - ms - ls).exp();
-        }
+        exp::exp_scaled(z, inv_t, ms + ls, g);
         let none = crate::cache::codec::NONE;
         for &id in ids.iter().filter(|&&i| i != none) {
             in_top[id as usize] = true;

@@ -115,6 +115,45 @@ fn main() {
         }
     }
 
+    if only("exp") {
+        // One loss row's softmax statistics over the vocabulary, 1,000 rows: libm vs ours.
+        use retort_model::kernels::exp;
+        let row: Vec<f32> = (0..49152)
+            .map(|i| ((i * 7919) % 1000) as f32 / 100.0 - 5.0)
+            .collect();
+        let rows = 1000;
+        let time = |f: &dyn Fn() -> f32| {
+            median(
+                (0..5)
+                    .map(|_| {
+                        let t0 = Instant::now();
+                        std::hint::black_box(f());
+                        t0.elapsed().as_secs_f64()
+                    })
+                    .collect(),
+            )
+        };
+        let libm = time(&|| {
+            (0..rows)
+                .map(|_| {
+                    let m = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    row.iter().map(|&v| (v - m).exp()).sum::<f32>()
+                })
+                .sum()
+        });
+        let ours = time(&|| {
+            (0..rows)
+                .map(|_| exp::sum_exp(&row, 1.0, exp::max(&row)))
+                .sum()
+        });
+        println!(
+            "max + sum of exp, {rows} rows of 49,152 (one thread): libm {:.1} ms, ours {:.1} ms ({:.1}x)",
+            libm * 1e3,
+            ours * 1e3,
+            libm / ours
+        );
+    }
+
     if only("linear") {
         // The LM head's shape, (V, C) = (49152, 576), at decoding batch sizes: x·Wᵀ vs W·xᵀ.
         let w = Tensor::randn(0f32, 0.02, (49152, 576), &dev).unwrap();

@@ -154,7 +154,29 @@ fn quantized_and_f32_weights_agree() {
     let Some(path) = gguf() else { return };
     let ck = checkpoint::read(&path, &Device::Cpu).unwrap();
     let f = ck.frozen(WeightFormat::F32).unwrap();
-    let (p, x) = sky_prompt(&ck.tokenizer);
+    // A prompt and a physician-style answer: ~150 positions, so that one near-tie flipping (Q8_0
+    // also quantizes activations, so 1e-7 changes upstream can move a logit by 0.03) is < 1 %.
+    let p = ck
+        .tokenizer
+        .encode_prompt(&[
+            Message::user("Why is the sky blue?"),
+            Message::assistant(
+                "Sunlight is a mix of all visible colours. As it passes through the atmosphere, \
+                 it is scattered by nitrogen and oxygen molecules, which are much smaller than the \
+                 wavelength of light. This Rayleigh scattering is far stronger for short \
+                 wavelengths, so blue light is scattered across the whole sky and reaches our eyes \
+                 from every direction. Violet is scattered even more, but the Sun emits less of \
+                 it, part of it is absorbed high in the atmosphere, and our eyes are less \
+                 sensitive to it. At sunrise and sunset the light crosses much more air, most of \
+                 the blue is scattered away before it reaches us, and the sky near the horizon \
+                 turns red and orange.",
+            ),
+        ])
+        .unwrap();
+    let x = Tensor::new(p.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let lf = f.logits(&x).unwrap();
     for format in [WeightFormat::Quantized, WeightFormat::Q8_0] {
         let lq = ck.frozen(format).unwrap().logits(&x).unwrap();

@@ -9,6 +9,7 @@
 //!   gradient, and the compositions allocate a tensor per step.
 
 pub mod bf16_gemm;
+pub mod exp;
 pub mod matmul;
 mod par;
 pub mod rms_norm;

@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
-use super::par;
 use super::rms_norm::{slice, values};
+use super::{exp, par};
 
 /// `softmax(scale · x + causal/left-pad mask)` over the last dim of `x (B, KVH, G·T, S)`, for
 /// queries at positions `pos0 .. pos0 + t`.
@@ -73,16 +73,10 @@ impl CustomOp1 for MaskedSoftmax {
             let xr = &x[r * s..(r + 1) * s];
             let vis = self.visible(r, rows_per_batch);
             let k = self.scale;
-            let max = xr[vis.clone()]
-                .iter()
-                .fold(f32::NEG_INFINITY, |m, &v| m.max(v * k));
-            let mut sum = 0f32;
-            for j in vis.clone() {
-                let e = (xr[j] * k - max).exp();
-                pr[j] = e;
-                sum += e;
-            }
-            let inv = 1.0 / sum;
+            // scale > 0, so max(x·k) = max(x)·k.
+            let max = exp::max(&xr[vis.clone()]) * k;
+            exp::exp_scaled(&xr[vis.clone()], k, max, &mut pr[vis.clone()]);
+            let inv = 1.0 / pr[vis.clone()].iter().sum::<f32>();
             for v in &mut pr[vis] {
                 *v *= inv;
             }
