@@ -14,9 +14,9 @@ const C2: f32 = -2.121_944_4e-4;
 
 #[inline(always)]
 fn exp1(x: f32) -> f32 {
-    // min/max and integer bit tricks rather than clamp, floor and `as i32`, which compile to
-    // scalar code (saturating conversions); everything here vectorises.
-    let x = x.max(-87.3).min(88.7);
+    // Integer bit tricks rather than `floor` and `as i32`, whose saturating conversion compiles
+    // to scalar code (measured: 2.4x libm with it, 8.6–9.3x without); everything vectorises.
+    let x = x.clamp(-87.3, 88.7);
     // 1.5·2^23 added: the nearest integer to x·log2(e) lands in the low mantissa bits.
     let t = x * LOG2E + 12_582_912.0;
     let n = t - 12_582_912.0;
@@ -26,7 +26,7 @@ fn exp1(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
     let k = (t.to_bits() as i32).wrapping_sub(0x4B40_0000); // n as an integer
     e * f32::from_bits((k.wrapping_add(127) << 23) as u32)
