@@ -46,6 +46,12 @@ pub(crate) fn row_stats(x: &[f32], k: f32) -> (f32, f32) {
     (max, exp::sum_exp(x, k, max).ln())
 }
 
+thread_local! {
+    /// Per-thread rows of teacher probabilities and of the student's softmax at T = 1.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
 impl Op {
     /// One row: returns (CE, T²·KL) and writes the gradient of `(1−α)CE + αT²KL` into `g`.
     fn row(&self, z: &[f32], t: Option<&[f32]>, y: u32, g: &mut [f32]) -> (f64, f64) {
@@ -54,8 +60,9 @@ impl Op {
         let (m1, l1) = row_stats(z, 1.0);
         let ce = (m1 + l1 - z[y as usize]) as f64;
         let Some(t) = t else {
-            for (gi, &zi) in g.iter_mut().zip(z) {
-                *gi = (zi - m1 - l1).exp() * self.scale;
+            exp::exp_scaled(z, 1.0, m1 + l1, g);
+            for gi in g.iter_mut() {
+                *gi *= self.scale;
             }
             g[y as usize] -= self.scale;
             return (ce, 0.0);
@@ -69,19 +76,25 @@ impl Op {
         let mut kl = 0f64;
         let ce_w = 1.0 - alpha;
         let kd_w = alpha * temp; // α·T² · (1/T)
-        for i in 0..z.len() {
-            let log_q = z[i] * inv_t - ms - ls;
-            let log_p = t[i] * inv_t - mt - lt;
-            let p = log_p.exp();
-            let q = log_q.exp();
-            kl += (p * (log_p - log_q)) as f64;
-            let sigma = if inv_t == 1.0 {
-                q
-            } else {
-                (z[i] - m1 - l1).exp()
-            };
-            g[i] = (ce_w * sigma + kd_w * (q - p)) * self.scale;
-        }
+        // The exps in vectorised passes: q into g, p (and σ when T ≠ 1) into per-thread buffers,
+        // then one arithmetic pass.
+        SCRATCH.with_borrow_mut(|(p, sigma)| {
+            p.resize(z.len(), 0.0);
+            exp::exp_scaled(t, inv_t, mt + lt, p);
+            exp::exp_scaled(z, inv_t, ms + ls, g);
+            if inv_t != 1.0 {
+                sigma.resize(z.len(), 0.0);
+                exp::exp_scaled(z, 1.0, m1 + l1, sigma);
+            }
+            for i in 0..z.len() {
+                let log_q = z[i] * inv_t - ms - ls;
+                let log_p = t[i] * inv_t - mt - lt;
+                let (q, pi) = (g[i], p[i]);
+                kl += (pi * (log_p - log_q)) as f64;
+                let s = if inv_t == 1.0 { q } else { sigma[i] };
+                g[i] = (ce_w * s + kd_w * (q - pi)) * self.scale;
+            }
+        });
         g[y as usize] -= ce_w * self.scale;
         (ce, kl * (temp * temp) as f64)
     }
