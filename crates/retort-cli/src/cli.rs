@@ -26,7 +26,7 @@ pub struct GlobalArgs {
     #[arg(long, global = true, value_name = "N")]
     pub threads: Option<usize>,
     /// `retain` (default): the allocator keeps freed memory for reuse instead of returning it
-    /// to the OS, which makes training steps ~1.6x faster (no page faults on every new
+    /// to the OS, which made a KD training step ~1.4x faster (no page faults on every new
     /// tensor; see docs/performance.md) at the cost of a process that stays at its peak
     /// memory. `system`: glibc's defaults.
     #[arg(long, global = true, value_name = "MODE", default_value = "retain")]

@@ -150,10 +150,10 @@ fn block(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: CPtr, ldc: usize
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
             let kp = kc.div_ceil(2);
-            pack_b(&b, pc, kc, jc, nc, &mut bpack);
+            pack::<NR>(nc, kc, |j, p| b.at(pc + p, jc + j), &mut bpack);
             for ic in (0..m).step_by(MC) {
                 let mc = MC.min(m - ic);
-                pack_a(&a, ic, mc, pc, kc, &mut apack);
+                pack::<MR>(mc, kc, |i, p| a.at(ic + i, pc + p), &mut apack);
                 for jr in (0..nc).step_by(NR) {
                     let nr = NR.min(nc - jr);
                     let bp = &bpack[jr / NR * kp * NR..][..kp * NR];
@@ -170,57 +170,26 @@ fn block(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: CPtr, ldc: usize
     }
 }
 
-/// Packs rows `pc..pc+kc`, columns `jc..jc+nc` of B into `NR`-column panels of k-pairs:
-/// `out[panel][p][j] = (B[2p][j], B[2p+1][j])` as bf16, zero past the edges.
-fn pack_b(b: &MatRef, pc: usize, kc: usize, jc: usize, nc: usize, out: &mut [u32]) {
+/// Packs a block of `len` rows of A (W = MR) or columns of B (W = NR) by `kc` values of k into
+/// W-wide panels of k-pairs: `out[panel][p][i] = (at(i, 2p), at(i, 2p+1))` as bf16, where
+/// `at(i, k)` reads row/column i of the block at k; zero past the edges.
+fn pack<const W: usize>(len: usize, kc: usize, at: impl Fn(usize, usize) -> f32, out: &mut [u32]) {
     let kp = kc.div_ceil(2);
-    for (panel, j0) in (0..nc).step_by(NR).enumerate() {
-        let dst = &mut out[panel * kp * NR..][..kp * NR];
-        let cols = NR.min(nc - j0);
-        for j in 0..NR {
-            if j >= cols {
-                for p in 0..kp {
-                    dst[p * NR + j] = 0;
-                }
-                continue;
-            }
-            let col = jc + j0 + j;
+    for (panel, i0) in (0..len).step_by(W).enumerate() {
+        let dst = &mut out[panel * kp * W..][..kp * W];
+        let valid = W.min(len - i0);
+        for i in 0..W {
             for p in 0..kp {
-                let k0 = pc + 2 * p;
-                let hi = if 2 * p + 1 < kc {
-                    b.at(k0 + 1, col)
+                dst[p * W + i] = if i >= valid {
+                    0
                 } else {
-                    0.0
+                    let hi = if 2 * p + 1 < kc {
+                        at(i0 + i, 2 * p + 1)
+                    } else {
+                        0.0
+                    };
+                    pair(at(i0 + i, 2 * p), hi)
                 };
-                dst[p * NR + j] = pair(b.at(k0, col), hi);
-            }
-        }
-    }
-}
-
-/// Packs rows `ic..ic+mc`, columns `pc..pc+kc` of A into `MR`-row panels of k-pairs:
-/// `out[panel][p][i] = (A[i][2p], A[i][2p+1])` as bf16, zero past the edges.
-fn pack_a(a: &MatRef, ic: usize, mc: usize, pc: usize, kc: usize, out: &mut [u32]) {
-    let kp = kc.div_ceil(2);
-    for (panel, i0) in (0..mc).step_by(MR).enumerate() {
-        let dst = &mut out[panel * kp * MR..][..kp * MR];
-        let rows = MR.min(mc - i0);
-        for i in 0..MR {
-            if i >= rows {
-                for p in 0..kp {
-                    dst[p * MR + i] = 0;
-                }
-                continue;
-            }
-            let row = ic + i0 + i;
-            for p in 0..kp {
-                let k0 = pc + 2 * p;
-                let hi = if 2 * p + 1 < kc {
-                    a.at(row, k0 + 1)
-                } else {
-                    0.0
-                };
-                dst[p * MR + i] = pair(a.at(row, k0), hi);
             }
         }
     }

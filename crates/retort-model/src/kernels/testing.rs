@@ -2,29 +2,13 @@
 //! gradients of `Σ out ⊙ R` (R fixed and random) with respect to every input.
 
 use candle_core::{Tensor, Var};
+use retort_test::max_abs_diff;
 
 /// Max |a − b| ≤ tol · (1 + max |b|).
 pub fn assert_close(a: &Tensor, b: &Tensor, tol: f32) {
     assert_eq!(a.dims(), b.dims());
-    let diff = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let scale = b
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(a, b);
+    let scale = max_abs_diff(b, &b.zeros_like().unwrap());
     assert!(
         diff <= tol * (1.0 + scale),
         "max abs diff {diff} (scale {scale}, tol {tol})"
