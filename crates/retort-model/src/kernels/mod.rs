@@ -4,7 +4,7 @@
 //!
 //! - [`bf16_gemm`]: f32-in/f32-out GEMM with bf16 products (AVX-512 BF16); candle widens bf16
 //!   to f32. [`matmul`]: that GEMM as a differentiable op, and the precision switch.
-//! - [`rms_norm`], [`rope`], [`swiglu`], [`softmax`]: the trainable model's elementwise and
+//! - [`mod@rms_norm`], [`mod@rope`], [`mod@swiglu`], [`softmax`]: the trainable model's elementwise and
 //!   row-wise pieces as single ops with explicit backward; candle's fused versions carry no
 //!   gradient, and the compositions allocate a tensor per step.
 
