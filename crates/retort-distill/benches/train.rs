@@ -26,11 +26,15 @@ use retort_model::model::evenly_spaced_layers;
 use retort_model::runtime::{AllocatorMode, configure_allocator};
 use retort_model::{WeightFormat, checkpoint};
 
-fn arg(name: &str, default: usize) -> usize {
+/// The value after `name` on the command line.
+fn arg_str(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
+    let i = args.iter().position(|a| a == name)?;
+    args.get(i + 1).cloned()
+}
+
+fn arg(name: &str, default: usize) -> usize {
+    arg_str(name)
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
@@ -63,11 +67,8 @@ fn main() {
     }
     // As the CLI does (`--allocator retain`), unless `--allocator system`.
     let args: Vec<String> = std::env::args().collect();
-    let allocator: AllocatorMode = args
-        .iter()
-        .position(|a| a == "--allocator")
-        .and_then(|i| args.get(i + 1))
-        .map_or(AllocatorMode::Retain, |v| v.parse().unwrap());
+    let allocator: AllocatorMode =
+        arg_str("--allocator").map_or(AllocatorMode::Retain, |v| v.parse().unwrap());
     configure_allocator(allocator);
     let dev = Device::Cpu;
     let ck = checkpoint::read(&path, &dev).unwrap();
@@ -78,19 +79,12 @@ fn main() {
         .unwrap()
         .to_trainable(&path)
         .unwrap();
-    let matmul: MatmulPrecision = args
-        .iter()
-        .position(|a| a == "--matmul")
-        .and_then(|i| args.get(i + 1))
-        .map_or(MatmulPrecision::F32, |v| v.parse().unwrap());
+    let matmul: MatmulPrecision =
+        arg_str("--matmul").map_or(MatmulPrecision::F32, |v| v.parse().unwrap());
     student.set_matmul_precision(matmul);
     let mut teacher = teacher;
     teacher.set_matmul_precision(matmul);
-    let teacher_mode = args
-        .iter()
-        .position(|a| a == "--teacher")
-        .and_then(|i| args.get(i + 1))
-        .map_or("online", |s| s.as_str());
+    let teacher_mode = arg_str("--teacher").unwrap_or_else(|| "online".into());
     println!(
         "retort train bench: teacher {teacher_mode}, student {} layers ({:.1}M params), teacher 30 layers f32, batch {batch}x{seq}, forward KL, chunk_rows {}, matmul {matmul:?}, allocator {allocator:?}, threads {}",
         layers,
@@ -157,11 +151,7 @@ fn main() {
     }
     // `--teacher cached`: the teacher's top-64 at every loss position computed once, before the
     // timed steps, as `retort label` stores them; the steps then read them like a logit cache.
-    let cached = args
-        .iter()
-        .position(|a| a == "--teacher")
-        .and_then(|i| args.get(i + 1))
-        .is_some_and(|v| v == "cached");
+    let cached = teacher_mode == "cached";
     let mut mb = mb;
     if cached {
         let k = arg("--top-k", 64);
