@@ -130,6 +130,9 @@ pub struct CellResult {
     pub train_size: usize,
     pub seed: u64,
     pub train_seconds: f64,
+    /// Optimizer steps over all stages (from `metrics.jsonl`); absent in older results.
+    #[serde(default)]
+    pub steps: Option<u64>,
     pub eval: serde_json::Value,
     /// Held-out NLL (nats/token), copied out of `eval` for the report.
     pub nll: f64,
@@ -383,6 +386,7 @@ pub fn run(
             train_size: n,
             seed,
             train_seconds,
+            steps: crate::report::optimizer_steps(&dir),
             nll: r.tokens.nll,
             rouge_l: r.generation.as_ref().map(|g| g.rouge_l),
             eval: serde_json::to_value(&r).unwrap_or_default(),

@@ -50,6 +50,21 @@ fn by_arm_and_size(
         .collect()
 }
 
+/// Optimizer steps a cell took over all its stages: the last `global_step` (counted from 1) of
+/// its `metrics.jsonl` train records.
+pub fn steps_in_metrics(text: &str) -> Option<u64> {
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "train")
+        .filter_map(|v| v["global_step"].as_u64())
+        .max()
+}
+
+/// [`steps_in_metrics`] of the cell directory `dir`.
+pub fn optimizer_steps(dir: &Path) -> Option<u64> {
+    steps_in_metrics(&fs_err::read_to_string(dir.join("metrics.jsonl")).ok()?)
+}
+
 /// `report.md` as text.
 pub fn markdown(
     exp: &Experiment,
@@ -149,16 +164,17 @@ pub fn markdown(
             ));
         }
     }
-    s.push_str("\n## Every cell\n\n| cell | arm | train size | seed | held-out NLL | ROUGE-L | train s |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |\n");
+    s.push_str("\n## Every cell\n\n| cell | arm | train size | seed | held-out NLL | ROUGE-L | steps | train s |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
     for c in cells {
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {:.4} | {} | {:.0} |\n",
+            "| {} | {} | {} | {} | {:.4} | {} | {} | {:.0} |\n",
             c.id,
             c.arm,
             c.train_size,
             c.seed,
             c.nll,
             c.rouge_l.map_or("—".into(), |r| format!("{r:.3}")),
+            c.steps.map_or("—".into(), |n| n.to_string()),
             c.train_seconds
         ));
     }
@@ -382,7 +398,17 @@ pub fn write(
 ) -> Result<PathBuf> {
     plot_nll_vs_size(exp, cells, &out.join(PLOT_SIZE))?;
     plot_loss_curves(exp, &out.join("cells"), cells, &out.join(PLOT_LOSS))?;
-    let md = markdown(exp, cells, baselines, command);
+    // Results written before `steps` existed: count them from the cell's metrics.
+    let cells: Vec<CellResult> = cells
+        .iter()
+        .map(|c| CellResult {
+            steps: c
+                .steps
+                .or_else(|| optimizer_steps(&out.join("cells").join(&c.id))),
+            ..c.clone()
+        })
+        .collect();
+    let md = markdown(exp, &cells, baselines, command);
     let path = out.join(REPORT);
     retort_distill::atomic::write_atomic(&path, md.as_bytes())?;
     Ok(path)
@@ -407,6 +433,7 @@ mod tests {
             train_size: n,
             seed,
             train_seconds: 10.0,
+            steps: Some(7),
             eval: serde_json::json!({ "seconds": 2.0 }),
             nll,
             rouge_l: None,
@@ -442,5 +469,16 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("70 s training, 14 s evaluation"), "{md}");
+        assert!(md.contains("| kd-n4-s1 | kd | 4 | 1 | 3.1000 | — | 7 | 10 |"), "{md}");
+    }
+
+    #[test]
+    fn steps_are_the_last_train_step() {
+        let text = "{\"kind\":\"eval\",\"global_step\":40}\n\
+                    {\"kind\":\"train\",\"global_step\":1}\n\
+                    {\"kind\":\"train\",\"global_step\":18}\n\
+                    not json\n";
+        assert_eq!(steps_in_metrics(text), Some(18));
+        assert_eq!(steps_in_metrics("{\"kind\":\"eval\",\"global_step\":3}"), None);
     }
 }

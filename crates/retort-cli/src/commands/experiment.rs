@@ -108,6 +108,11 @@ pub fn run(args: ExperimentArgs, quiet: bool) -> Result<()> {
     );
     let stop = Arc::new(AtomicBool::new(false));
     let (cells, baselines) = if args.report_only {
+        anyhow::ensure!(
+            out.join("cells").is_dir(),
+            "`{}` holds no cells of this experiment: run it first (without --report-only), or pass the --out it ran with",
+            out.display()
+        );
         let (mut cells, mut baselines) = (Vec::new(), Vec::new());
         for (arm, n, seed) in exp.cells() {
             let p = out
