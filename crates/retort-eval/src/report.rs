@@ -469,7 +469,10 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("70 s training, 14 s evaluation"), "{md}");
-        assert!(md.contains("| kd-n4-s1 | kd | 4 | 1 | 3.1000 | — | 7 | 10 |"), "{md}");
+        assert!(
+            md.contains("| kd-n4-s1 | kd | 4 | 1 | 3.1000 | — | 7 | 10 |"),
+            "{md}"
+        );
     }
 
     #[test]
@@ -479,6 +482,9 @@ mod tests {
                     {\"kind\":\"train\",\"global_step\":18}\n\
                     not json\n";
         assert_eq!(steps_in_metrics(text), Some(18));
-        assert_eq!(steps_in_metrics("{\"kind\":\"eval\",\"global_step\":3}"), None);
+        assert_eq!(
+            steps_in_metrics("{\"kind\":\"eval\",\"global_step\":3}"),
+            None
+        );
     }
 }
