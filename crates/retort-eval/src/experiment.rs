@@ -409,3 +409,38 @@ pub fn run(
     }
     Ok((results, baselines))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every shipped experiment parses, and its base recipe and every arm's recipe load with the
+    /// arm's overrides: a schema change cannot silently break `experiments/`.
+    #[test]
+    fn shipped_experiments_and_their_recipes_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../experiments");
+        let mut seen = 0;
+        for entry in fs_err::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
+            let exp = Experiment::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            for arm in &exp.arms {
+                let mut sets = exp.set.clone();
+                sets.extend(arm.set.iter().cloned());
+                let recipe = arm.recipe.as_ref().unwrap_or(&exp.recipe);
+                Recipe::load(recipe, &sets).unwrap_or_else(|e| {
+                    panic!(
+                        "{} arm `{}`: {}: {e}",
+                        path.display(),
+                        arm.name,
+                        recipe.display()
+                    )
+                });
+            }
+            seen += 1;
+        }
+        assert!(seen >= 3, "found {seen} experiments in {}", dir.display());
+    }
+}
