@@ -225,30 +225,48 @@ fn generate(
     };
     let total = items.len();
     progress(Phase::Generate, 0, total);
+    // Continuous batching: `generate_batch` rows decode together, a finished row's slot takes
+    // the next prompt. Greedy, so each answer equals generating it alone.
+    let prompts: Vec<Vec<u32>> = items.iter().map(|(_, p, _)| p.clone()).collect();
+    let each = vec![params; prompts.len()];
+    let mut outs: Vec<Option<generation::Completion>> = vec![None; total];
+    let mut done = 0;
+    retort_model::batching::generate_continuous(
+        model,
+        tokenizer,
+        &prompts,
+        &each,
+        opts.generate_batch.max(1),
+        |_, _| {},
+        |i, c| {
+            outs[i] = Some(c);
+            done += 1;
+            progress(Phase::Generate, done, total);
+        },
+    )?;
     let (mut rouge_sum, mut matches, mut cut_off, mut new_tokens) = (0.0, 0, 0, 0);
     let mut examples = Vec::new();
-    let mut done = 0;
-    for chunk in items.chunks(opts.generate_batch.max(1)) {
-        let prompts: Vec<Vec<u32>> = chunk.iter().map(|(_, p, _)| p.clone()).collect();
-        let out = generation::generate(model, tokenizer, &prompts, &params, |_, _| {})?;
-        for ((id, _, reference), c) in chunk.iter().zip(out) {
-            let text = c.text.trim().to_string();
-            let r = rouge::rouge_l(&text, reference);
-            rouge_sum += r;
-            matches += usize::from(text::exact_match(&text, reference));
-            cut_off += usize::from(c.finish_reason == generation::FinishReason::Length);
-            new_tokens += c.ids.len();
-            if examples.len() < 5 {
-                examples.push(GenExample {
-                    id: id.clone(),
-                    reference: reference.clone(),
-                    generated: text,
-                    rouge_l: r,
-                });
-            }
+    for ((id, _, reference), c) in items.iter().zip(outs) {
+        let Some(c) = c else {
+            return Err(Error::invalid(
+                format!("no answer was generated for record `{id}`"),
+                "this is a bug in retort's batching",
+            ));
+        };
+        let text = c.text.trim().to_string();
+        let r = rouge::rouge_l(&text, reference);
+        rouge_sum += r;
+        matches += usize::from(text::exact_match(&text, reference));
+        cut_off += usize::from(c.finish_reason == generation::FinishReason::Length);
+        new_tokens += c.ids.len();
+        if examples.len() < 5 {
+            examples.push(GenExample {
+                id: id.clone(),
+                reference: reference.clone(),
+                generated: text,
+                rouge_l: r,
+            });
         }
-        done += chunk.len();
-        progress(Phase::Generate, done, total);
     }
     let refs: Vec<&str> = items.iter().map(|(_, _, r)| r.as_str()).collect();
     let n = total.max(1) as f64;

@@ -1,5 +1,7 @@
 //! Throughput of the real default teacher on this CPU: scoring (full-sequence logits, 4×256),
-//! single-stream generation and batched generation (8 streams), plus the f32 GEMM roofline.
+//! single-stream generation and batched generation (8 streams), a synth-like workload (answers
+//! of uneven length, batches of 8 run to their end vs continuous batching), plus the f32 GEMM
+//! roofline.
 //!
 //!     scripts/fetch-assets
 //!     RAYON_NUM_THREADS=2 cargo bench -p retort-model --bench model
@@ -13,7 +15,8 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use retort_data::Message;
-use retort_model::generation::{SamplingParams, generate};
+use retort_model::batching::generate_continuous;
+use retort_model::generation::{SamplingParams, generate, generate_each};
 use retort_model::{WeightFormat, checkpoint};
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -196,7 +199,9 @@ fn main() {
         WeightFormat::Q8_0,
     ] {
         let fname = format!("{format:?}").to_lowercase();
-        if !only(&format!("score-{fname} gen1-{fname} gen8-{fname}")) {
+        if !only(&format!(
+            "score-{fname} gen1-{fname} gen8-{fname} synth-{fname}"
+        )) {
             continue;
         }
         let model = ck.frozen(format).unwrap();
@@ -240,6 +245,9 @@ fn main() {
             logprobs: None,
             ..Default::default()
         };
+        if only(&format!("synth-{fname}")) && format == WeightFormat::Q8_0 {
+            synth_workload(&model, &tok);
+        }
         for streams in [1usize, 8] {
             // candle has no SIMD kernel for Q4_1: 8 streams take minutes (≈10 tok/s), so that
             // cell runs only when asked for by name.
@@ -263,5 +271,100 @@ fn main() {
                 median(rates)
             );
         }
+    }
+}
+
+/// What synth asks of the teacher: many different prompts whose answers end at different
+/// lengths. Fixed chunks of 8 (each chunk decodes until its longest answer is done; finished
+/// rows leave the batch) against continuous batching with 8 slots (a finished row's slot takes
+/// the next prompt at once). Greedy, so both produce the same answers.
+fn synth_workload(model: &retort_model::Model, tok: &retort_model::Tokenizer) {
+    const QUESTIONS: [&str; 24] = [
+        "What is a stock dividend?",
+        "Explain compound interest in two sentences.",
+        "Should I pay off debt or invest first? Answer briefly.",
+        "What does a P/E ratio tell me?",
+        "Name three ways to lower blood pressure.",
+        "Why do vaccines need booster doses?",
+        "What is the difference between a virus and a bacterium?",
+        "How much water should an adult drink per day?",
+        "Write a haiku about autumn.",
+        "What is the capital of Australia?",
+        "Give me a tip for learning a new language.",
+        "What causes inflation?",
+        "Summarise the plot of Romeo and Juliet in one paragraph.",
+        "How do index funds work?",
+        "What is a bond yield?",
+        "List the planets of the solar system.",
+        "How can I sleep better?",
+        "What is machine learning? Keep it short.",
+        "Is it safe to take ibuprofen with coffee?",
+        "Explain what an ETF is to a teenager.",
+        "What are the symptoms of dehydration?",
+        "Why is diversification important in investing?",
+        "Translate 'good morning' into French and Spanish.",
+        "What is the boiling point of water at sea level?",
+    ];
+    let prompts: Vec<Vec<u32>> = QUESTIONS
+        .iter()
+        .map(|q| tok.encode_prompt(&[Message::user(*q)]).unwrap())
+        .collect();
+    let params = vec![
+        SamplingParams {
+            max_new_tokens: 192,
+            ..Default::default()
+        };
+        prompts.len()
+    ];
+    let slots = 8;
+    for round in 0..2 {
+        let t0 = Instant::now();
+        let mut chunked_ids = vec![];
+        for (chunk, p) in prompts.chunks(slots).zip(params.chunks(slots)) {
+            let out = generate_each(model, tok, chunk, p, |_, _| {}).unwrap();
+            chunked_ids.extend(out.into_iter().map(|c| c.ids));
+        }
+        let chunked = t0.elapsed().as_secs_f64();
+        let t0 = Instant::now();
+        let mut cont_ids = vec![vec![]; prompts.len()];
+        let stats = generate_continuous(
+            model,
+            tok,
+            &prompts,
+            &params,
+            slots,
+            |_, _| {},
+            |i, c| cont_ids[i] = c.ids,
+        )
+        .unwrap();
+        let continuous = t0.elapsed().as_secs_f64();
+        let count = |ids: &[Vec<u32>]| ids.iter().map(Vec::len).sum::<usize>();
+        let (chunked_tokens, cont_tokens) = (count(&chunked_ids), count(&cont_ids));
+        // Row-steps of batches that run every row until the chunk's longest is done.
+        let static_row_steps: usize = chunked_ids
+            .chunks(slots)
+            .map(|c| c.len() * c.iter().map(Vec::len).max().unwrap_or(0))
+            .sum();
+        let same = chunked_ids
+            .iter()
+            .zip(&cont_ids)
+            .filter(|(a, b)| a == b)
+            .count();
+        println!(
+            "synth-like q8_0, {} prompts, ≤192 new tokens, {slots} slots, round {round}: \
+             chunks of {slots} {chunked_tokens} tokens in {chunked:.1} s = {:.1} tok/s | \
+             continuous {cont_tokens} tokens in {continuous:.1} s = {:.1} tok/s ({:.2}x) | \
+             identical answers {same} of {} | continuous: {} waves, {} joined, {} steps, \
+             {} row-steps (static batches: {static_row_steps})",
+            prompts.len(),
+            chunked_tokens as f64 / chunked,
+            cont_tokens as f64 / continuous,
+            (cont_tokens as f64 / continuous) / (chunked_tokens as f64 / chunked),
+            prompts.len(),
+            stats.waves,
+            stats.joined,
+            stats.steps,
+            stats.row_steps,
+        );
     }
 }

@@ -1,12 +1,13 @@
 //! Text generation with a key/value cache: greedy or temperature/top-p sampling with a seed,
 //! stopping on end-of-turn ids or stop strings, for one prompt or a batch of prompts advanced
-//! together (one forward pass per step for the whole batch).
+//! together (one forward pass per step for the whole batch; the batching itself, static or
+//! continuous, is in [`crate::batching`]).
 //!
 //! Batching left-pads prompts to a common length and masks the padding out of attention. RoPE is
 //! relative, so a row's attention scores do not depend on how far it was shifted; results match
 //! running each prompt alone up to float rounding (tested).
 
-use candle_core::{D, Device, Tensor};
+use candle_core::{D, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -208,136 +209,36 @@ pub fn generate(
     generate_each(model, tokenizer, prompts, &each, on_text)
 }
 
-/// Like [`generate`], with each prompt's own sampling parameters (its seed used as given): the
-/// batch runs until its longest row is done, so requests with different limits share one pass.
+/// Like [`generate`], with each prompt's own sampling parameters (its seed used as given): all
+/// prompts start together, rows that finish early leave the batch.
 pub fn generate_each(
     model: &Model,
     tokenizer: &Tokenizer,
     prompts: &[Vec<u32>],
     params: &[SamplingParams],
-    mut on_text: impl FnMut(usize, &str),
+    on_text: impl FnMut(usize, &str),
 ) -> Result<Vec<Completion>> {
-    let b = prompts.len();
-    if b == 0 {
-        return Ok(vec![]);
-    }
-    if params.len() != b {
-        return Err(Error::invalid(
-            format!("{b} prompts but {} sampling parameter sets", params.len()),
-            "pass one SamplingParams per prompt",
-        ));
-    }
-    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
-        return Err(Error::invalid(
-            format!("prompt {i} is empty"),
-            "every prompt needs at least one token",
-        ));
-    }
-    let device: &Device = model.device();
-    let max_prompt = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let max_new = params.iter().map(|p| p.max_new_tokens).max().unwrap_or(0);
-    let left_pad: Vec<usize> = prompts.iter().map(|p| max_prompt - p.len()).collect();
-    let pad_id = tokenizer.stop_ids().first().copied().unwrap_or(0);
-    // 1. Prefill: all prompts, left-padded, in one forward pass. ids (B, P).
-    let mut flat = Vec::with_capacity(b * max_prompt);
-    for (p, &pad) in prompts.iter().zip(&left_pad) {
-        flat.extend(std::iter::repeat_n(pad_id, pad));
-        flat.extend_from_slice(p);
-    }
-    let ids = Tensor::from_vec(flat, (b, max_prompt), device)?;
-    let mut cache = model.new_cache(max_prompt + max_new);
-    let pad_arg: &[usize] = if left_pad.iter().any(|&p| p > 0) {
-        &left_pad
-    } else {
-        &[]
-    };
-    let hidden = model.forward(&ids, 0, pad_arg, Some(&mut cache))?; // (B, P, C)
-    let mut logits = model.lm_head(&hidden.narrow(1, max_prompt - 1, 1)?.squeeze(1)?)?; // (B, V)
-
-    let mut samplers: Vec<Sampler> = params
-        .iter()
-        .map(|p| Sampler::new(p.seed, p.temperature, p.top_p))
-        .collect();
-    let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
-    let mut text: Vec<String> = vec![String::new(); b];
-    let mut logprobs: Vec<Vec<TokenLogprob>> = vec![Vec::new(); b];
-    // A row with no room to generate is done before it starts.
-    let mut done: Vec<Option<FinishReason>> = params
-        .iter()
-        .map(|p| (p.max_new_tokens == 0).then_some(FinishReason::Length))
-        .collect();
-    let stop_ids = tokenizer.stop_ids();
-    for step in 0..max_new {
-        // 2. Sample one token per unfinished row. logits (B, V).
-        let rows = logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
-        let mut next = vec![pad_id; b];
-        for r in 0..b {
-            if done[r].is_some() {
-                continue;
-            }
-            let p = &params[r];
-            let id = if p.repeat_penalty != 1.0 && p.repeat_last_n > 0 {
-                // The window: the last n tokens of prompt + completion.
-                let from_out = out[r].len().min(p.repeat_last_n);
-                let from_prompt = (p.repeat_last_n - from_out).min(prompts[r].len());
-                let mut recent = prompts[r][prompts[r].len() - from_prompt..].to_vec();
-                recent.extend_from_slice(&out[r][out[r].len() - from_out..]);
-                let mut row = rows[r].clone();
-                apply_repeat_penalty(&mut row, &recent, p.repeat_penalty);
-                samplers[r].sample(&row)
-            } else {
-                samplers[r].sample(&rows[r])
-            };
-            next[r] = id;
-            if let Some(n) = params[r].logprobs {
-                logprobs[r].push(token_logprob(&rows[r], id, n));
-            }
-            if stop_ids.contains(&id) {
-                done[r] = Some(FinishReason::Stop);
-                continue;
-            }
-            out[r].push(id);
-            let full = tokenizer.decode(&out[r], true)?;
-            // Emit only complete characters: decoding a partial UTF-8 sequence yields U+FFFD.
-            if !full.ends_with('\u{FFFD}') {
-                let mut new_text = full;
-                if let Some(cut) = params[r]
-                    .stop
-                    .iter()
-                    .filter_map(|s| new_text.find(s.as_str()))
-                    .min()
-                {
-                    new_text.truncate(cut);
-                    done[r] = Some(FinishReason::Stop);
-                }
-                if new_text.len() > text[r].len() && new_text.starts_with(text[r].as_str()) {
-                    on_text(r, &new_text[text[r].len()..]);
-                }
-                text[r] = new_text;
-            }
-            if done[r].is_none() && out[r].len() >= params[r].max_new_tokens {
-                done[r] = Some(FinishReason::Length);
-            }
-        }
-        if done.iter().all(Option::is_some) || step + 1 == max_new {
-            break;
-        }
-        // 3. One decode step for the whole batch. ids (B, 1) → logits (B, V).
-        let ids = Tensor::from_vec(next, (b, 1), device)?;
-        let pos0 = max_prompt + step;
-        let hidden = model.forward(&ids, pos0, pad_arg, Some(&mut cache))?; // (B, 1, C)
-        logits = model.lm_head(&hidden.squeeze(1)?)?;
-    }
-    let completions = (0..b)
-        .map(|r| Completion {
-            ids: std::mem::take(&mut out[r]),
-            text: std::mem::take(&mut text[r]),
-            finish_reason: done[r].unwrap_or(FinishReason::Length),
-            prompt_tokens: prompts[r].len(),
-            logprobs: std::mem::take(&mut logprobs[r]),
+    let mut out: Vec<Option<Completion>> = vec![None; prompts.len()];
+    crate::batching::generate_continuous(
+        model,
+        tokenizer,
+        prompts,
+        params,
+        prompts.len(),
+        on_text,
+        |i, c| out[i] = Some(c),
+    )?;
+    out.into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            c.ok_or_else(|| {
+                Error::invalid(
+                    format!("prompt {i} got no completion"),
+                    "this is a bug in retort's batching",
+                )
+            })
         })
-        .collect();
-    Ok(completions)
+        .collect()
 }
 
 /// Log-softmax of `logits` at `id`, and the `n` most likely `(id, logprob)`.

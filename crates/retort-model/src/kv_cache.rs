@@ -1,6 +1,8 @@
 //! The key/value cache for incremental decoding: one preallocated buffer per layer
 //! (candle-nn's `KvCache`), grown along the position axis.
 
+use candle_core::{DType, Device, Tensor};
+
 use crate::error::{Error, Result};
 
 /// Keys and values of every layer, `(B, KVH, S, D)` each.
@@ -46,5 +48,125 @@ impl KvCache {
         for l in &mut self.layers {
             l.reset();
         }
+    }
+
+    /// Append `len` zero positions to every layer of a one-row cache: `(1, kv_heads, len,
+    /// head_dim)` keys and values. A prompt prefilled after them (with those positions masked as
+    /// left padding) gets the absolute positions it would have in a batch that is `len` ahead.
+    pub fn append_zeros(
+        &mut self,
+        len: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let zeros = Tensor::zeros((1, kv_heads, len, head_dim), dtype, device)?;
+        for l in &mut self.layers {
+            l.append(&zeros, &zeros)?;
+        }
+        Ok(())
+    }
+
+    /// Overwrite positions `from .. from + len` of row `row` with the same positions of row 0 of
+    /// `src` (a one-row cache), in place. Both caches must already hold those positions.
+    pub fn write_row(&self, row: usize, src: &KvCache, from: usize, len: usize) -> Result<()> {
+        if src.layers.len() != self.layers.len() {
+            return Err(Error::invalid(
+                format!(
+                    "source cache has {} layers, this one {}",
+                    src.layers.len(),
+                    self.layers.len()
+                ),
+                "build both caches with the same Model::new_cache",
+            ));
+        }
+        if from + len > self.len() || from + len > src.len() {
+            return Err(Error::invalid(
+                format!(
+                    "positions {from}..{} are not in both caches (lengths {} and {})",
+                    from + len,
+                    self.len(),
+                    src.len()
+                ),
+                "prefill the source up to the batch's current position",
+            ));
+        }
+        for (dst, src) in self.layers.iter().zip(&src.layers) {
+            for (d, s) in [
+                (dst.k_cache(), src.k_cache()),
+                (dst.v_cache(), src.v_cache()),
+            ] {
+                let (Some(all), Some(cur)) = (d.all_data(), s.current_data()?) else {
+                    return Err(Error::invalid(
+                        "an empty cache layer",
+                        "prefill both caches before copying rows",
+                    ));
+                };
+                let part = cur.narrow(0, 0, 1)?.narrow(2, from, len)?.contiguous()?; // (1, KVH, len, D)
+                all.narrow(0, row, 1)?.slice_set(&part, 2, from)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drop the first `by` positions of every layer, so position `by` becomes 0; the kept keys
+    /// go through `fix_keys` (the RoPE rotation back by `by`, see `Model::shift_cache`).
+    pub fn drop_front(
+        &mut self,
+        by: usize,
+        fix_keys: impl Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<()> {
+        if by == 0 {
+            return Ok(());
+        }
+        let len = self.len();
+        if by > len {
+            return Err(Error::invalid(
+                format!("cannot drop {by} positions of a cache holding {len}"),
+                "drop at most the cached length",
+            ));
+        }
+        for l in &mut self.layers {
+            let (Some(k), Some(v)) = (l.k()?, l.v()?) else {
+                continue;
+            };
+            let k = fix_keys(&k.narrow(2, by, len - by)?.contiguous()?)?;
+            let v = v.narrow(2, by, len - by)?.contiguous()?;
+            let mut fresh = candle_nn::kv_cache::KvCache::new(2, self.max_len);
+            fresh.append(&k, &v)?;
+            *l = fresh;
+        }
+        Ok(())
+    }
+
+    /// Keep only the rows `rows` (in that order) of every layer; positions are unchanged.
+    pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        let Some(first) = self
+            .layers
+            .first()
+            .and_then(|l| l.k_cache().all_data().clone())
+        else {
+            return Ok(()); // nothing cached yet
+        };
+        let idx = Tensor::from_vec(
+            rows.iter().map(|&r| r as u32).collect::<Vec<u32>>(),
+            rows.len(),
+            first.device(),
+        )?;
+        for l in &mut self.layers {
+            let (Some(k), Some(v)) = (l.k()?, l.v()?) else {
+                continue;
+            };
+            let k = k.contiguous()?.index_select(&idx, 0)?;
+            let v = v.contiguous()?.index_select(&idx, 0)?;
+            let mut fresh = candle_nn::kv_cache::KvCache::new(2, self.max_len);
+            fresh.append(&k, &v)?;
+            *l = fresh;
+        }
+        Ok(())
     }
 }

@@ -14,6 +14,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod batching;
 pub mod chat_template;
 pub mod checkpoint;
 pub mod config;

@@ -207,7 +207,7 @@ impl Attention {
             };
             softmax_last(&att, mode)?
         };
-        let y = att.matmul(&v.contiguous()?)?; // (B, KVH, G·T, D)
+        let y = att.matmul(&v)?; // (B, KVH, G·T, D); v may be a strided view of the cache
         // 5. Heads back together: (B, H, T, D) → (B, T, H·D) → (B, T, C).
         let y = y
             .reshape((b, h, t, d))?
@@ -545,6 +545,13 @@ impl Model {
     /// Build a [`KvCache`] for `batch` rows and up to `max_len` positions.
     pub fn new_cache(&self, max_len: usize) -> KvCache {
         KvCache::new(self.cfg.num_hidden_layers, max_len)
+    }
+
+    /// Move a generation cache `by` positions towards 0: the first `by` positions are dropped
+    /// and the cached keys rotated back by `by` (RoPE is relative, so attention between the
+    /// kept positions is unchanged). Decoding continues at position `len − by`.
+    pub fn shift_cache(&self, cache: &mut KvCache, by: usize) -> Result<()> {
+        cache.drop_front(by, |k| self.rope.rotate_back(k, by))
     }
 
     /// Keep only the given layers (Minitron-style depth pruning): the result has

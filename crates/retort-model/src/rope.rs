@@ -44,9 +44,57 @@ impl Rope {
     }
 }
 
+impl Rope {
+    /// Rotate `x (B, H, S, D)`, already rotated for some positions, back by `by` positions at
+    /// every index: the result is what [`Rope::apply`] gives at positions `by` lower. Rotations
+    /// compose (`R(a)·R(b) = R(a + b)`), so this is `R(−by)`: the same `cos`, negated `sin`.
+    /// Used to move a generation cache towards position 0 without recomputing it.
+    pub fn rotate_back(&self, x: &Tensor, by: usize) -> Result<Tensor> {
+        let (_b, _h, s, _d) = x.dims4()?;
+        let half = self.cos.dim(1)?;
+        let cos = self
+            .cos
+            .narrow(0, by, 1)?
+            .broadcast_as((s, half))?
+            .contiguous()?; // (S, D/2)
+        let sin = self
+            .sin
+            .narrow(0, by, 1)?
+            .neg()?
+            .broadcast_as((s, half))?
+            .contiguous()?;
+        Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rotating_back_equals_applying_at_lower_positions() {
+        let dev = Device::Cpu;
+        let rope = Rope::new(16, 512, 10000.0, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1., (2, 3, 5, 16), &dev).unwrap();
+        let (p, by) = (300, 170);
+        let shifted = rope
+            .rotate_back(&rope.apply(&x, p, false).unwrap(), by)
+            .unwrap();
+        let direct = rope.apply(&x, p - by, false).unwrap();
+        let d = (shifted - direct)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-4, "max |Δ| = {d}");
+        // Rotating back by 0 is the identity.
+        let same = rope.rotate_back(&x, 0).unwrap();
+        let d0 = (same - &x).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(d0.to_scalar::<f32>().unwrap() < 1e-6);
+    }
 
     #[test]
     fn fused_and_differentiable_agree_at_an_offset() {

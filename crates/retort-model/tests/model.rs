@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::print_stderr)] // test code: a panic is a failed test
 
 use candle_core::{D, DType, Device, IndexOp, Tensor};
+use retort_model::batching::generate_continuous;
 use retort_model::generation::{SamplingParams, generate, generate_each};
 use retort_model::{Arch, Model, WeightFormat, checkpoint};
 use retort_test::{max_abs_diff, random_weights, tiny_config, tiny_model, tiny_tokenizer};
@@ -215,6 +216,112 @@ fn batched_generation_equals_one_prompt_at_a_time() {
                     batched[i].ids, alone[0].ids,
                     "{format:?}: prompt {i} at temperature {temperature}"
                 );
+            }
+        }
+    }
+}
+
+#[test]
+fn continuous_batching_equals_each_prompt_alone() {
+    // Two sets of prompts through 1, 2, 3 or all slots. `mixed` (lengths 2–12): rows finish at
+    // different steps, waiting prompts take over their slots mid-batch, a long prompt waits
+    // until the batch has advanced far enough (or for the next wave), finished rows leave the
+    // batch. `short` (2–3 tokens, long limits): the batch outgrows its cache, which is shifted
+    // back (keys rotated) to make room for the waiting prompts.
+    let tok = tiny_tokenizer();
+    let cfg = gguf_config(Arch::Llama);
+    let weights = random_weights(&cfg, 7);
+    let words = cfg.vocab_size as u32 - 4; // ids from 4 on: no special tokens in the prompts
+    let sets: [(&str, &[usize], &[usize]); 2] = [
+        (
+            "mixed",
+            &[3, 9, 2, 6, 12, 4, 5, 7, 3, 8, 2, 10, 4, 6],
+            &[3, 10, 1, 7, 5, 12, 2, 9, 4, 11, 6, 3, 8, 12],
+        ),
+        (
+            "short",
+            &[2, 3, 2, 3, 2, 3, 2, 3, 2, 3],
+            &[10, 12, 9, 11, 12, 10, 8, 12, 11, 9],
+        ),
+    ];
+    for (set, lens, limits) in sets {
+        let prompts: Vec<Vec<u32>> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| {
+                (0..l as u32)
+                    .map(|j| 4 + (i as u32 * 7 + j * 3) % words)
+                    .collect()
+            })
+            .collect();
+        let params: Vec<SamplingParams> = limits
+            .iter()
+            .enumerate()
+            .map(|(i, &max_new_tokens)| SamplingParams {
+                max_new_tokens,
+                temperature: if i % 2 == 0 { 0.0 } else { 0.8 },
+                top_p: 0.9,
+                seed: 100 + i as u64,
+                logprobs: Some(2),
+                repeat_penalty: if i % 3 == 0 { 1.2 } else { 1.0 },
+                ..Default::default()
+            })
+            .collect();
+        let n = prompts.len();
+        for format in [WeightFormat::F32, WeightFormat::Q8_0] {
+            let model = Model::frozen(&cfg, &weights, format).unwrap();
+            let alone: Vec<_> = (0..n)
+                .map(|i| {
+                    generate_each(
+                        &model,
+                        &tok,
+                        std::slice::from_ref(&prompts[i]),
+                        &params[i..=i],
+                        |_, _| {},
+                    )
+                    .unwrap()
+                    .remove(0)
+                })
+                .collect();
+            for max_batch in [1, 2, 3, n] {
+                let mut got = vec![None; n];
+                let mut streamed = vec![String::new(); n];
+                let stats = generate_continuous(
+                    &model,
+                    &tok,
+                    &prompts,
+                    &params,
+                    max_batch,
+                    |i, piece| streamed[i].push_str(piece),
+                    |i, c| {
+                        assert!(got[i].is_none(), "prompt {i} reported twice");
+                        got[i] = Some(c);
+                    },
+                )
+                .unwrap();
+                let at = format!("{set}, {format:?}, {max_batch} slots: {stats:?}");
+                for (i, a) in alone.iter().enumerate() {
+                    let c = got[i]
+                        .as_ref()
+                        .unwrap_or_else(|| panic!("{at}: prompt {i} missing"));
+                    assert_eq!(c.ids, a.ids, "{at}: prompt {i}");
+                    assert_eq!(c.finish_reason, a.finish_reason, "{at}: prompt {i}");
+                    assert_eq!(c.text, a.text, "{at}: prompt {i}");
+                    assert_eq!(streamed[i], c.text, "{at}: prompt {i}");
+                    assert_eq!(c.logprobs.len(), a.logprobs.len(), "{at}: prompt {i}");
+                    for (x, y) in c.logprobs.iter().zip(&a.logprobs) {
+                        assert_eq!(x.id, y.id, "{at}: prompt {i}");
+                        assert!((x.logprob - y.logprob).abs() < 1e-3, "{at}: prompt {i}");
+                    }
+                }
+                // The schedule did what the test is about.
+                match (set, max_batch) {
+                    (_, b) if b == n => assert_eq!((stats.waves, stats.joined), (1, 0), "{at}"),
+                    ("mixed", 1) => assert!(stats.waves > 1 && stats.joined > 0, "{at}"),
+                    ("mixed", _) => assert!(stats.joined > 0 && stats.shrinks > 0, "{at}"),
+                    ("short", 1) => {}
+                    (_, _) => assert!(stats.joined > 0 && stats.shifts > 0, "{at}"),
+                }
             }
         }
     }

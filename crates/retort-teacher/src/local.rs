@@ -1,9 +1,11 @@
-//! The local backend: a model held in this process, requests answered in batches (one forward
-//! pass per step for the whole batch; each row keeps its own sampling parameters).
+//! The local backend: a model held in this process, requests answered with continuous batching
+//! (one forward pass per step for the whole batch, finished rows replaced by waiting ones; each
+//! row keeps its own sampling parameters).
 
 use std::path::Path;
 
-use retort_model::generation::{FinishReason, SamplingParams, generate_each};
+use retort_model::batching::generate_continuous;
+use retort_model::generation::{Completion, FinishReason, SamplingParams};
 use retort_model::{Model, Tokenizer, WeightFormat, checkpoint};
 
 use crate::error::Result;
@@ -52,12 +54,12 @@ impl LocalTeacher {
         &self.tokenizer
     }
 
-    /// The answers to `rows` (request index, choice) as one batch.
-    fn run_batch(
+    /// The prompt ids and sampling parameters of `rows` (request index, choice).
+    fn prepare(
         &self,
         requests: &[GenRequest],
         rows: &[(usize, usize)],
-    ) -> std::result::Result<Vec<Generation>, String> {
+    ) -> std::result::Result<(Vec<Vec<u32>>, Vec<SamplingParams>), String> {
         let mut prompts = Vec::with_capacity(rows.len());
         let mut params = Vec::with_capacity(rows.len());
         for &(i, j) in rows {
@@ -78,20 +80,19 @@ impl LocalTeacher {
                 ..SamplingParams::default()
             });
         }
-        let out = generate_each(&self.model, &self.tokenizer, &prompts, &params, |_, _| {})
-            .map_err(|e| e.to_string())?;
-        Ok(out
-            .into_iter()
-            .map(|c| Generation {
-                completion_tokens: c.ids.len(),
-                prompt_tokens: c.prompt_tokens,
-                text: c.text,
-                finish: match c.finish_reason {
-                    FinishReason::Stop => Finish::Stop,
-                    FinishReason::Length => Finish::Length,
-                },
-            })
-            .collect())
+        Ok((prompts, params))
+    }
+}
+
+fn generation(c: Completion) -> Generation {
+    Generation {
+        completion_tokens: c.ids.len(),
+        prompt_tokens: c.prompt_tokens,
+        text: c.text,
+        finish: match c.finish_reason {
+            FinishReason::Stop => Finish::Stop,
+            FinishReason::Length => Finish::Length,
+        },
     }
 }
 
@@ -101,37 +102,48 @@ impl Teacher for LocalTeacher {
     }
 
     fn generate(&self, requests: &[GenRequest], on_done: &mut dyn FnMut(usize, Outcome)) {
-        // Rows = (request, choice). A request is reported once all its choices are done.
+        // Rows = (request, choice), decoded with continuous batching: `batch_size` rows at a
+        // time, a finished row's slot taken by the next one. A request is reported once all its
+        // choices are done, its choices in order.
         let rows: Vec<(usize, usize)> = requests
             .iter()
             .enumerate()
             .flat_map(|(i, r)| (0..r.sampling.n.max(1)).map(move |j| (i, j)))
             .collect();
-        let mut pending: Vec<Vec<Generation>> = vec![Vec::new(); requests.len()];
-        for batch in rows.chunks(self.batch_size) {
-            match self.run_batch(requests, batch) {
-                Ok(gens) => {
-                    for (&(i, _), g) in batch.iter().zip(gens) {
-                        pending[i].push(g);
-                        if pending[i].len() == requests[i].sampling.n.max(1) {
-                            on_done(i, Ok(std::mem::take(&mut pending[i])));
-                        }
+        let mut pending: Vec<Vec<Option<Generation>>> = requests
+            .iter()
+            .map(|r| vec![None; r.sampling.n.max(1)])
+            .collect();
+        let mut reported = vec![false; requests.len()];
+        let result = self.prepare(requests, &rows).and_then(|(prompts, params)| {
+            generate_continuous(
+                &self.model,
+                &self.tokenizer,
+                &prompts,
+                &params,
+                self.batch_size,
+                |_, _| {},
+                |k, c| {
+                    let (i, j) = rows[k];
+                    pending[i][j] = Some(generation(c));
+                    if pending[i].iter().all(Option::is_some) {
+                        reported[i] = true;
+                        on_done(i, Ok(pending[i].drain(..).flatten().collect()));
                     }
-                }
-                Err(reason) => {
-                    let mut seen = Vec::new();
-                    for &(i, _) in batch {
-                        if !seen.contains(&i) {
-                            seen.push(i);
-                            on_done(
-                                i,
-                                Err(Failure {
-                                    reason: reason.clone(),
-                                    attempts: 1,
-                                }),
-                            );
-                        }
-                    }
+                },
+            )
+            .map_err(|e| e.to_string())
+        });
+        if let Err(reason) = result {
+            for (i, done) in reported.iter().enumerate() {
+                if !done {
+                    on_done(
+                        i,
+                        Err(Failure {
+                            reason: reason.clone(),
+                            attempts: 1,
+                        }),
+                    );
                 }
             }
         }

@@ -306,7 +306,11 @@ pub fn run(
     let mut expansions: Vec<Expansion> = Vec::new();
     let mut kept: Vec<Kept> = Vec::new();
     let mut low_streak = 0;
-    let chunk = p.teacher.batch_size.max(p.teacher.concurrency).max(1);
+    // A local teacher decodes `batch_size` rows with continuous batching, so it gets several
+    // batches' worth at once (a finished row's slot takes the next request); an HTTP teacher
+    // keeps `concurrency` requests in flight. Every answer is recorded as it completes, so an
+    // interrupt loses nothing; it only waits for the requests in hand.
+    let chunk = (4 * p.teacher.batch_size).max(p.teacher.concurrency).max(1);
     let tx = Sender {
         teacher,
         ledger: &ledger,
