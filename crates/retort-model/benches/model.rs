@@ -245,8 +245,15 @@ fn main() {
             logprobs: None,
             ..Default::default()
         };
-        if only(&format!("synth-{fname}")) && format == WeightFormat::Q8_0 {
-            synth_workload(&model, &tok);
+        if only(&format!("synth-{fname}")) && format != WeightFormat::Quantized {
+            // Slots to try, e.g. RETORT_BENCH_SLOTS=8,32 (default 8).
+            let slots = std::env::var("RETORT_BENCH_SLOTS").unwrap_or_else(|_| "8".into());
+            for n in slots
+                .split(',')
+                .filter_map(|x| x.trim().parse::<usize>().ok())
+            {
+                synth_workload(&model, &tok, &fname, n);
+            }
         }
         for streams in [1usize, 8] {
             // candle has no SIMD kernel for Q4_1: 8 streams take minutes (≈10 tok/s), so that
@@ -278,7 +285,12 @@ fn main() {
 /// lengths. Fixed chunks of 8 (each chunk decodes until its longest answer is done; finished
 /// rows leave the batch) against continuous batching with 8 slots (a finished row's slot takes
 /// the next prompt at once). Greedy, so both produce the same answers.
-fn synth_workload(model: &retort_model::Model, tok: &retort_model::Tokenizer) {
+fn synth_workload(
+    model: &retort_model::Model,
+    tok: &retort_model::Tokenizer,
+    fname: &str,
+    slots: usize,
+) {
     const QUESTIONS: [&str; 24] = [
         "What is a stock dividend?",
         "Explain compound interest in two sentences.",
@@ -305,9 +317,11 @@ fn synth_workload(model: &retort_model::Model, tok: &retort_model::Tokenizer) {
         "Translate 'good morning' into French and Spanish.",
         "What is the boiling point of water at sea level?",
     ];
+    // Each question twice: as asked, and asking for detail (longer answers).
     let prompts: Vec<Vec<u32>> = QUESTIONS
         .iter()
-        .map(|q| tok.encode_prompt(&[Message::user(*q)]).unwrap())
+        .flat_map(|q| [q.to_string(), format!("{q} Explain in detail.")])
+        .map(|q| tok.encode_prompt(&[Message::user(q)]).unwrap())
         .collect();
     let params = vec![
         SamplingParams {
@@ -316,7 +330,6 @@ fn synth_workload(model: &retort_model::Model, tok: &retort_model::Tokenizer) {
         };
         prompts.len()
     ];
-    let slots = 8;
     for round in 0..2 {
         let t0 = Instant::now();
         let mut chunked_ids = vec![];
@@ -351,7 +364,7 @@ fn synth_workload(model: &retort_model::Model, tok: &retort_model::Tokenizer) {
             .filter(|(a, b)| a == b)
             .count();
         println!(
-            "synth-like q8_0, {} prompts, ≤192 new tokens, {slots} slots, round {round}: \
+            "synth-like {fname}, {} prompts, ≤192 new tokens, {slots} slots, round {round}: \
              chunks of {slots} {chunked_tokens} tokens in {chunked:.1} s = {:.1} tok/s | \
              continuous {cont_tokens} tokens in {continuous:.1} s = {:.1} tok/s ({:.2}x) | \
              identical answers {same} of {} | continuous: {} waves, {} joined, {} steps, \

@@ -192,6 +192,11 @@ impl Attention {
         //    head are stacked along the position axis. (B, H, T, D) → (B, KVH, G·T, D).
         let q = q.reshape((b, kvh, g * t, d))?;
         let scale = 1.0 / (d as f64).sqrt();
+        if t == 1 && mode == Mode::Frozen && q.device().is_cpu() {
+            // Decoding: one fused op reads the cache in place and skips each row's padding.
+            let y = kernels::decode_attention(&q, &k, &v, scale as f32, left_pad)?; // (B, KVH, G, D)
+            return self.o_proj.forward(&y.reshape((b, 1, h * d))?);
+        }
         let att = if q.device().is_cpu() {
             // Scale, mask and softmax in one op with its own backward.
             let scores = q.matmul(&k.t()?)?; // (B, KVH, G·T, S)

@@ -331,3 +331,100 @@ fn ten_layer_student_reloads_with_identical_logits() {
         ck.tokenizer.encode_prompt(&[Message::user("hi")]).unwrap()
     );
 }
+
+#[test]
+fn continuous_batching_matches_each_prompt_alone_up_to_near_ties() {
+    // Six real questions through 3 slots (rows join mid-batch, the cache shifts), greedy, f32
+    // weights. Batch composition changes float rounding, so a greedy answer may take the other
+    // branch at a near-tie; anywhere else the two runs must agree token for token, with
+    // log-probs equal to 1e-3. (Not Q8_0: it quantizes activations, so a left-padded batch —
+    // static batching too — moves its log-probs by up to ~0.1 against the prompt alone, and
+    // greedy answers part at ordinary margins; the tiny-model test checks Q8_0 exactly.)
+    use retort_model::batching::generate_continuous;
+    use retort_model::generation::{SamplingParams, generate_each};
+    let Some(path) = gguf() else { return };
+    let questions = [
+        "Why is the sky blue?",
+        "What is a stock dividend?",
+        "Name three ways to lower blood pressure. Explain in detail.",
+        "What is the capital of Australia?",
+        "Write a haiku about autumn.",
+        "How do index funds work?",
+    ];
+    for format in [WeightFormat::F32] {
+        let (model, tok) = checkpoint::load(&path, format, &Device::Cpu).unwrap();
+        let prompts: Vec<Vec<u32>> = questions
+            .iter()
+            .map(|q| tok.encode_prompt(&[Message::user(*q)]).unwrap())
+            .collect();
+        let params: Vec<SamplingParams> = (0..prompts.len())
+            .map(|i| SamplingParams {
+                max_new_tokens: 16 + 8 * (i % 3),
+                logprobs: Some(2),
+                ..Default::default()
+            })
+            .collect();
+        let mut got = vec![None; prompts.len()];
+        let stats = generate_continuous(
+            &model,
+            &tok,
+            &prompts,
+            &params,
+            3,
+            |_, _| {},
+            |i, c| got[i] = Some(c),
+        )
+        .unwrap();
+        assert!(stats.joined >= 3, "{stats:?}");
+        let mut identical = 0;
+        for (i, p) in prompts.iter().enumerate() {
+            let alone = generate_each(
+                &model,
+                &tok,
+                std::slice::from_ref(p),
+                &params[i..=i],
+                |_, _| {},
+            )
+            .unwrap()
+            .remove(0);
+            let c = got[i].as_ref().unwrap();
+            let common = c
+                .ids
+                .iter()
+                .zip(&alone.ids)
+                .take_while(|(a, b)| a == b)
+                .count();
+            let noise = c.logprobs[..common]
+                .iter()
+                .zip(&alone.logprobs)
+                .map(|(x, y)| {
+                    (x.top[0].1 - y.top[0].1)
+                        .abs()
+                        .max((x.top[1].1 - y.top[1].1).abs())
+                })
+                .fold(0f32, f32::max);
+            assert!(
+                noise < 1e-3,
+                "{format:?} prompt {i}: log-probs differ by {noise}"
+            );
+            if c.ids == alone.ids {
+                identical += 1;
+                continue;
+            }
+            // They part at position `common`: there, the alone run's top two must be close.
+            let top = &alone.logprobs[common].top;
+            let margin = top[0].1 - top[1].1;
+            eprintln!(
+                "{format:?} prompt {i}: parts after {common} tokens, top-2 margin {margin:.4}"
+            );
+            assert!(
+                margin < 0.05,
+                "{format:?} prompt {i}: runs part after {common} tokens at a clear choice (margin {margin})"
+            );
+        }
+        eprintln!(
+            "{format:?}: {identical} of {} identical, {stats:?}",
+            prompts.len()
+        );
+    }
+}

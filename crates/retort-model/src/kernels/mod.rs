@@ -7,8 +7,11 @@
 //! - [`mod@rms_norm`], [`mod@rope`], [`mod@swiglu`], [`softmax`]: the trainable model's elementwise and
 //!   row-wise pieces as single ops with explicit backward; candle's fused versions carry no
 //!   gradient, and the compositions allocate a tensor per step.
+//! - [`mod@decode_attention`]: attention for one new position per row (generation), reading the
+//!   key/value cache in place and skipping each row's left padding; no backward.
 
 pub mod bf16_gemm;
+pub mod decode_attention;
 pub mod exp;
 pub mod matmul;
 mod par;
@@ -19,6 +22,7 @@ pub mod swiglu;
 #[cfg(test)]
 pub(crate) mod testing;
 
+pub use decode_attention::decode_attention;
 pub use matmul::{MatmulPrecision, matmul_bf16};
 pub use rms_norm::rms_norm;
 pub use rope::rope;
