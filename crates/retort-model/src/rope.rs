@@ -81,19 +81,11 @@ mod tests {
             .rotate_back(&rope.apply(&x, p, false).unwrap(), by)
             .unwrap();
         let direct = rope.apply(&x, p - by, false).unwrap();
-        let d = (shifted - direct)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = retort_test::max_abs_diff(&shifted, &direct);
         assert!(d < 1e-4, "max |Δ| = {d}");
         // Rotating back by 0 is the identity.
         let same = rope.rotate_back(&x, 0).unwrap();
-        let d0 = (same - &x).unwrap().abs().unwrap().max_all().unwrap();
-        assert!(d0.to_scalar::<f32>().unwrap() < 1e-6);
+        assert!(retort_test::max_abs_diff(&same, &x) < 1e-6);
     }
 
     #[test]
