@@ -54,33 +54,30 @@ impl LocalTeacher {
         &self.tokenizer
     }
 
-    /// The prompt ids and sampling parameters of `rows` (request index, choice).
+    /// The prompt ids and sampling parameters of choice `j` of `request`.
     fn prepare(
         &self,
-        requests: &[GenRequest],
-        rows: &[(usize, usize)],
-    ) -> std::result::Result<(Vec<Vec<u32>>, Vec<SamplingParams>), String> {
-        let mut prompts = Vec::with_capacity(rows.len());
-        let mut params = Vec::with_capacity(rows.len());
-        for &(i, j) in rows {
-            let r = &requests[i];
-            let ids = match &r.prefill {
-                Some(p) => self.tokenizer.encode_prompt_prefilled(&r.messages, p),
-                None => self.tokenizer.encode_prompt(&r.messages),
-            };
-            prompts.push(ids.map_err(|e| e.to_string())?);
-            params.push(SamplingParams {
-                max_new_tokens: r.sampling.max_tokens,
-                temperature: r.sampling.temperature,
-                top_p: r.sampling.top_p,
-                seed: r.sampling.seed.wrapping_add(j as u64),
-                stop: r.sampling.stop.clone(),
+        request: &GenRequest,
+        j: usize,
+    ) -> std::result::Result<(Vec<u32>, SamplingParams), String> {
+        let ids = match &request.prefill {
+            Some(p) => self.tokenizer.encode_prompt_prefilled(&request.messages, p),
+            None => self.tokenizer.encode_prompt(&request.messages),
+        };
+        let s = &request.sampling;
+        Ok((
+            ids.map_err(|e| e.to_string())?,
+            SamplingParams {
+                max_new_tokens: s.max_tokens,
+                temperature: s.temperature,
+                top_p: s.top_p,
+                seed: s.seed.wrapping_add(j as u64),
+                stop: s.stop.clone(),
                 logprobs: None,
-                repeat_penalty: r.sampling.repeat_penalty as f32,
+                repeat_penalty: s.repeat_penalty as f32,
                 ..SamplingParams::default()
-            });
-        }
-        Ok((prompts, params))
+            },
+        ))
     }
 }
 
@@ -104,46 +101,57 @@ impl Teacher for LocalTeacher {
     fn generate(&self, requests: &[GenRequest], on_done: &mut dyn FnMut(usize, Outcome)) {
         // Rows = (request, choice), decoded with continuous batching: `batch_size` rows at a
         // time, a finished row's slot taken by the next one. A request is reported once all its
-        // choices are done, its choices in order.
-        let rows: Vec<(usize, usize)> = requests
-            .iter()
-            .enumerate()
-            .flat_map(|(i, r)| (0..r.sampling.n.max(1)).map(move |j| (i, j)))
-            .collect();
+        // choices are done, its choices in order; one whose prompt cannot be built fails alone.
+        let fail = |reason: String| Failure {
+            reason,
+            attempts: 1,
+        };
+        let mut rows: Vec<(usize, usize)> = Vec::new();
+        let (mut prompts, mut params) = (Vec::new(), Vec::new());
+        let mut reported = vec![false; requests.len()];
+        for (i, r) in requests.iter().enumerate() {
+            let built: std::result::Result<Vec<_>, String> = (0..r.sampling.n.max(1))
+                .map(|j| self.prepare(r, j))
+                .collect();
+            match built {
+                Ok(choices) => {
+                    for (j, (p, sp)) in choices.into_iter().enumerate() {
+                        rows.push((i, j));
+                        prompts.push(p);
+                        params.push(sp);
+                    }
+                }
+                Err(reason) => {
+                    reported[i] = true;
+                    on_done(i, Err(fail(reason)));
+                }
+            }
+        }
         let mut pending: Vec<Vec<Option<Generation>>> = requests
             .iter()
             .map(|r| vec![None; r.sampling.n.max(1)])
             .collect();
-        let mut reported = vec![false; requests.len()];
-        let result = self.prepare(requests, &rows).and_then(|(prompts, params)| {
-            generate_continuous(
-                &self.model,
-                &self.tokenizer,
-                &prompts,
-                &params,
-                self.batch_size,
-                |_, _| {},
-                |k, c| {
-                    let (i, j) = rows[k];
-                    pending[i][j] = Some(generation(c));
-                    if pending[i].iter().all(Option::is_some) {
-                        reported[i] = true;
-                        on_done(i, Ok(pending[i].drain(..).flatten().collect()));
-                    }
-                },
-            )
-            .map_err(|e| e.to_string())
-        });
-        if let Err(reason) = result {
+        let result = generate_continuous(
+            &self.model,
+            &self.tokenizer,
+            &prompts,
+            &params,
+            self.batch_size,
+            |_, _| {},
+            |k, c| {
+                let (i, j) = rows[k];
+                pending[i][j] = Some(generation(c));
+                if pending[i].iter().all(Option::is_some) {
+                    reported[i] = true;
+                    on_done(i, Ok(pending[i].drain(..).flatten().collect()));
+                }
+            },
+        );
+        if let Err(e) = result {
+            // The model failed mid-run: every request not yet answered fails with its reason.
             for (i, done) in reported.iter().enumerate() {
                 if !done {
-                    on_done(
-                        i,
-                        Err(Failure {
-                            reason: reason.clone(),
-                            attempts: 1,
-                        }),
-                    );
+                    on_done(i, Err(fail(e.to_string())));
                 }
             }
         }
