@@ -297,6 +297,8 @@ pub fn plot_nll_vs_size(exp: &Experiment, cells: &[CellResult], path: &Path) -> 
     chart
         .configure_mesh()
         .x_desc("training examples (log scale)")
+        .x_labels(8)
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .y_desc("held-out NLL (nats/token)")
         .label_style(("sans-serif", 14))
         .draw()
