@@ -260,6 +260,8 @@ fn finish<X: Ranged, Y: Ranged>(
 ) -> Result<()> {
     chart
         .configure_series_labels()
+        // Both plots fall from left to right: the upper right corner is the empty one.
+        .position(SeriesLabelPosition::UpperRight)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .label_font(("sans-serif", 14))
@@ -285,6 +287,9 @@ pub fn plot_nll_vs_size(exp: &Experiment, cells: &[CellResult], path: &Path) -> 
         .iter()
         .fold((f64::MAX, f64::MIN), |(a, b), &y| (a.min(y), b.max(y)));
     let pad = ((y1 - y0) * 0.1).max(0.05);
+    let mut ticks = xs.clone();
+    ticks.sort_by(f64::total_cmp);
+    ticks.dedup();
     let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let mut chart = ChartBuilder::on(&root)
@@ -292,12 +297,15 @@ pub fn plot_nll_vs_size(exp: &Experiment, cells: &[CellResult], path: &Path) -> 
         .margin(16)
         .x_label_area_size(44)
         .y_label_area_size(64)
-        .build_cartesian_2d((x0 * 0.8..x1 * 1.25).log_scale(), (y0 - pad)..(y1 + pad))
+        .build_cartesian_2d(
+            // Label the grid's own training sizes: a log axis over 25..336 has one decade mark.
+            (x0 * 0.8..x1 * 1.25).log_scale().with_key_points(ticks),
+            (y0 - pad)..(y1 + pad),
+        )
         .map_err(plot_err)?;
     chart
         .configure_mesh()
         .x_desc("training examples (log scale)")
-        .x_labels(8)
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_desc("held-out NLL (nats/token)")
         .label_style(("sans-serif", 14))
