@@ -130,17 +130,10 @@ impl KvCache {
                 "drop at most the cached length",
             ));
         }
-        for l in &mut self.layers {
-            let (Some(k), Some(v)) = (l.k()?, l.v()?) else {
-                continue;
-            };
+        self.rebuild(|k, v| {
             let k = fix_keys(&k.narrow(2, by, len - by)?.contiguous()?)?;
-            let v = v.narrow(2, by, len - by)?.contiguous()?;
-            let mut fresh = candle_nn::kv_cache::KvCache::new(2, self.max_len);
-            fresh.append(&k, &v)?;
-            *l = fresh;
-        }
-        Ok(())
+            Ok((k, v.narrow(2, by, len - by)?.contiguous()?))
+        })
     }
 
     /// Keep only the rows `rows` (in that order) of every layer; positions are unchanged.
@@ -157,12 +150,22 @@ impl KvCache {
             rows.len(),
             first.device(),
         )?;
+        self.rebuild(|k, v| {
+            Ok((
+                k.contiguous()?.index_select(&idx, 0)?,
+                v.contiguous()?.index_select(&idx, 0)?,
+            ))
+        })
+    }
+
+    /// Replace every cached layer's keys and values `(B, KVH, S, D)` by `f(k, v)`, in fresh
+    /// buffers of the same capacity.
+    fn rebuild(&mut self, f: impl Fn(Tensor, Tensor) -> Result<(Tensor, Tensor)>) -> Result<()> {
         for l in &mut self.layers {
             let (Some(k), Some(v)) = (l.k()?, l.v()?) else {
                 continue;
             };
-            let k = k.contiguous()?.index_select(&idx, 0)?;
-            let v = v.contiguous()?.index_select(&idx, 0)?;
+            let (k, v) = f(k, v)?;
             let mut fresh = candle_nn::kv_cache::KvCache::new(2, self.max_len);
             fresh.append(&k, &v)?;
             *l = fresh;
