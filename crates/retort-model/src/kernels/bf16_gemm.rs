@@ -47,8 +47,13 @@ impl MatRef<'_> {
     }
 }
 
-/// Whether this CPU runs the kernel (AVX-512F and AVX-512 BF16).
+/// Whether this CPU runs a bf16 GEMM: AMX tiles ([`super::amx_gemm`]) or AVX-512 BF16.
 pub fn available() -> bool {
+    super::amx_gemm::available() || vdpbf16ps_available()
+}
+
+/// Whether this CPU runs the `vdpbf16ps` kernel of this file (AVX-512F and AVX-512 BF16).
+pub fn vdpbf16ps_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16")
@@ -76,14 +81,33 @@ pub fn round_bf16(x: f32) -> f32 {
 }
 
 #[inline(always)]
-fn pair(lo: f32, hi: f32) -> u32 {
+pub(super) fn pair(lo: f32, hi: f32) -> u32 {
     bf16_bits(lo) as u32 | (bf16_bits(hi) as u32) << 16
 }
 
-/// `C = A · B`; `c` is row-major `(m, n)` and is overwritten. Panics if the CPU lacks the
-/// features ([`available`]) or the views are out of bounds; callers check both.
+/// `C = A · B`; `c` is row-major `(m, n)` and is overwritten. Runs on AMX tiles where the CPU
+/// has them, else on AVX-512 BF16. Panics if the CPU has neither ([`available`]) or the views
+/// are out of bounds; callers check both.
 pub fn gemm(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32], threads: usize) {
-    assert!(available(), "bf16 GEMM needs AVX-512 BF16");
+    if super::amx_gemm::available() {
+        super::amx_gemm::gemm(m, n, k, a, b, c, threads);
+    } else {
+        gemm_vdpbf16ps(m, n, k, a, b, c, threads);
+    }
+}
+
+/// [`gemm`] on AVX-512 BF16 (`vdpbf16ps`) whatever else the CPU has. Panics unless
+/// [`vdpbf16ps_available`].
+pub fn gemm_vdpbf16ps(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: MatRef,
+    c: &mut [f32],
+    threads: usize,
+) {
+    assert!(vdpbf16ps_available(), "bf16 GEMM needs AVX-512 BF16");
     assert_eq!(c.len(), m * n);
     c.fill(0.0);
     if m == 0 || n == 0 || k == 0 {
@@ -271,6 +295,23 @@ mod tests {
         c
     }
 
+    type Gemm = fn(usize, usize, usize, MatRef, MatRef, &mut [f32], usize);
+
+    /// The implementations this CPU runs: `vdpbf16ps` and AMX tiles (each where available).
+    fn kernels() -> Vec<(&'static str, Gemm)> {
+        let mut v: Vec<(&'static str, Gemm)> = Vec::new();
+        if vdpbf16ps_available() {
+            v.push(("vdpbf16ps", gemm_vdpbf16ps));
+        }
+        if super::super::amx_gemm::available() {
+            v.push(("amx", super::super::amx_gemm::gemm));
+        }
+        if v.is_empty() {
+            eprintln!("skipped: this CPU has neither AVX-512 BF16 nor AMX");
+        }
+        v
+    }
+
     fn values(len: usize, seed: u64) -> Vec<f32> {
         let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
         (0..len)
@@ -302,10 +343,7 @@ mod tests {
     /// must match the reference bit for bit, at every edge case of the blocking.
     #[test]
     fn exact_on_integers_at_all_edges() {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX-512 BF16");
-            return;
-        }
+        let kernels = kernels();
         for &(m, n, k) in &[
             (1, 1, 1),
             (5, 63, 3),
@@ -313,6 +351,11 @@ mod tests {
             (7, 65, 257),
             (97, 130, 513),
             (13, 1030, 40),
+            // AMX: whole 32×32 blocks, several k blocks (1024) with an odd tail, and either
+            // operand the one packed whole.
+            (64, 96, 2 * 1024 + 33),
+            (200, 33, 31),
+            (33, 200, 1025),
         ] {
             let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 + 3) % 9) as f32 - 4.0).collect();
             let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 + 1) % 7) as f32 - 3.0).collect();
@@ -331,10 +374,12 @@ mod tests {
                 },
             );
             let want = reference(m, n, k, ar, br);
-            for threads in [1, 2, 3] {
-                let mut c = vec![f32::NAN; m * n];
-                gemm(m, n, k, ar, br, &mut c, threads);
-                assert_eq!(c, want, "m={m} n={n} k={k} threads={threads}");
+            for &(name, gemm) in &kernels {
+                for threads in [1, 2, 3] {
+                    let mut c = vec![f32::NAN; m * n];
+                    gemm(m, n, k, ar, br, &mut c, threads);
+                    assert_eq!(c, want, "{name} m={m} n={n} k={k} threads={threads}");
+                }
             }
         }
     }
@@ -344,31 +389,57 @@ mod tests {
     /// f64 reference on the same bf16-rounded inputs.
     #[test]
     fn strided_views_match_the_reference() {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX-512 BF16");
-            return;
-        }
-        let (m, n, k) = (37, 75, 300);
-        // A stored transposed (k, m) after 5 leading values; B stored as (n, k) = Bᵀ.
-        let at = values(5 + k * m, 1);
-        let bt = values(n * k, 2);
-        let a = MatRef {
-            data: &at,
-            offset: 5,
-            rs: 1,
-            cs: m,
-        };
-        let b = MatRef {
-            data: &bt,
-            offset: 0,
-            rs: 1,
-            cs: k,
-        };
-        let want = reference(m, n, k, a, b);
-        let mut c = vec![0f32; m * n];
-        gemm(m, n, k, a, b, &mut c, 2);
-        for (x, y) in c.iter().zip(&want) {
-            assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{x} vs {y}");
+        let kernels = kernels();
+        for (m, n, k) in [(37, 75, 300), (75, 37, 1100)] {
+            // A stored transposed (k, m) after 5 leading values; B stored as (n, k) = Bᵀ;
+            // and both again with neither stride 1 (every other value of a wider array).
+            let at = values(5 + k * m, 1);
+            let bt = values(n * k, 2);
+            let wide_a = values(2 * m * k, 3);
+            let wide_b = values(2 * k * n, 4);
+            let cases = [
+                (
+                    MatRef {
+                        data: &at,
+                        offset: 5,
+                        rs: 1,
+                        cs: m,
+                    },
+                    MatRef {
+                        data: &bt,
+                        offset: 0,
+                        rs: 1,
+                        cs: k,
+                    },
+                ),
+                (
+                    MatRef {
+                        data: &wide_a,
+                        offset: 1,
+                        rs: 2 * k,
+                        cs: 2,
+                    },
+                    MatRef {
+                        data: &wide_b,
+                        offset: 0,
+                        rs: 2 * n,
+                        cs: 2,
+                    },
+                ),
+            ];
+            for (a, b) in cases {
+                let want = reference(m, n, k, a, b);
+                for &(name, gemm) in &kernels {
+                    let mut c = vec![0f32; m * n];
+                    gemm(m, n, k, a, b, &mut c, 2);
+                    for (x, y) in c.iter().zip(&want) {
+                        assert!(
+                            (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                            "{name}: {x} vs {y}"
+                        );
+                    }
+                }
+            }
         }
     }
 }

@@ -8,6 +8,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::amx_gemm;
 use super::bf16_gemm::{self, MatRef};
 
 /// Precision of the products inside the large matmuls (linear layers and the LM head).
@@ -99,8 +100,21 @@ impl CustomOp2 for Bf16MatMul {
         if k != k2 {
             candle_core::bail!("bf16 matmul: shapes ({m}, {k}) · ({k2}, {n}) do not chain");
         }
-        let mut c = vec![0f32; m * n];
-        bf16_gemm::gemm(m, n, k, a, b, &mut c, candle_core::utils::get_num_threads());
+        let threads = candle_core::utils::get_num_threads();
+        let c = if amx_gemm::available() {
+            let mut c = Vec::with_capacity(m * n);
+            amx_gemm::gemm_uninit(m, n, k, a, b, &mut c.spare_capacity_mut()[..m * n], threads);
+            // SAFETY: `gemm_uninit` wrote all m·n elements.
+            #[allow(unsafe_code)]
+            unsafe {
+                c.set_len(m * n)
+            };
+            c
+        } else {
+            let mut c = vec![0f32; m * n];
+            bf16_gemm::gemm(m, n, k, a, b, &mut c, threads);
+            c
+        };
         Ok((CpuStorage::F32(c), Shape::from((m, n))))
     }
 

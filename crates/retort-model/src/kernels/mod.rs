@@ -3,13 +3,15 @@
 //! gradients).
 //!
 //! - [`bf16_gemm`]: f32-in/f32-out GEMM with bf16 products (AVX-512 BF16); candle widens bf16
-//!   to f32. [`matmul`]: that GEMM as a differentiable op, and the precision switch.
+//!   to f32; [`amx_gemm`]: the same contract on AMX tiles, chosen where the CPU has them.
+//!   [`matmul`]: that GEMM as a differentiable op, and the precision switch.
 //! - [`mod@rms_norm`], [`mod@rope`], [`mod@swiglu`], [`softmax`]: the trainable model's elementwise and
 //!   row-wise pieces as single ops with explicit backward; candle's fused versions carry no
 //!   gradient, and the compositions allocate a tensor per step.
 //! - [`mod@decode_attention`]: attention for one new position per row (generation), reading the
 //!   key/value cache in place and skipping each row's left padding; no backward.
 
+pub mod amx_gemm;
 pub mod bf16_gemm;
 pub mod decode_attention;
 pub mod exp;

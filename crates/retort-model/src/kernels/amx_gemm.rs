@@ -1,0 +1,558 @@
+//! `C (m×n) = A (m×k) · B (k×n)` with bf16 products and f32 accumulation on Intel AMX tiles
+//! (`tdpbf16ps`): the same contract as [`super::bf16_gemm::gemm`] (f32 in, f32 out, operands
+//! rounded to bf16 while packed), on the matrix unit of Sapphire Rapids and later Xeons.
+//!
+//! Why: on the AMX Xeon host of `docs/performance.md` the AVX-512 `vdpbf16ps` GEMM reached only
+//! 0.46–0.59× candle's f32 GEMM, while one `tdpbf16ps` multiplies a 16×32 by a 32×16 bf16 tile
+//! (16 K multiply-adds) per instruction. Neither candle nor `gemm` uses the tiles.
+//!
+//! Tiles: eight registers of 16 rows × 64 bytes. The micro-kernel holds a 32×32 block of C in
+//! four (tmm0–3), two 16-row tiles of A (tmm4–5, 16 rows × 16 k-pairs) and two of B (tmm6–7,
+//! 16 k-pairs × 16 columns, "VNNI" layout: one `u32` holds B[2p][j] and B[2p+1][j]).
+//!
+//! Blocking: k in blocks of `KC`; per block the operand with fewer 32-lines (rows of A or
+//! columns of B) is packed whole, shared by the threads, and the other is streamed one 32-line
+//! panel at a time, each thread taking a contiguous range of panels. Packed panels:
+//! A `[32 rows][kp16 pairs]`, B `[kp16 pairs][32 columns]`, zero past every edge.
+//!
+//! Linux only grants the tile state on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), once per
+//! process; [`available`] asks. `RETORT_AMX=0` turns the path off (to compare with
+//! `vdpbf16ps`).
+
+// Tile instructions are inline assembly on raw pointers; each unsafe block states its invariant.
+#![allow(unsafe_code)]
+
+use std::mem::MaybeUninit;
+use std::sync::OnceLock;
+
+use super::bf16_gemm::{MatRef, pair};
+
+/// Lines (rows of A, columns of B) per panel: two tiles of 16.
+const LINES: usize = 32;
+/// k values per block (512 pairs): a packed 32-line panel is 64 KB.
+const KC: usize = 1024;
+
+/// Whether this CPU and kernel run AMX bf16 tiles here (asks Linux for the tile state once).
+pub fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        if std::env::var("RETORT_AMX").is_ok_and(|v| v == "0") {
+            return false;
+        }
+        detect()
+    })
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn detect() -> bool {
+    // CPUID.(EAX=7, ECX=0):EDX bit 22 = AMX-BF16, bit 24 = AMX-TILE.
+    let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
+    if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
+        return false;
+    }
+    // The packers convert with AVX-512 BF16 (every AMX CPU so far has it).
+    if !std::is_x86_feature_detected!("avx512f") || !std::is_x86_feature_detected!("avx512bf16") {
+        return false;
+    }
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: a plain system call with integer arguments; on failure it returns -1.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        )
+    };
+    r == 0
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn detect() -> bool {
+    false
+}
+
+/// `C = A · B`; `c` is row-major `(m, n)` and is overwritten. Panics unless [`available`].
+pub fn gemm(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32], threads: usize) {
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and `gemm_uninit` writes only
+    // initialised values, so `c` stays initialised.
+    let c = unsafe { &mut *(c as *mut [f32] as *mut [MaybeUninit<f32>]) };
+    gemm_uninit(m, n, k, a, b, c, threads);
+}
+
+/// [`gemm`] into memory that need not be initialised: every element of `c` is written (the
+/// first k block stores C's tiles without reading them), so an output buffer skips its
+/// zeroing (a 200 MB memset per LM head of a 1024-row batch).
+pub fn gemm_uninit(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: MatRef,
+    c: &mut [MaybeUninit<f32>],
+    threads: usize,
+) {
+    assert!(available(), "AMX GEMM needs AMX-BF16 tiles");
+    assert_eq!(c.len(), m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        c.fill(MaybeUninit::new(0.0));
+        return;
+    }
+    let threads = threads.clamp(1, 64);
+    let (mp, np) = (m.div_ceil(LINES), n.div_ceil(LINES));
+    // Pack the operand with fewer panels whole; stream the other.
+    let a_whole = mp <= np;
+    let (whole_panels, stream_panels) = if a_whole { (mp, np) } else { (np, mp) };
+    let cp = CPtr(c.as_mut_ptr().cast::<f32>());
+    for (blk, pc) in (0..k).step_by(KC).enumerate() {
+        let kc = KC.min(k - pc);
+        let kp16 = kc.div_ceil(2).div_ceil(16) * 16;
+        let panel_len = LINES * kp16;
+        let mut whole = vec![0u32; whole_panels * panel_len];
+        let pack_whole = |first: usize, out: &mut [u32]| {
+            for (i, dst) in out.chunks_mut(panel_len).enumerate() {
+                let p = first + i;
+                if a_whole {
+                    pack_a(a, m, p * LINES, pc, kc, kp16, dst);
+                } else {
+                    pack_b(b, n, p * LINES, pc, kc, kp16, dst);
+                }
+            }
+        };
+        let parts = threads.min(whole_panels);
+        if parts <= 1 {
+            pack_whole(0, &mut whole);
+        } else {
+            let per = whole_panels.div_ceil(parts);
+            std::thread::scope(|s| {
+                for (t, chunk) in whole.chunks_mut(per * panel_len).enumerate() {
+                    s.spawn(move || pack_whole(t * per, chunk));
+                }
+            });
+        }
+        let whole = &whole;
+        let accumulate = blk > 0;
+        let run = move |range: std::ops::Range<usize>| {
+            let mut panel = vec![0u32; panel_len];
+            let _tiles = Tiles::configure();
+            for sp in range {
+                if a_whole {
+                    pack_b(b, n, sp * LINES, pc, kc, kp16, &mut panel);
+                } else {
+                    pack_a(a, m, sp * LINES, pc, kc, kp16, &mut panel);
+                }
+                for wp in 0..whole_panels {
+                    let w = &whole[wp * panel_len..][..panel_len];
+                    let (ip, jp, ap, bp) = if a_whole {
+                        (wp, sp, w, &panel[..])
+                    } else {
+                        (sp, wp, &panel[..], w)
+                    };
+                    let (i0, j0) = (ip * LINES, jp * LINES);
+                    let (rows, cols) = (LINES.min(m - i0), LINES.min(n - j0));
+                    // SAFETY: tiles are configured in this thread; the panels hold
+                    // LINES·kp16 values each; the C block (i0.., j0..) of rows × cols lies
+                    // inside C, and no other thread writes it (threads own disjoint panels).
+                    unsafe {
+                        micro(
+                            kp16,
+                            ap.as_ptr(),
+                            bp.as_ptr(),
+                            cp.add(i0 * n + j0).0,
+                            n,
+                            rows,
+                            cols,
+                            accumulate,
+                        )
+                    };
+                }
+            }
+        };
+        let parts = threads.min(stream_panels);
+        if parts <= 1 {
+            run(0..stream_panels);
+        } else {
+            let per = stream_panels.div_ceil(parts);
+            std::thread::scope(|s| {
+                for start in (0..stream_panels).step_by(per) {
+                    let end = (start + per).min(stream_panels);
+                    s.spawn(move || run(start..end));
+                }
+            });
+        }
+    }
+}
+
+/// Packs rows `i0..i0+32` of A (zero past `m`) at k values `pc..pc+kc` (zero past `kc`) as
+/// `out[i·kp16 + p] = (A[i][2p], A[i][2p+1])`.
+fn pack_a(a: MatRef, m: usize, i0: usize, pc: usize, kc: usize, kp16: usize, out: &mut [u32]) {
+    let valid = LINES.min(m - i0);
+    let base = a.offset + i0 * a.rs + pc * a.cs;
+    pack_lines(a.data, base, a.rs, a.cs, valid, kc, kp16, out, kp16, 1);
+}
+
+/// Packs columns `j0..j0+32` of B (zero past `n`) at k values `pc..pc+kc` as
+/// `out[p·32 + j] = (B[2p][j], B[2p+1][j])`.
+fn pack_b(b: MatRef, n: usize, j0: usize, pc: usize, kc: usize, kp16: usize, out: &mut [u32]) {
+    let valid = LINES.min(n - j0);
+    let base = b.offset + pc * b.rs + j0 * b.cs;
+    pack_lines(b.data, base, b.cs, b.rs, valid, kc, kp16, out, 1, LINES);
+}
+
+/// The shared packer: line `l < valid` at k value `q < kc` is `data[base + l·ls + q·ks]`; the
+/// pair (2p, 2p+1) of line l goes to `out[l·ol + p·op]`; every other entry of the `32 × kp16`
+/// panel is zero. Works in blocks of 16 lines × 16 pairs: inside the matrix and with one of
+/// the strides 1, a block is converted with AVX-512 BF16 (`vcvtne2ps2bf16`, round to nearest
+/// even as [`super::bf16_gemm::bf16_bits`]) and transposed in registers where the output runs
+/// the other way; edge blocks and other strides go element by element.
+#[allow(clippy::too_many_arguments)] // one place, named by the two callers above
+fn pack_lines(
+    data: &[f32],
+    base: usize,
+    ls: usize,
+    ks: usize,
+    valid: usize,
+    kc: usize,
+    kp16: usize,
+    out: &mut [u32],
+    ol: usize,
+    op: usize,
+) {
+    assert!(out.len() >= LINES * kp16);
+    for l0 in (0..LINES).step_by(16) {
+        for p0 in (0..kp16).step_by(16) {
+            let inside = l0 + 16 <= valid && 2 * p0 + 32 <= kc;
+            // The last element the block reads, for the bounds check of the vector path.
+            let last = base + (l0 + 15) * ls + (2 * p0 + 31) * ks;
+            if inside && (ks == 1 || ls == 1) && last < data.len() {
+                // SAFETY: every read is at most `last`, inside `data`; every write is inside
+                // `out` (l < 32, p < kp16); `available()` checked AVX-512 BF16.
+                unsafe { pack_block_simd(data, base, ls, ks, l0, p0, out, ol, op) };
+                continue;
+            }
+            for l in l0..l0 + 16 {
+                for p in p0..p0 + 16 {
+                    let at = |q: usize| {
+                        if l < valid && q < kc {
+                            data[base + l * ls + q * ks]
+                        } else {
+                            0.0
+                        }
+                    };
+                    out[l * ol + p * op] = pair(at(2 * p), at(2 * p + 1));
+                }
+            }
+        }
+    }
+}
+
+/// One 16 × 16 block of [`pack_lines`] on AVX-512 BF16.
+///
+/// # Safety
+/// The CPU has AVX-512F and AVX-512 BF16; `ks == 1` or `ls == 1`; the block's reads
+/// (lines `l0..l0+16`, k values `2·p0..2·p0+32`) and writes lie inside `data` and `out`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack_block_simd(
+    data: &[f32],
+    base: usize,
+    ls: usize,
+    ks: usize,
+    l0: usize,
+    p0: usize,
+    out: &mut [u32],
+    ol: usize,
+    op: usize,
+) {
+    use std::arch::x86_64::*;
+    let src = data.as_ptr();
+    let dst = out.as_mut_ptr();
+    let mut v = [_mm512_setzero_si512(); 16];
+    // SAFETY (whole block): the caller's bounds; loads and stores are unaligned.
+    unsafe {
+        // `by_line`: v[i] holds the 16 pairs of line l0 + i; else v[i] holds pair p0 + i of the
+        // 16 lines.
+        let by_line = ks == 1;
+        if by_line {
+            for (i, vi) in v.iter_mut().enumerate() {
+                let x = src.add(base + (l0 + i) * ls + 2 * p0);
+                let bf = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x.add(16)), _mm512_loadu_ps(x));
+                *vi = std::mem::transmute::<__m512bh, __m512i>(bf);
+            }
+        } else {
+            for (i, vi) in v.iter_mut().enumerate() {
+                let q = 2 * (p0 + i);
+                let lo = _mm512_cvtneps_pbh(_mm512_loadu_ps(src.add(base + l0 + q * ks)));
+                let hi = _mm512_cvtneps_pbh(_mm512_loadu_ps(src.add(base + l0 + (q + 1) * ks)));
+                let lo = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(lo));
+                let hi = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(hi));
+                *vi = _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi));
+            }
+        }
+        // The output holds a line's pairs contiguous (op == 1: A panels) or a pair's lines
+        // contiguous (ol == 1: B panels).
+        let want_by_line = op == 1 && ol != 1;
+        if by_line != want_by_line {
+            v = transpose16(v);
+        }
+        for (i, vi) in v.iter().enumerate() {
+            let at = if want_by_line {
+                (l0 + i) * ol + p0 * op
+            } else {
+                l0 * ol + (p0 + i) * op
+            };
+            _mm512_storeu_si512(dst.add(at) as *mut __m512i, *vi);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack_block_simd(
+    _: &[f32],
+    _: usize,
+    _: usize,
+    _: usize,
+    _: usize,
+    _: usize,
+    _: &mut [u32],
+    _: usize,
+    _: usize,
+) {
+    unreachable!("AMX is x86_64-only; `available()` is false elsewhere")
+}
+
+/// Transposes a 16 × 16 matrix of `u32` held as 16 rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn transpose16(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
+    use std::arch::x86_64::*;
+    // Within each 128-bit lane L: t pairs rows, u then holds column 4L + c of rows 4i..4i+4
+    // in u[4i + c].
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    let mut u = [_mm512_setzero_si512(); 16];
+    for i in 0..4 {
+        u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    // Gather lane L of u[c], u[4 + c], u[8 + c], u[12 + c] into column 4L + c.
+    let mut out = [_mm512_setzero_si512(); 16];
+    for c in 0..4 {
+        let s1 = _mm512_shuffle_i32x4::<0x44>(u[c], u[4 + c]);
+        let s2 = _mm512_shuffle_i32x4::<0xEE>(u[c], u[4 + c]);
+        let s3 = _mm512_shuffle_i32x4::<0x44>(u[8 + c], u[12 + c]);
+        let s4 = _mm512_shuffle_i32x4::<0xEE>(u[8 + c], u[12 + c]);
+        out[c] = _mm512_shuffle_i32x4::<0x88>(s1, s3);
+        out[4 + c] = _mm512_shuffle_i32x4::<0xDD>(s1, s3);
+        out[8 + c] = _mm512_shuffle_i32x4::<0x88>(s2, s4);
+        out[12 + c] = _mm512_shuffle_i32x4::<0xDD>(s2, s4);
+    }
+    out
+}
+
+/// A raw pointer into C that threads share; each writes a disjoint set of blocks.
+#[derive(Clone, Copy)]
+struct CPtr(*mut f32);
+// SAFETY: the threads of `gemm` write disjoint blocks of C, and the scope joins them before `c`
+// is used again.
+unsafe impl Send for CPtr {}
+unsafe impl Sync for CPtr {}
+impl CPtr {
+    fn add(self, off: usize) -> CPtr {
+        // SAFETY: `off` is a block start inside C.
+        CPtr(unsafe { self.0.add(off) })
+    }
+}
+
+/// The tile configuration of this thread while alive: palette 1, tiles 0–7 of 16 rows × 64
+/// bytes. Dropping it releases the tile state (so the thread's context switches stay cheap).
+struct Tiles;
+
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+}
+
+impl Tiles {
+    fn configure() -> Tiles {
+        let mut cfg = TileConfig {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            colsb: [0; 16],
+            rows: [0; 16],
+        };
+        for t in 0..8 {
+            cfg.colsb[t] = 64;
+            cfg.rows[t] = 16;
+        }
+        // SAFETY: `available()` was true (the caller is `gemm`), so the CPU has AMX and Linux
+        // granted the tile state; the config is 64 bytes, 64-aligned, with valid sizes.
+        unsafe { tile_config(&cfg) };
+        Tiles
+    }
+}
+
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        // SAFETY: tiles were configured by `configure` in this thread.
+        unsafe { tile_release() };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+unsafe fn tile_config(cfg: &TileConfig) {
+    // SAFETY: see `Tiles::configure`.
+    unsafe {
+        std::arch::asm!("ldtilecfg [{0}]", in(reg) cfg as *const TileConfig, options(nostack))
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+unsafe fn tile_release() {
+    // SAFETY: see `Drop for Tiles`.
+    unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn tile_config(_: &TileConfig) {
+    unreachable!("AMX is x86_64-only; `available()` is false elsewhere")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn tile_release() {}
+
+/// `C[0..rows, 0..cols] (+)= Apanel · Bpanel` over `kp16` k-pairs (a multiple of 16); C has
+/// row stride `ldc`; with `accumulate` false, C's old values are overwritten.
+///
+/// # Safety
+/// Tiles are configured in this thread ([`Tiles`]); `a` and `b` hold `32·kp16` values in the
+/// panel layouts of [`pack_a`] / [`pack_b`]; the `rows × cols` block at `c` lies inside C.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro(
+    kp16: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    accumulate: bool,
+) {
+    use std::arch::asm;
+    #[repr(C, align(64))]
+    struct Block([f32; LINES * LINES]);
+    let full = rows == LINES && cols == LINES;
+    let mut tmp = Block([0.0; LINES * LINES]);
+    // Where the tiles of C are loaded from and stored to: C itself, or a 32×32 copy at edges.
+    let (cbase, cstride) = if full {
+        (c, ldc)
+    } else {
+        if accumulate {
+            for i in 0..rows {
+                for j in 0..cols {
+                    // SAFETY: (i, j) is inside the block.
+                    tmp.0[i * LINES + j] = unsafe { *c.add(i * ldc + j) };
+                }
+            }
+        }
+        (tmp.0.as_mut_ptr(), LINES)
+    };
+    let cs = cstride * 4; // bytes
+    // SAFETY (whole block): every tile access reads or writes 16 rows of 64 bytes at
+    // `base + r·stride`, inside the panels (row strides kp16·4 and 128 bytes) or the C block.
+    unsafe {
+        let (c00, c01, c10, c11) = (
+            cbase,
+            cbase.add(16),
+            cbase.add(16 * cstride),
+            cbase.add(16 * cstride + 16),
+        );
+        if accumulate {
+            asm!(
+                "tileloadd tmm0, [{c00} + {cs}*1]",
+                "tileloadd tmm1, [{c01} + {cs}*1]",
+                "tileloadd tmm2, [{c10} + {cs}*1]",
+                "tileloadd tmm3, [{c11} + {cs}*1]",
+                c00 = in(reg) c00, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11,
+                cs = in(reg) cs, options(nostack, readonly),
+            );
+        } else {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+        }
+        let sa = kp16 * 4;
+        for p in (0..kp16).step_by(16) {
+            asm!(
+                // Loads interleaved with the products that need them, so each product starts
+                // as soon as its operands are in.
+                "tileloadd tmm4, [{a0} + {sa}*1]",
+                "tileloadd tmm6, [{b0} + {sb}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {sb}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {sa}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0 = in(reg) a.add(p),
+                a1 = in(reg) a.add(16 * kp16 + p),
+                sa = in(reg) sa,
+                b0 = in(reg) b.add(p * LINES),
+                b1 = in(reg) b.add(p * LINES + 16),
+                sb = in(reg) LINES * 4,
+                options(nostack, readonly),
+            );
+        }
+        asm!(
+            "tilestored [{c00} + {cs}*1], tmm0",
+            "tilestored [{c01} + {cs}*1], tmm1",
+            "tilestored [{c10} + {cs}*1], tmm2",
+            "tilestored [{c11} + {cs}*1], tmm3",
+            c00 = in(reg) c00, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11,
+            cs = in(reg) cs, options(nostack),
+        );
+    }
+    if !full {
+        for i in 0..rows {
+            for j in 0..cols {
+                // SAFETY: (i, j) is inside the block.
+                unsafe { *c.add(i * ldc + j) = tmp.0[i * LINES + j] };
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro(
+    _: usize,
+    _: *const u32,
+    _: *const u32,
+    _: *mut f32,
+    _: usize,
+    _: usize,
+    _: usize,
+    _: bool,
+) {
+    unreachable!("AMX is x86_64-only; `available()` is false elsewhere")
+}
