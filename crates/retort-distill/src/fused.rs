@@ -86,17 +86,68 @@ impl Op {
                 sigma.resize(z.len(), 0.0);
                 exp::exp_scaled(z, 1.0, m1 + l1, sigma);
             }
-            for i in 0..z.len() {
+            // KL summed in 16 f32 lanes over chunks of 256 values (fixed-size blocks, so the
+            // loop vectorises), each chunk's lanes then added in f64.
+            let c = [inv_t, ms + ls, mt + lt, ce_w, kd_w, self.scale];
+            let sig: &[f32] = if inv_t == 1.0 { &[] } else { sigma };
+            let n = z.len();
+            let blocks = n / 16;
+            let mut acc = [0f32; 16];
+            for b in 0..blocks {
+                let r = b * 16..b * 16 + 16;
+                let s16 = if sig.is_empty() {
+                    None
+                } else {
+                    sig[r.clone()].try_into().ok()
+                };
+                if let (Ok(g16), Ok(z16), Ok(t16), Ok(p16)) = (
+                    <&mut [f32; 16]>::try_from(&mut g[r.clone()]),
+                    <&[f32; 16]>::try_from(&z[r.clone()]),
+                    <&[f32; 16]>::try_from(&t[r.clone()]),
+                    <&[f32; 16]>::try_from(&p[r]),
+                ) {
+                    kl_block(g16, z16, t16, p16, s16, c, &mut acc);
+                }
+                if b % 16 == 15 || b + 1 == blocks {
+                    kl += acc.iter().map(|&a| a as f64).sum::<f64>();
+                    acc = [0.0; 16];
+                }
+            }
+            for i in blocks * 16..n {
                 let log_q = z[i] * inv_t - ms - ls;
                 let log_p = t[i] * inv_t - mt - lt;
                 let (q, pi) = (g[i], p[i]);
-                kl += (pi * (log_p - log_q)) as f64;
-                let s = if inv_t == 1.0 { q } else { sigma[i] };
+                let s = if sig.is_empty() { q } else { sig[i] };
                 g[i] = (ce_w * s + kd_w * (q - pi)) * self.scale;
+                kl += (pi * (log_p - log_q)) as f64;
             }
         });
         g[y as usize] -= ce_w * self.scale;
         (ce, kl * (temp * temp) as f64)
+    }
+}
+
+/// 16 values of [`Op::row`]'s last pass: `g` holds q on entry and the gradient on exit;
+/// `acc` gains each lane's `p·(log p − log q)`. `c = [1/T, log-normaliser of q, of p, CE
+/// weight, KD weight, scale]`; `s` is σ when T ≠ 1 (else q is σ).
+#[inline(always)]
+fn kl_block(
+    g: &mut [f32; 16],
+    z: &[f32; 16],
+    t: &[f32; 16],
+    p: &[f32; 16],
+    s: Option<&[f32; 16]>,
+    c: [f32; 6],
+    acc: &mut [f32; 16],
+) {
+    let [inv_t, norm_q, norm_p, ce_w, kd_w, scale] = c;
+    for l in 0..16 {
+        let log_q = z[l] * inv_t - norm_q;
+        let log_p = t[l] * inv_t - norm_p;
+        let (q, pi) = (g[l], p[l]);
+        let sl = s.map_or(q, |s| s[l]);
+        g[l] = (ce_w * sl + kd_w * (q - pi)) * scale;
+        acc[l] += pi * (log_p - log_q);
     }
 }
 
@@ -265,20 +316,57 @@ mod tests {
     #[test]
     fn fused_equals_composed_in_value_and_gradient() {
         let dev = Device::Cpu;
-        let (n, v) = (5, 37);
-        let s0 = (Tensor::randn(0f32, 2.0, (n, v), &dev).unwrap())
-            .contiguous()
-            .unwrap();
-        let t = Tensor::randn(0f32, 2.0, (n, v), &dev).unwrap();
-        let y = Tensor::new(&[3u32, 0, 36, 7, 7], &dev).unwrap();
-        for (temp, alpha, scale) in [
-            (1.0, 1.0, 1.0),
-            (1.0, 0.5, 0.1),
-            (2.0, 0.3, 0.25),
-            (0.7, 0.0, 1.0),
-        ] {
+        // 37: two 16-blocks and a tail; 300: more than one 256-chunk of the KL sum.
+        for v in [37, 300] {
+            let n = 5;
+            let s0 = (Tensor::randn(0f32, 2.0, (n, v), &dev).unwrap())
+                .contiguous()
+                .unwrap();
+            let t = Tensor::randn(0f32, 2.0, (n, v), &dev).unwrap();
+            let y = Tensor::new(&[3u32, 0, 36, 7, 7], &dev).unwrap();
+            for (temp, alpha, scale) in [
+                (1.0, 1.0, 1.0),
+                (1.0, 0.5, 0.1),
+                (2.0, 0.3, 0.25),
+                (0.7, 0.0, 1.0),
+            ] {
+                let a = Var::from_tensor(&s0).unwrap();
+                let f = forward_kl_ce(a.as_tensor(), Some(&t), &y, temp, alpha, scale).unwrap();
+                let ga = f
+                    .loss
+                    .backward()
+                    .unwrap()
+                    .get(a.as_tensor())
+                    .unwrap()
+                    .clone();
+                let b = Var::from_tensor(&s0).unwrap();
+                let ce = cross_entropy_sum(b.as_tensor(), &y).unwrap();
+                let kd = divergence_sum(b.as_tensor(), &t, Divergence::ForwardKl, temp).unwrap();
+                let total = (((&ce * (1.0 - alpha)).unwrap() + (&kd * alpha).unwrap()).unwrap()
+                    * scale)
+                    .unwrap();
+                let gb = total
+                    .backward()
+                    .unwrap()
+                    .get(b.as_tensor())
+                    .unwrap()
+                    .clone();
+                let (lf, lc) = (
+                    f.loss.to_scalar::<f32>().unwrap(),
+                    total.to_scalar::<f32>().unwrap(),
+                );
+                assert!(
+                    (lf - lc).abs() < 1e-4 * lc.abs().max(1.0),
+                    "T={temp} α={alpha}: {lf} vs {lc}"
+                );
+                assert!((f.ce_sum - ce.to_scalar::<f32>().unwrap() as f64).abs() < 1e-4);
+                assert!((f.kd_sum - kd.to_scalar::<f32>().unwrap() as f64).abs() < 1e-4);
+                let d = retort_test::max_abs_diff(&ga, &gb);
+                assert!(d < 1e-6, "T={temp} α={alpha}: gradients differ by {d}");
+            }
+            // Cross-entropy alone.
             let a = Var::from_tensor(&s0).unwrap();
-            let f = forward_kl_ce(a.as_tensor(), Some(&t), &y, temp, alpha, scale).unwrap();
+            let f = forward_kl_ce(a.as_tensor(), None, &y, 1.0, 0.5, 0.5).unwrap();
             let ga = f
                 .loss
                 .backward()
@@ -287,46 +375,14 @@ mod tests {
                 .unwrap()
                 .clone();
             let b = Var::from_tensor(&s0).unwrap();
-            let ce = cross_entropy_sum(b.as_tensor(), &y).unwrap();
-            let kd = divergence_sum(b.as_tensor(), &t, Divergence::ForwardKl, temp).unwrap();
-            let total = (((&ce * (1.0 - alpha)).unwrap() + (&kd * alpha).unwrap()).unwrap()
-                * scale)
-                .unwrap();
-            let gb = total
-                .backward()
-                .unwrap()
-                .get(b.as_tensor())
-                .unwrap()
-                .clone();
-            let (lf, lc) = (
-                f.loss.to_scalar::<f32>().unwrap(),
-                total.to_scalar::<f32>().unwrap(),
-            );
+            let ce = (cross_entropy_sum(b.as_tensor(), &y).unwrap() * 0.5).unwrap();
+            let gb = ce.backward().unwrap().get(b.as_tensor()).unwrap().clone();
             assert!(
-                (lf - lc).abs() < 1e-4 * lc.abs().max(1.0),
-                "T={temp} α={alpha}: {lf} vs {lc}"
+                (f.loss.to_scalar::<f32>().unwrap() - ce.to_scalar::<f32>().unwrap()).abs() < 1e-4
             );
-            assert!((f.ce_sum - ce.to_scalar::<f32>().unwrap() as f64).abs() < 1e-4);
-            assert!((f.kd_sum - kd.to_scalar::<f32>().unwrap() as f64).abs() < 1e-4);
+            assert_eq!(f.kd_sum, 0.0);
             let d = retort_test::max_abs_diff(&ga, &gb);
-            assert!(d < 1e-6, "T={temp} α={alpha}: gradients differ by {d}");
+            assert!(d < 1e-6, "CE gradients differ by {d}");
         }
-        // Cross-entropy alone.
-        let a = Var::from_tensor(&s0).unwrap();
-        let f = forward_kl_ce(a.as_tensor(), None, &y, 1.0, 0.5, 0.5).unwrap();
-        let ga = f
-            .loss
-            .backward()
-            .unwrap()
-            .get(a.as_tensor())
-            .unwrap()
-            .clone();
-        let b = Var::from_tensor(&s0).unwrap();
-        let ce = (cross_entropy_sum(b.as_tensor(), &y).unwrap() * 0.5).unwrap();
-        let gb = ce.backward().unwrap().get(b.as_tensor()).unwrap().clone();
-        assert!((f.loss.to_scalar::<f32>().unwrap() - ce.to_scalar::<f32>().unwrap()).abs() < 1e-4);
-        assert_eq!(f.kd_sum, 0.0);
-        let d = retort_test::max_abs_diff(&ga, &gb);
-        assert!(d < 1e-6, "CE gradients differ by {d}");
     }
 }
