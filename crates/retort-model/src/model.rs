@@ -182,6 +182,9 @@ impl Attention {
         // 2. Rotary position embedding at absolute positions pos0 .. pos0 + T.
         let q = rope.apply(&q, pos0, mode == Mode::Trainable)?;
         let k = rope.apply(&k, pos0, mode == Mode::Trainable)?;
+        // Attention's two products in bf16 as well when the linear layers use bf16 (as PyTorch's
+        // autocast does); not with a cache (generation keeps f32).
+        let bf16 = self.q_proj.precision.bf16_runs_here() && x.device().is_cpu() && cache.is_none();
         // 3. Append to the cache: k, v (B, KVH, S, D).
         let (k, v) = match cache {
             Some(c) => c.append(&k, &v)?,
@@ -199,7 +202,11 @@ impl Attention {
         }
         let att = if q.device().is_cpu() {
             // Scale, mask and softmax in one op with its own backward.
-            let scores = q.matmul(&k.t()?)?; // (B, KVH, G·T, S)
+            let scores = if bf16 {
+                matmul_bf16(&q, &k.t()?)?
+            } else {
+                q.matmul(&k.t()?)?
+            }; // (B, KVH, G·T, S)
             kernels::masked_softmax(&scores, scale as f32, t, pos0, left_pad)?
         } else {
             let att = (q.matmul(&k.t()?)? * scale)?; // (B, KVH, G·T, S)
@@ -212,7 +219,11 @@ impl Attention {
             };
             softmax_last(&att, mode)?
         };
-        let y = att.matmul(&v)?; // (B, KVH, G·T, D); v may be a strided view of the cache
+        let y = if bf16 {
+            matmul_bf16(&att, &v)?
+        } else {
+            att.matmul(&v)? // v may be a strided view of the cache
+        }; // (B, KVH, G·T, D)
         // 5. Heads back together: (B, H, T, D) → (B, T, H·D) → (B, T, C).
         let y = y
             .reshape((b, h, t, d))?

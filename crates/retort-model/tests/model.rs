@@ -704,3 +704,64 @@ mod bad_input {
         );
     }
 }
+
+/// `MatmulPrecision::Bf16` (linear layers, LM head and attention's two products) stays within
+/// bf16 rounding of f32 in the loss and every gradient, and really changes something where the
+/// CPU runs bf16 products; frozen (teacher) logits likewise.
+#[test]
+fn bf16_products_track_f32_in_loss_and_gradients() {
+    use retort_model::kernels::{MatmulPrecision, bf16_gemm};
+    if !bf16_gemm::available() {
+        eprintln!("skipped: this CPU has neither AVX-512 BF16 nor AMX");
+        return;
+    }
+    let cfg = tiny_config(Arch::Llama);
+    let x = ids(&[
+        &[1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 2],
+        &[1, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 2],
+    ]);
+    let run = |p: MatmulPrecision| {
+        let mut m = Model::trainable(&cfg, &random_weights(&cfg, 3)).unwrap();
+        m.set_matmul_precision(p);
+        let loss = next_token_loss(&m, &x);
+        let grads = loss.backward().unwrap();
+        let g: Vec<Vec<f32>> = m
+            .vars()
+            .iter()
+            .map(|(_, v)| {
+                let g = grads.get(v.as_tensor()).unwrap();
+                g.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            })
+            .collect();
+        (loss.to_scalar::<f32>().unwrap(), g)
+    };
+    let (l32, g32) = run(MatmulPrecision::F32);
+    let (l16, g16) = run(MatmulPrecision::Bf16);
+    assert!((l32 - l16).abs() <= 1e-2 * l32.abs(), "loss {l16} vs {l32}");
+    assert!(l32 != l16, "bf16 products should change the loss somewhere");
+    for (a, b) in g32.iter().zip(&g16) {
+        let diff: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+        let norm: f32 = a.iter().map(|x| x * x).sum();
+        assert!(
+            diff.sqrt() <= 5e-2 * norm.sqrt(),
+            "gradient off by {} of its norm",
+            diff.sqrt() / norm.sqrt()
+        );
+    }
+    let mut frozen = tiny_model(&cfg, 3);
+    let f32_logits = frozen.logits(&x).unwrap();
+    frozen.set_matmul_precision(MatmulPrecision::Bf16);
+    let bf16_logits = frozen.logits(&x).unwrap();
+    let d = max_abs_diff(&f32_logits, &bf16_logits);
+    let scale = f32_logits
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        d > 0.0 && d <= 2e-2 * scale,
+        "frozen logits differ by {d} (largest |logit| {scale})"
+    );
+}
