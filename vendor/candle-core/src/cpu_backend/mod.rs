@@ -973,6 +973,28 @@ fn copy2d_<T: Copy>(
 }
 
 fn copy_strided_src_<T: Copy>(src: &[T], dst: &mut [T], dst_offset: usize, src_l: &Layout) {
+    // retort patch: a 2-D view whose last dim is strided (a transposed matrix, e.g. a linear
+    // layer's weight gradient) is copied in 32×32 tiles instead of one element at a time
+    // through `StridedIndex`, which was 14 % of a KD training step.
+    if let ([rows, cols], [sr, sc]) = (src_l.dims(), src_l.stride()) {
+        if *sc != 1 && rows * cols >= 1024 {
+            let (rows, cols, sr, sc) = (*rows, *cols, *sr, *sc);
+            let off = src_l.start_offset();
+            let dst = &mut dst[dst_offset..dst_offset + rows * cols];
+            const TILE: usize = 32;
+            for i0 in (0..rows).step_by(TILE) {
+                for j0 in (0..cols).step_by(TILE) {
+                    for i in i0..(i0 + TILE).min(rows) {
+                        let d = &mut dst[i * cols..(i + 1) * cols];
+                        for j in j0..(j0 + TILE).min(cols) {
+                            d[j] = src[off + i * sr + j * sc];
+                        }
+                    }
+                }
+            }
+            return;
+        }
+    }
     match src_l.strided_blocks() {
         crate::StridedBlocks::SingleBlock { start_offset, len } => dst
             [dst_offset..dst_offset + len]
