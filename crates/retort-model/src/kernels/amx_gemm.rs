@@ -12,7 +12,8 @@
 //!
 //! Blocking: k in blocks of `KC`; per block the operand with fewer 32-lines (rows of A or
 //! columns of B) is packed whole, shared by the threads, and the other is streamed one 32-line
-//! panel at a time, each thread taking a contiguous range of panels. A packed panel is a run of
+//! panel at a time, each thread taking a contiguous range of panels. Threads come from rayon's
+//! pool (candle's), not fresh ones per call. A packed panel is a run of
 //! k-steps of 16 pairs, each two contiguous 1 KB tiles (`Panel::index`), zero past every edge.
 //!
 //! Linux only grants the tile state on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), once per
@@ -127,9 +128,9 @@ pub fn gemm_uninit(
             pack_whole(0, &mut whole);
         } else {
             let per = whole_panels.div_ceil(parts);
-            std::thread::scope(|s| {
+            rayon::scope(|s| {
                 for (t, chunk) in whole.chunks_mut(per * panel_len).enumerate() {
-                    s.spawn(move || pack_whole(t * per, chunk));
+                    s.spawn(move |_| pack_whole(t * per, chunk));
                 }
             });
         }
@@ -178,10 +179,10 @@ pub fn gemm_uninit(
             run(0..stream_panels);
         } else {
             let per = stream_panels.div_ceil(parts);
-            std::thread::scope(|s| {
+            rayon::scope(|s| {
                 for start in (0..stream_panels).step_by(per) {
                     let end = (start + per).min(stream_panels);
-                    s.spawn(move || run(start..end));
+                    s.spawn(move |_| run(start..end));
                 }
             });
         }

@@ -179,10 +179,10 @@ impl CustomOp2 for Bf16MatMul {
         } else if m * n > 0 {
             // Batches (attention heads) split over the threads, one thread per product.
             let per = a.batch.div_ceil(threads.clamp(1, a.batch));
-            std::thread::scope(|s| {
+            rayon::scope(|s| {
                 for (t, part) in out.chunks_mut(per * m * n).enumerate() {
                     let (a, b) = (&a, &b);
-                    s.spawn(move || {
+                    s.spawn(move |_| {
                         for (j, ci) in part.chunks_mut(m * n).enumerate() {
                             let i = t * per + j;
                             gemm_into((m, n, k), a.at(i), b.at(i), ci, 1);
