@@ -105,9 +105,10 @@ pub struct TrainParams {
     pub eval_fraction: f64,
     /// Rows of logits computed at once by the loss.
     pub chunk_rows: usize,
-    /// Products of the linear layers and LM heads (student and online teacher): `f32`, or
-    /// `bf16` (f32 weights and accumulation, bf16 products, on CPUs with AVX-512 BF16; elsewhere
-    /// f32). PyTorch's bf16 autocast, without bf16 copies of the weights.
+    /// Products of the linear layers, LM heads and attention (student and online teacher):
+    /// `f32`, or `bf16` (f32 weights and accumulation, bf16 products: on AMX tiles where the CPU
+    /// has them, else AVX-512 BF16, else f32). PyTorch's bf16 autocast, without bf16 copies of
+    /// the weights; on an AMX CPU it is the fast setting (`docs/performance.md`).
     pub matmul: MatmulPrecision,
     /// Stop a run with the last good checkpoint intact on a non-finite loss or gradient.
     pub nan_guard: bool,
