@@ -26,7 +26,7 @@
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
-use super::bf16_gemm::{MatRef, pair};
+use super::bf16_gemm::{CPtr, MatRef, pair};
 
 /// Lines (rows of A, columns of B) per panel: two tiles of 16.
 const LINES: usize = 32;
@@ -383,20 +383,6 @@ fn transpose16(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m51
         out[12 + c] = _mm512_shuffle_i32x4::<0xDD>(s2, s4);
     }
     out
-}
-
-/// A raw pointer into C that threads share; each writes a disjoint set of blocks.
-#[derive(Clone, Copy)]
-struct CPtr(*mut f32);
-// SAFETY: the threads of `gemm` write disjoint blocks of C, and the scope joins them before `c`
-// is used again.
-unsafe impl Send for CPtr {}
-unsafe impl Sync for CPtr {}
-impl CPtr {
-    fn add(self, off: usize) -> CPtr {
-        // SAFETY: `off` is a block start inside C.
-        CPtr(unsafe { self.0.add(off) })
-    }
 }
 
 /// The tile configuration of this thread while alive: palette 1, tiles 0–7 of 16 rows × 64

@@ -151,16 +151,17 @@ pub fn gemm_vdpbf16ps(
     });
 }
 
-/// A raw pointer into C that threads share; each writes a disjoint set of elements.
+/// A raw pointer into C that threads share; each writes a disjoint set of elements (rows or
+/// columns here, 32×32 blocks in [`super::amx_gemm`]).
 #[derive(Clone, Copy)]
-struct CPtr(*mut f32);
-// SAFETY: the threads of `gemm` write disjoint rows or columns of C, and the scope joins them
-// before `c` is used again.
+pub(super) struct CPtr(pub(super) *mut f32);
+// SAFETY: the threads of both GEMMs write disjoint parts of C, and their scopes join them before
+// `c` is used again.
 unsafe impl Send for CPtr {}
 unsafe impl Sync for CPtr {}
 impl CPtr {
-    fn add(self, off: usize) -> CPtr {
-        // SAFETY: `off` is inside C (a row or column start below m·n).
+    pub(super) fn add(self, off: usize) -> CPtr {
+        // SAFETY: callers pass an offset inside C (a row, column or block start below m·n).
         CPtr(unsafe { self.0.add(off) })
     }
 }

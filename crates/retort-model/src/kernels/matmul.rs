@@ -238,42 +238,32 @@ mod tests {
             return;
         }
         let x = Var::from_tensor(&ints(19, 70, 1)).unwrap(); // (rows, in)
-        let w = Var::from_tensor(&ints(33, 70, 2)).unwrap(); // (out, in)
         let up = ints(19, 33, 3); // a fixed upstream gradient, via Σ y ⊙ up
-        let ours = matmul_bf16(x.as_tensor(), &w.as_tensor().t().unwrap()).unwrap();
-        let plain = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
-        assert_eq!(
-            ours.to_vec2::<f32>().unwrap(),
-            plain.to_vec2::<f32>().unwrap()
-        );
-        let g1 = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (plain * &up)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for v in [&x, &w] {
-            let a = g1.get(v.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
-            let b = g2.get(v.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
-            assert_eq!(a, b);
-        }
-
-        // And with a plain (k, n) right operand.
+        // b as a linear layer passes it (Wᵀ, a transposed view of W (out, in)), and plain.
+        let w = Var::from_tensor(&ints(33, 70, 2)).unwrap();
         let b = Var::from_tensor(&ints(70, 33, 4)).unwrap();
-        let ours = matmul_bf16(x.as_tensor(), b.as_tensor()).unwrap();
-        let plain = x.as_tensor().matmul(b.as_tensor()).unwrap();
-        let g1 = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (plain * &up)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for v in [&x, &b] {
-            let a = g1.get(v.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
-            let c = g2.get(v.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
-            assert_eq!(a, c);
+        for (v, rhs) in [
+            (&w, w.as_tensor().t().unwrap()),
+            (&b, b.as_tensor().clone()),
+        ] {
+            let ours = matmul_bf16(x.as_tensor(), &rhs).unwrap();
+            let plain = x.as_tensor().matmul(&rhs).unwrap();
+            assert_eq!(
+                ours.to_vec2::<f32>().unwrap(),
+                plain.to_vec2::<f32>().unwrap()
+            );
+            let g1 = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (plain * &up)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for var in [&x, v] {
+                let a = g1.get(var.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+                let c = g2.get(var.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+                assert_eq!(a, c);
+            }
         }
     }
 
