@@ -4,7 +4,7 @@
 //!
 //! Why: on the AMX Xeon host of `docs/performance.md` the AVX-512 `vdpbf16ps` GEMM reached only
 //! 0.46–0.59× candle's f32 GEMM, while one `tdpbf16ps` multiplies a 16×32 by a 32×16 bf16 tile
-//! (16 K multiply-adds) per instruction. Neither candle nor `gemm` uses the tiles.
+//! (8,192 multiply-adds) per instruction. Neither candle nor `gemm` uses the tiles.
 //!
 //! Tiles: eight registers of 16 rows × 64 bytes. The micro-kernel holds a 32×32 block of C in
 //! four (tmm0–3), two 16-row tiles of A (tmm4–5, 16 rows × 16 k-pairs) and two of B (tmm6–7,
@@ -13,8 +13,8 @@
 //! Blocking: k in blocks of `KC`; per block the operand with fewer 32-lines (rows of A or
 //! columns of B) is packed whole, shared by the threads, and the other is streamed one 32-line
 //! panel at a time, each thread taking a contiguous range of panels. Threads come from rayon's
-//! pool (candle's), not fresh ones per call. A packed panel is a run of
-//! k-steps of 16 pairs, each two contiguous 1 KB tiles (`Panel::index`), zero past every edge.
+//! pool (candle's), not fresh ones per call. A packed panel is a run of k-steps of 16 pairs,
+//! each two contiguous 1 KB tiles (`Panel::index`), zero past every edge.
 //!
 //! Linux only grants the tile state on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), once per
 //! process; [`available`] asks. `RETORT_AMX=0` turns the path off (to compare with
