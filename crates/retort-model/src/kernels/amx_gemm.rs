@@ -8,7 +8,7 @@
 //!
 //! Tiles: eight registers of 16 rows × 64 bytes. The micro-kernel holds a 32×32 block of C in
 //! four (tmm0–3), two 16-row tiles of A (tmm4–5, 16 rows × 16 k-pairs) and two of B (tmm6–7,
-//! 16 k-pairs × 16 columns, "VNNI" layout: one `u32` holds B[2p][j] and B[2p+1][j]).
+//! 16 k-pairs × 16 columns, "VNNI" layout: one `u32` holds `B[2p][j]` and `B[2p+1][j]`).
 //!
 //! Blocking: k in blocks of `KC`; per block the operand with fewer 32-lines (rows of A or
 //! columns of B) is packed whole, shared by the threads, and the other is streamed one 32-line
@@ -81,7 +81,7 @@ pub fn gemm(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32], t
     gemm_uninit(m, n, k, a, b, c, threads);
 }
 
-/// [`gemm`] into memory that need not be initialised: every element of `c` is written (the
+/// [`gemm()`] into memory that need not be initialised: every element of `c` is written (the
 /// first k block stores C's tiles without reading them), so an output buffer skips its
 /// zeroing (a 200 MB memset per LM head of a 1024-row batch).
 pub fn gemm_uninit(

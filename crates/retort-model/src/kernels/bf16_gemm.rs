@@ -96,7 +96,7 @@ pub fn gemm(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32], t
     }
 }
 
-/// [`gemm`] on AVX-512 BF16 (`vdpbf16ps`) whatever else the CPU has. Panics unless
+/// [`gemm()`] on AVX-512 BF16 (`vdpbf16ps`) whatever else the CPU has. Panics unless
 /// [`vdpbf16ps_available`].
 pub fn gemm_vdpbf16ps(
     m: usize,
