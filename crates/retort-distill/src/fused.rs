@@ -114,12 +114,10 @@ impl Op {
                 }
             }
             for i in blocks * 16..n {
-                let log_q = z[i] * inv_t - ms - ls;
-                let log_p = t[i] * inv_t - mt - lt;
-                let (q, pi) = (g[i], p[i]);
-                let s = if sig.is_empty() { q } else { sig[i] };
-                g[i] = (ce_w * s + kd_w * (q - pi)) * self.scale;
-                kl += (pi * (log_p - log_q)) as f64;
+                let s = (!sig.is_empty()).then(|| sig[i]);
+                let (gi, term) = kl_value(z[i], t[i], g[i], p[i], s, c);
+                g[i] = gi;
+                kl += term as f64;
             }
         });
         g[y as usize] -= ce_w * self.scale;
@@ -140,15 +138,22 @@ fn kl_block(
     c: [f32; 6],
     acc: &mut [f32; 16],
 ) {
-    let [inv_t, norm_q, norm_p, ce_w, kd_w, scale] = c;
     for l in 0..16 {
-        let log_q = z[l] * inv_t - norm_q;
-        let log_p = t[l] * inv_t - norm_p;
-        let (q, pi) = (g[l], p[l]);
-        let sl = s.map_or(q, |s| s[l]);
-        g[l] = (ce_w * sl + kd_w * (q - pi)) * scale;
-        acc[l] += pi * (log_p - log_q);
+        let (gl, term) = kl_value(z[l], t[l], g[l], p[l], s.map(|s| s[l]), c);
+        g[l] = gl;
+        acc[l] += term;
     }
+}
+
+/// One value of that pass: the gradient `(CE weight·σ + KD weight·(q − p))·scale` (σ = q when
+/// `s` is `None`) and the KL term `p·(log p − log q)`.
+#[inline(always)]
+fn kl_value(z: f32, t: f32, q: f32, p: f32, s: Option<f32>, c: [f32; 6]) -> (f32, f32) {
+    let [inv_t, norm_q, norm_p, ce_w, kd_w, scale] = c;
+    let log_q = z * inv_t - norm_q;
+    let log_p = t * inv_t - norm_p;
+    let g = (ce_w * s.unwrap_or(q) + kd_w * (q - p)) * scale;
+    (g, p * (log_p - log_q))
 }
 
 impl CustomOp1 for Op {

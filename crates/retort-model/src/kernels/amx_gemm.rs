@@ -108,11 +108,14 @@ pub fn gemm_uninit(
     let a_whole = mp <= np;
     let (whole_panels, stream_panels) = if a_whole { (mp, np) } else { (np, mp) };
     let cp = CPtr(c.as_mut_ptr().cast::<f32>());
+    let panel_len_of = |kc: usize| LINES * kc.div_ceil(2).div_ceil(16) * 16;
+    // One buffer for every k block (the first is the largest); the packers write all of it.
+    let mut whole_buf = vec![0u32; whole_panels * panel_len_of(KC.min(k))];
     for (blk, pc) in (0..k).step_by(KC).enumerate() {
         let kc = KC.min(k - pc);
-        let kp16 = kc.div_ceil(2).div_ceil(16) * 16;
-        let panel_len = LINES * kp16;
-        let mut whole = vec![0u32; whole_panels * panel_len];
+        let panel_len = panel_len_of(kc);
+        let kp16 = panel_len / LINES;
+        let whole = &mut whole_buf[..whole_panels * panel_len];
         let pack_whole = |first: usize, out: &mut [u32]| {
             for (i, dst) in out.chunks_mut(panel_len).enumerate() {
                 let p = first + i;
@@ -125,7 +128,7 @@ pub fn gemm_uninit(
         };
         let parts = threads.min(whole_panels);
         if parts <= 1 {
-            pack_whole(0, &mut whole);
+            pack_whole(0, whole);
         } else {
             let per = whole_panels.div_ceil(parts);
             rayon::scope(|s| {
@@ -134,7 +137,7 @@ pub fn gemm_uninit(
                 }
             });
         }
-        let whole = &whole;
+        let whole = &*whole;
         let accumulate = blk > 0;
         let run = move |range: std::ops::Range<usize>| {
             let mut panel = vec![0u32; panel_len];

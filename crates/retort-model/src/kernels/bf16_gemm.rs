@@ -17,6 +17,8 @@
 // The micro-kernel is SIMD intrinsics on raw pointers; each unsafe block states its invariant.
 #![allow(unsafe_code)]
 
+use std::mem::MaybeUninit;
+
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
@@ -89,11 +91,32 @@ pub(super) fn pair(lo: f32, hi: f32) -> u32 {
 /// has them, else on AVX-512 BF16. Panics if the CPU has neither ([`available`]) or the views
 /// are out of bounds; callers check both.
 pub fn gemm(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32], threads: usize) {
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and `gemm_uninit` writes only
+    // initialised values, so `c` stays initialised.
+    let c = unsafe { &mut *(c as *mut [f32] as *mut [MaybeUninit<f32>]) };
+    gemm_uninit(m, n, k, a, b, c, threads);
+}
+
+/// [`gemm()`] into memory that need not be initialised (an output tensor's fresh buffer): AMX
+/// writes every element without reading it; the `vdpbf16ps` kernel accumulates, so there C is
+/// zeroed first, once.
+pub fn gemm_uninit(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: MatRef,
+    c: &mut [MaybeUninit<f32>],
+    threads: usize,
+) {
     if super::amx_gemm::available() {
-        super::amx_gemm::gemm(m, n, k, a, b, c, threads);
-    } else {
-        gemm_vdpbf16ps(m, n, k, a, b, c, threads);
+        super::amx_gemm::gemm_uninit(m, n, k, a, b, c, threads);
+        return;
     }
+    c.fill(MaybeUninit::new(0.0));
+    // SAFETY: every element was just initialised, and `MaybeUninit<f32>` has f32's layout.
+    let c = unsafe { &mut *(c as *mut [MaybeUninit<f32>] as *mut [f32]) };
+    accumulate_vdpbf16ps(m, n, k, a, b, c, threads);
 }
 
 /// [`gemm()`] on AVX-512 BF16 (`vdpbf16ps`) whatever else the CPU has. Panics unless
@@ -107,9 +130,22 @@ pub fn gemm_vdpbf16ps(
     c: &mut [f32],
     threads: usize,
 ) {
+    c.fill(0.0);
+    accumulate_vdpbf16ps(m, n, k, a, b, c, threads);
+}
+
+/// `C += A · B` on AVX-512 BF16.
+fn accumulate_vdpbf16ps(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: MatRef,
+    c: &mut [f32],
+    threads: usize,
+) {
     assert!(vdpbf16ps_available(), "bf16 GEMM needs AVX-512 BF16");
     assert_eq!(c.len(), m * n);
-    c.fill(0.0);
     if m == 0 || n == 0 || k == 0 {
         return;
     }

@@ -8,7 +8,6 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::amx_gemm;
 use super::bf16_gemm::{self, MatRef};
 
 /// Precision of the products inside the large matmuls (linear layers and the LM head).
@@ -124,27 +123,6 @@ fn view<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<Op
     })
 }
 
-/// `C = A · B` into uninitialised `c` (m·n values), on AMX where the CPU has it.
-fn gemm_into(
-    (m, n, k): (usize, usize, usize),
-    a: MatRef,
-    b: MatRef,
-    c: &mut [std::mem::MaybeUninit<f32>],
-    threads: usize,
-) {
-    if amx_gemm::available() {
-        amx_gemm::gemm_uninit(m, n, k, a, b, c, threads);
-    } else {
-        for x in c.iter_mut() {
-            x.write(0.0);
-        }
-        // SAFETY: every element was just initialised, and `MaybeUninit<f32>` has f32's layout.
-        #[allow(unsafe_code)]
-        let c = unsafe { &mut *(c as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
-        bf16_gemm::gemm(m, n, k, a, b, c, threads);
-    }
-}
-
 impl CustomOp2 for Bf16MatMul {
     fn name(&self) -> &'static str {
         "retort-matmul-bf16"
@@ -175,7 +153,7 @@ impl CustomOp2 for Bf16MatMul {
         let mut c: Vec<f32> = Vec::with_capacity(len);
         let out = &mut c.spare_capacity_mut()[..len];
         if a.batch == 1 {
-            gemm_into((m, n, k), a.mat, b.mat, out, threads);
+            bf16_gemm::gemm_uninit(m, n, k, a.mat, b.mat, out, threads);
         } else if m * n > 0 {
             // Batches (attention heads) split over the threads, one thread per product.
             let per = a.batch.div_ceil(threads.clamp(1, a.batch));
@@ -185,13 +163,13 @@ impl CustomOp2 for Bf16MatMul {
                     s.spawn(move |_| {
                         for (j, ci) in part.chunks_mut(m * n).enumerate() {
                             let i = t * per + j;
-                            gemm_into((m, n, k), a.at(i), b.at(i), ci, 1);
+                            bf16_gemm::gemm_uninit(m, n, k, a.at(i), b.at(i), ci, 1);
                         }
                     });
                 }
             });
         }
-        // SAFETY: `gemm_into` wrote every one of the `len` values (each batch's m·n).
+        // SAFETY: `gemm_uninit` wrote every one of the `len` values (each batch's m·n).
         #[allow(unsafe_code)]
         unsafe {
             c.set_len(len)
