@@ -379,7 +379,14 @@ pub fn init_global_threadpool() {
         .build_global();
 }
 
+// retort patch 3: computed once. Without `RAYON_NUM_THREADS` this read `/proc/cpuinfo` (through
+// `num_cpus::get_physical`) on every call, and the f32 matmul calls it once per product.
 fn default_num_threads() -> usize {
+    static DEFAULT: OnceLock<usize> = OnceLock::new();
+    *DEFAULT.get_or_init(default_num_threads_uncached)
+}
+
+fn default_num_threads_uncached() -> usize {
     let physical = {
         #[cfg(target_os = "macos")]
         {
