@@ -83,6 +83,7 @@ impl Linear {
                 };
                 w.forward(&x)?
             }
+            LinearWeight::PackedQ8(w) => x.contiguous()?.apply_op1_no_bwd(w.as_ref())?,
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -93,7 +94,7 @@ impl Linear {
     fn dense_weight(&self) -> Option<&Tensor> {
         match &self.weight {
             LinearWeight::Dense(w) => Some(w),
-            LinearWeight::Quantized { .. } => None,
+            LinearWeight::Quantized { .. } | LinearWeight::PackedQ8(_) => None,
         }
     }
 }

@@ -12,6 +12,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::kernels::q8_matmul::{self, PackedQ8_0};
 
 /// One stored tensor.
 #[derive(Debug, Clone)]
@@ -39,8 +40,9 @@ pub enum WeightFormat {
     /// batched input on CPU). Embeddings and norms are f32.
     Quantized,
     /// Linear layers (re)quantized to Q8_0 from their f32 values: about a quarter of f32's
-    /// memory traffic and candle's SIMD kernels cover Q8_0 (not Q4_1), so it is the fastest
-    /// format for token-by-token generation on CPU. Rounding error ≤ max|w|/254 per block of 32.
+    /// memory traffic, and SIMD kernels cover Q8_0 (retort's own [`q8_matmul`] on AVX-512 VNNI,
+    /// candle's elsewhere; candle has none for Q4_1), so it is the fastest format for
+    /// token-by-token generation on CPU. Rounding error ≤ max|w|/254 per block of 32.
     Q8_0,
 }
 
@@ -115,6 +117,15 @@ impl Weights {
                 w: QMatMul::from_arc(q.clone())?,
                 pad_in: 0,
             }),
+            (_, WeightFormat::Q8_0)
+                if self.device.is_cpu()
+                    && q8_matmul::available()
+                    && matches!(dims, [n, k] if PackedQ8_0::fits(*n, *k)) =>
+            {
+                // Our own kernel takes any width that is a multiple of 32: no padding.
+                let q = QTensor::quantize(&self.dense(name, dims)?, GgmlDType::Q8_0)?;
+                Ok(LinearWeight::PackedQ8(Arc::new(PackedQ8_0::new(&q)?)))
+            }
             (_, WeightFormat::Q8_0) if dims.last().is_some_and(|c| c % 32 == 0) => {
                 // candle's tiled AVX-512 VNNI kernels need the input width to be a multiple of
                 // 256; pad the weight with zero columns (the input gets zeros to match), which
@@ -148,6 +159,8 @@ pub enum LinearWeight {
     Dense(Tensor),
     /// Quantized `(out, in + pad_in)`; the input is padded with `pad_in` zeros before the product.
     Quantized { w: QMatMul, pad_in: usize },
+    /// Q8_0 `(out, in)` in the layout of retort's own kernel ([`q8_matmul`]), where it runs.
+    PackedQ8(Arc<PackedQ8_0>),
 }
 
 /// Input width granularity of candle's repacked x86 quantized kernels (`QK_K`).

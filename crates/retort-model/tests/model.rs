@@ -270,6 +270,14 @@ fn continuous_batching_equals_each_prompt_alone() {
         let n = prompts.len();
         for format in [WeightFormat::F32, WeightFormat::Q8_0] {
             let model = Model::frozen(&cfg, &weights, format).unwrap();
+            // A left-padded batch sums attention in another order (f32 log-probs move by ≤ 4e-6);
+            // Q8_0 rounds every activation block to 8 bits, which can turn that into a flipped
+            // rounding: 1.2e-3 seen here (docs/performance.md, "Answers"). Each row's own
+            // quantized product does not depend on the batch (`q8_matmul` tests).
+            let tolerance = match format {
+                WeightFormat::Q8_0 => 1e-2,
+                _ => 1e-3,
+            };
             let alone: Vec<_> = (0..n)
                 .map(|i| {
                     generate_each(
@@ -311,7 +319,12 @@ fn continuous_batching_equals_each_prompt_alone() {
                     assert_eq!(c.logprobs.len(), a.logprobs.len(), "{at}: prompt {i}");
                     for (x, y) in c.logprobs.iter().zip(&a.logprobs) {
                         assert_eq!(x.id, y.id, "{at}: prompt {i}");
-                        assert!((x.logprob - y.logprob).abs() < 1e-3, "{at}: prompt {i}");
+                        assert!(
+                            (x.logprob - y.logprob).abs() < tolerance,
+                            "{at}: prompt {i}: {} vs {}",
+                            x.logprob,
+                            y.logprob
+                        );
                     }
                 }
                 // The schedule did what the test is about.

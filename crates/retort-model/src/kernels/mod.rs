@@ -8,6 +8,8 @@
 //! - [`mod@rms_norm`], [`mod@rope`], [`mod@swiglu`], [`softmax`]: the trainable model's elementwise and
 //!   row-wise pieces as single ops with explicit backward; candle's fused versions carry no
 //!   gradient, and the compositions allocate a tensor per step.
+//! - [`q8_matmul`]: Q8_0 weights × f32 activations for decoding on AVX-512 VNNI, activations
+//!   quantized in blocks of 32; candle's kernel needs input widths that are multiples of 256.
 //! - [`mod@decode_attention`]: attention for one new position per row (generation), reading the
 //!   key/value cache in place and skipping each row's left padding; no backward.
 
@@ -17,6 +19,7 @@ pub mod decode_attention;
 pub mod exp;
 pub mod matmul;
 mod par;
+pub mod q8_matmul;
 pub mod rms_norm;
 pub mod rope;
 pub mod softmax;
