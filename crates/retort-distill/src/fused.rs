@@ -54,41 +54,55 @@ thread_local! {
 
 impl Op {
     /// One row: returns (CE, T²·KL) and writes the gradient of `(1−α)CE + αT²KL` into `g`.
+    ///
+    /// Each softmax takes one `exp` per value: `exp(x·k − max·k)` is written out and summed in
+    /// one pass, and the last pass divides by the sum (the log-normaliser is `max·k + ln Σ`).
     fn row(&self, z: &[f32], t: Option<&[f32]>, y: u32, g: &mut [f32]) -> (f64, f64) {
         let (inv_t, alpha) = (self.inv_t, self.alpha);
         let temp = 1.0 / inv_t;
-        let (m1, l1) = row_stats(z, 1.0);
-        let ce = (m1 + l1 - z[y as usize]) as f64;
+        let z_max = exp::max(z);
         let Some(t) = t else {
-            exp::exp_scaled(z, 1.0, m1 + l1, g);
+            let sum = exp::exp_scaled_sum(z, 1.0, z_max, g);
+            let ce = (z_max + sum.ln() - z[y as usize]) as f64;
+            let k = self.scale / sum;
             for gi in g.iter_mut() {
-                *gi *= self.scale;
+                *gi *= k;
             }
             g[y as usize] -= self.scale;
             return (ce, 0.0);
         };
-        let (ms, ls) = if inv_t == 1.0 {
-            (m1, l1)
-        } else {
-            row_stats(z, inv_t)
-        }; // student at T
-        let (mt, lt) = row_stats(t, inv_t); // teacher at T
+        let t_max = exp::max(t);
         let mut kl = 0f64;
         let ce_w = 1.0 - alpha;
         let kd_w = alpha * temp; // α·T² · (1/T)
-        // The exps in vectorised passes: q into g, p (and σ when T ≠ 1) into per-thread buffers,
-        // then one arithmetic pass.
-        SCRATCH.with_borrow_mut(|(p, sigma)| {
+        // Unnormalised q into g, p (and σ when T ≠ 1) into per-thread buffers, then one
+        // arithmetic pass.
+        let ce = SCRATCH.with_borrow_mut(|(p, sigma)| {
             p.resize(z.len(), 0.0);
-            exp::exp_scaled(t, inv_t, mt + lt, p);
-            exp::exp_scaled(z, inv_t, ms + ls, g);
-            if inv_t != 1.0 {
+            // k > 0 (an inverse temperature), so max(x·k) = max(x)·k.
+            let sum_q = exp::exp_scaled_sum(z, inv_t, z_max * inv_t, g);
+            let sum_p = exp::exp_scaled_sum(t, inv_t, t_max * inv_t, p);
+            let (norm_q, norm_p) = (z_max * inv_t + sum_q.ln(), t_max * inv_t + sum_p.ln());
+            let (sum_s, norm_s) = if inv_t == 1.0 {
+                (sum_q, norm_q)
+            } else {
                 sigma.resize(z.len(), 0.0);
-                exp::exp_scaled(z, 1.0, m1 + l1, sigma);
-            }
+                let s = exp::exp_scaled_sum(z, 1.0, z_max, sigma);
+                (s, z_max + s.ln())
+            };
             // KL summed in 16 f32 lanes over chunks of 256 values (fixed-size blocks, so the
             // loop vectorises), each chunk's lanes then added in f64.
-            let c = [inv_t, ms + ls, mt + lt, ce_w, kd_w, self.scale];
+            let c = Consts {
+                inv_t,
+                norm_q,
+                norm_p,
+                inv_sum_q: 1.0 / sum_q,
+                inv_sum_p: 1.0 / sum_p,
+                inv_sum_s: 1.0 / sum_s,
+                ce_w,
+                kd_w,
+                scale: self.scale,
+            };
             let sig: &[f32] = if inv_t == 1.0 { &[] } else { sigma };
             let n = z.len();
             let blocks = n / 16;
@@ -106,7 +120,7 @@ impl Op {
                     <&[f32; 16]>::try_from(&t[r.clone()]),
                     <&[f32; 16]>::try_from(&p[r]),
                 ) {
-                    kl_block(g16, z16, t16, p16, s16, c, &mut acc);
+                    kl_block(g16, z16, t16, p16, s16, &c, &mut acc);
                 }
                 if b % 16 == 15 || b + 1 == blocks {
                     kl += acc.iter().map(|&a| a as f64).sum::<f64>();
@@ -115,19 +129,35 @@ impl Op {
             }
             for i in blocks * 16..n {
                 let s = (!sig.is_empty()).then(|| sig[i]);
-                let (gi, term) = kl_value(z[i], t[i], g[i], p[i], s, c);
+                let (gi, term) = kl_value(z[i], t[i], g[i], p[i], s, &c);
                 g[i] = gi;
                 kl += term as f64;
             }
+            (norm_s - z[y as usize]) as f64
         });
         g[y as usize] -= ce_w * self.scale;
         (ce, kl * (temp * temp) as f64)
     }
 }
 
-/// 16 values of [`Op::row`]'s last pass: `g` holds q on entry and the gradient on exit;
-/// `acc` gains each lane's `p·(log p − log q)`. `c = [1/T, log-normaliser of q, of p, CE
-/// weight, KD weight, scale]`; `s` is σ when T ≠ 1 (else q is σ).
+/// The per-row constants of [`Op::row`]'s last pass.
+struct Consts {
+    inv_t: f32,
+    /// Log-normalisers of q (student at T) and p (teacher at T).
+    norm_q: f32,
+    norm_p: f32,
+    /// 1 / the sums of the unnormalised q, p and σ (student at T = 1).
+    inv_sum_q: f32,
+    inv_sum_p: f32,
+    inv_sum_s: f32,
+    ce_w: f32,
+    kd_w: f32,
+    scale: f32,
+}
+
+/// 16 values of [`Op::row`]'s last pass: `g` holds the unnormalised q on entry and the gradient
+/// on exit; `acc` gains each lane's `p·(log p − log q)`. `p` and `s` (σ, when T ≠ 1; else σ = q)
+/// are unnormalised too.
 #[inline(always)]
 fn kl_block(
     g: &mut [f32; 16],
@@ -135,7 +165,7 @@ fn kl_block(
     t: &[f32; 16],
     p: &[f32; 16],
     s: Option<&[f32; 16]>,
-    c: [f32; 6],
+    c: &Consts,
     acc: &mut [f32; 16],
 ) {
     for l in 0..16 {
@@ -145,14 +175,16 @@ fn kl_block(
     }
 }
 
-/// One value of that pass: the gradient `(CE weight·σ + KD weight·(q − p))·scale` (σ = q when
-/// `s` is `None`) and the KL term `p·(log p − log q)`.
+/// One value of that pass: the gradient `(CE weight·σ + KD weight·(q − p))·scale` and the KL
+/// term `p·(log p − log q)`, from the unnormalised `q`, `p` and `s`.
 #[inline(always)]
-fn kl_value(z: f32, t: f32, q: f32, p: f32, s: Option<f32>, c: [f32; 6]) -> (f32, f32) {
-    let [inv_t, norm_q, norm_p, ce_w, kd_w, scale] = c;
-    let log_q = z * inv_t - norm_q;
-    let log_p = t * inv_t - norm_p;
-    let g = (ce_w * s.unwrap_or(q) + kd_w * (q - p)) * scale;
+fn kl_value(z: f32, t: f32, q: f32, p: f32, s: Option<f32>, c: &Consts) -> (f32, f32) {
+    let q = q * c.inv_sum_q;
+    let p = p * c.inv_sum_p;
+    let s = s.map_or(q, |s| s * c.inv_sum_s);
+    let log_q = z * c.inv_t - c.norm_q;
+    let log_p = t * c.inv_t - c.norm_p;
+    let g = (c.ce_w * s + c.kd_w * (q - p)) * c.scale;
     (g, p * (log_p - log_q))
 }
 

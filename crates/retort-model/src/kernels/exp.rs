@@ -57,6 +57,25 @@ fn sum_exp_body(x: &[f32], k: f32, shift: f32) -> f32 {
 }
 
 #[inline(always)]
+fn exp_scaled_sum_body(x: &[f32], k: f32, shift: f32, out: &mut [f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut chunks = x.chunks_exact(16);
+    let mut outs = out.chunks_exact_mut(16);
+    for (c, o) in (&mut chunks).zip(&mut outs) {
+        for ((l, o), &v) in lanes.iter_mut().zip(o).zip(c) {
+            *o = exp1(v * k - shift);
+            *l += *o;
+        }
+    }
+    let mut tail = 0f32;
+    for (o, &v) in outs.into_remainder().iter_mut().zip(chunks.remainder()) {
+        *o = exp1(v * k - shift);
+        tail += *o;
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
 fn max_body(x: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 16];
     let mut chunks = x.chunks_exact(16);
@@ -82,6 +101,12 @@ fn exp_scaled_avx512(x: &[f32], k: f32, shift: f32, out: &mut [f32]) {
 #[target_feature(enable = "avx512f")]
 fn sum_exp_avx512(x: &[f32], k: f32, shift: f32) -> f32 {
     sum_exp_body(x, k, shift)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn exp_scaled_sum_avx512(x: &[f32], k: f32, shift: f32, out: &mut [f32]) -> f32 {
+    exp_scaled_sum_body(x, k, shift, out)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -120,6 +145,17 @@ pub fn sum_exp(x: &[f32], k: f32, shift: f32) -> f32 {
         return unsafe { sum_exp_avx512(x, k, shift) };
     }
     sum_exp_body(x, k, shift)
+}
+
+/// `out[i] = exp(x[i]·k − shift)`, returning `Σ out[i]` (one pass: a softmax then needs one
+/// `exp` per value instead of two).
+pub fn exp_scaled_sum(x: &[f32], k: f32, shift: f32, out: &mut [f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: the CPU has AVX-512F (checked above).
+        return unsafe { exp_scaled_sum_avx512(x, k, shift, out) };
+    }
+    exp_scaled_sum_body(x, k, shift, out)
 }
 
 /// `max x[i]` (−∞ for an empty slice; NaNs are skipped).
@@ -165,5 +201,12 @@ mod tests {
             xs.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v))
         );
         assert_eq!(max(&[]), f32::NEG_INFINITY);
+        // The one-pass version writes what exp_scaled writes and sums like sum_exp.
+        let mut a = vec![0f32; xs.len()];
+        let mut b = vec![0f32; xs.len()];
+        let s = exp_scaled_sum(&xs, 0.5, 3.0, &mut a);
+        exp_scaled(&xs, 0.5, 3.0, &mut b);
+        assert_eq!(a, b);
+        assert_eq!(s, sum_exp(&xs, 0.5, 3.0));
     }
 }
