@@ -84,9 +84,15 @@ fn main() {
     student.set_matmul_precision(matmul);
     let mut teacher = teacher;
     teacher.set_matmul_precision(matmul);
+    // As `setup` does; `--no-prepack` packs the teacher's weights at every product instead.
+    let prepacked = if args.iter().any(|a| a == "--no-prepack") {
+        0
+    } else {
+        teacher.prepack_bf16().unwrap()
+    };
     let teacher_mode = arg_str("--teacher").unwrap_or_else(|| "online".into());
     println!(
-        "retort train bench: teacher {teacher_mode}, student {} layers ({:.1}M params), teacher 30 layers f32, batch {batch}x{seq}, forward KL, chunk_rows {}, matmul {matmul:?}, allocator {allocator:?}, threads {}",
+        "retort train bench: teacher {teacher_mode}, student {} layers ({:.1}M params), teacher 30 layers f32, batch {batch}x{seq}, forward KL, chunk_rows {}, matmul {matmul:?} (teacher weights prepacked: {prepacked}), allocator {allocator:?}, threads {}",
         layers,
         student.config().num_parameters() as f64 / 1e6,
         arg("--chunk", 1024),

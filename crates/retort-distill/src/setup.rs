@@ -232,6 +232,11 @@ pub fn prepare(recipe: Recipe, device: &Device) -> Result<Plan> {
         (Some(ck), true) => {
             let mut t = ck.frozen(WeightFormat::F32)?;
             t.set_matmul_precision(recipe.train.matmul);
+            // With bf16 products on AMX, the frozen weights are packed once, not every step.
+            let packed = t.prepack_bf16()?;
+            if packed > 0 {
+                tracing::debug!("teacher: {packed} weights packed once for bf16 products");
+            }
             let limit = shared_vocab(&student, &tokenizer, &t, &ck.tokenizer, &ck.path)?;
             let id = TeacherId {
                 path: ck.path.clone(),

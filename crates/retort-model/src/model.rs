@@ -15,11 +15,13 @@
 //! and that every trainable tensor receives a gradient.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{D, DType, Device, Module, Tensor, Var};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::kernels::frozen_bf16::FrozenBf16;
 use crate::kernels::{self, MatmulPrecision, matmul_bf16};
 use crate::kv_cache::KvCache;
 use crate::rope::Rope;
@@ -84,6 +86,7 @@ impl Linear {
                 w.forward(&x)?
             }
             LinearWeight::PackedQ8(w) => x.contiguous()?.apply_op1_no_bwd(w.as_ref())?,
+            LinearWeight::FrozenBf16(w) => x.contiguous()?.apply_op1_no_bwd(w.as_ref())?,
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -94,7 +97,9 @@ impl Linear {
     fn dense_weight(&self) -> Option<&Tensor> {
         match &self.weight {
             LinearWeight::Dense(w) => Some(w),
-            LinearWeight::Quantized { .. } | LinearWeight::PackedQ8(_) => None,
+            LinearWeight::Quantized { .. }
+            | LinearWeight::PackedQ8(_)
+            | LinearWeight::FrozenBf16(_) => None,
         }
     }
 }
@@ -416,23 +421,53 @@ impl Model {
     }
 
     /// Run the products of every dense linear layer and of the LM head at `p` (weights and
-    /// activations stay f32). Attention's own matmuls stay f32.
+    /// activations stay f32); with bf16, attention's two products (QKᵀ and PV) too.
     pub fn set_matmul_precision(&mut self, p: MatmulPrecision) {
-        for layer in &mut self.layers {
-            let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
-            for l in [
-                &mut a.q_proj,
-                &mut a.k_proj,
-                &mut a.v_proj,
-                &mut a.o_proj,
-                &mut m.gate_proj,
-                &mut m.up_proj,
-                &mut m.down_proj,
-            ] {
-                l.precision = p;
+        for l in self.linears_mut() {
+            l.precision = p;
+        }
+    }
+
+    /// For a frozen model with bf16 products ([`MatmulPrecision::Bf16`]) on a CPU with AMX: packs
+    /// every dense linear weight and the LM head once into bf16 tiles
+    /// ([`kernels::frozen_bf16`]) and drops their f32 copies, so no forward pass re-packs them.
+    /// The products are bit for bit those of bf16 precision, which now also runs for inputs of
+    /// ≤ 8 rows; the model can no longer be saved. Returns how many weights were packed (0 where
+    /// this does not apply).
+    pub fn prepack_bf16(&mut self) -> Result<usize> {
+        if self.mode != Mode::Frozen || !self.device.is_cpu() || !kernels::amx_gemm::available() {
+            return Ok(0);
+        }
+        let mut packed = 0;
+        for l in self.linears_mut() {
+            if l.precision != MatmulPrecision::Bf16 {
+                continue;
+            }
+            if let LinearWeight::Dense(w) = &l.weight {
+                l.weight = LinearWeight::FrozenBf16(Arc::new(FrozenBf16::new(w)?));
+                packed += 1;
             }
         }
-        self.lm_head.precision = p;
+        Ok(packed)
+    }
+
+    /// Every linear layer, the LM head last.
+    fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
+        self.layers
+            .iter_mut()
+            .flat_map(|layer| {
+                let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
+                [
+                    &mut a.q_proj,
+                    &mut a.k_proj,
+                    &mut a.v_proj,
+                    &mut a.o_proj,
+                    &mut m.gate_proj,
+                    &mut m.up_proj,
+                    &mut m.down_proj,
+                ]
+            })
+            .chain(std::iter::once(&mut self.lm_head))
     }
 
     pub fn is_trainable(&self) -> bool {
@@ -518,8 +553,8 @@ impl Model {
     pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let quantized = || {
             Error::invalid(
-                "cannot save a model whose linear layers are quantized",
-                "load it with dequantized (f32) weights before saving",
+                "cannot save a model whose linear layers are quantized or packed for inference",
+                "load it with dequantized (f32) weights, without `prepack_bf16`, before saving",
             )
         };
         let dense = |l: &Linear| l.dense_weight().cloned().ok_or_else(quantized);

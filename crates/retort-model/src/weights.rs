@@ -12,6 +12,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::kernels::frozen_bf16::FrozenBf16;
 use crate::kernels::q8_matmul::{self, PackedQ8_0};
 
 /// One stored tensor.
@@ -161,6 +162,10 @@ pub enum LinearWeight {
     Quantized { w: QMatMul, pad_in: usize },
     /// Q8_0 `(out, in)` in the layout of retort's own kernel ([`q8_matmul`]), where it runs.
     PackedQ8(Arc<PackedQ8_0>),
+    /// A frozen weight packed once for bf16 products on AMX ([`Model::prepack_bf16`]).
+    ///
+    /// [`Model::prepack_bf16`]: crate::Model::prepack_bf16
+    FrozenBf16(Arc<FrozenBf16>),
 }
 
 /// Input width granularity of candle's repacked x86 quantized kernels (`QK_K`).

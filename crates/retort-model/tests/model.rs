@@ -778,3 +778,34 @@ fn bf16_products_track_f32_in_loss_and_gradients() {
         "frozen logits differ by {d} (largest |logit| {scale})"
     );
 }
+
+/// A frozen model's weights packed once (`prepack_bf16`) give the logits that bf16 products with
+/// per-call packing give, bit for bit, and every linear weight and the LM head get packed.
+#[test]
+fn prepacked_frozen_weights_give_the_bf16_logits_bit_for_bit() {
+    use retort_model::kernels::{MatmulPrecision, amx_gemm};
+    if !amx_gemm::available() {
+        eprintln!("skipped: this CPU has no AMX tiles");
+        return;
+    }
+    let cfg = tiny_config(Arch::Llama);
+    // 2 × 12 = 24 rows: above the 8 rows under which unpacked bf16 falls back to f32.
+    let x = ids(&[
+        &[1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 2],
+        &[1, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 2],
+    ]);
+    let mut per_call = tiny_model(&cfg, 3);
+    per_call.set_matmul_precision(MatmulPrecision::Bf16);
+    let want = per_call.logits(&x).unwrap();
+    let mut packed = tiny_model(&cfg, 3);
+    packed.set_matmul_precision(MatmulPrecision::Bf16);
+    let n = packed.prepack_bf16().unwrap();
+    assert_eq!(n, 7 * cfg.num_hidden_layers + 1);
+    let got = packed.logits(&x).unwrap();
+    assert_eq!(max_abs_diff(&want, &got), 0.0);
+    // Packing applies to bf16 products only: an f32 model keeps its weights.
+    let mut f32_model = tiny_model(&cfg, 3);
+    assert_eq!(f32_model.prepack_bf16().unwrap(), 0);
+    // A packed model cannot be saved (no f32 weights left).
+    assert!(packed.named_tensors().is_err());
+}

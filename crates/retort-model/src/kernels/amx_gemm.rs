@@ -93,6 +93,85 @@ pub fn gemm_uninit(
     c: &mut [MaybeUninit<f32>],
     threads: usize,
 ) {
+    run_gemm(m, n, k, a, BSource::Strided(b), c, threads);
+}
+
+/// `B (k×n)` packed once, every k block, in the panel layout the GEMM streams: for a `B` that
+/// does not change between calls (a frozen model's weight), so no call re-packs it. The
+/// products are those of [`gemm()`] on the same `B`, bit for bit.
+#[derive(Debug)]
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    /// Per k block of `KC`: the `⌈n/32⌉` panels of that block, one after the other.
+    blocks: Vec<Vec<u32>>,
+}
+
+impl PackedB {
+    /// Packs `b (k×n)` (any strides) on `threads` threads. Needs [`available`].
+    pub fn new(k: usize, n: usize, b: MatRef, threads: usize) -> Self {
+        let np = n.div_ceil(LINES);
+        let blocks = (0..k)
+            .step_by(KC)
+            .map(|pc| {
+                let kc = KC.min(k - pc);
+                let panel_len = panel_len_of(kc);
+                let kp16 = panel_len / LINES;
+                let mut out = vec![0u32; np * panel_len];
+                let per = np.div_ceil(threads.clamp(1, 64)).max(1);
+                rayon::scope(|s| {
+                    for (t, chunk) in out.chunks_mut(per * panel_len).enumerate() {
+                        s.spawn(move |_| {
+                            for (i, dst) in chunk.chunks_mut(panel_len).enumerate() {
+                                pack_b(b, n, (t * per + i) * LINES, pc, kc, kp16, dst);
+                            }
+                        });
+                    }
+                });
+                out
+            })
+            .collect();
+        Self { k, n, blocks }
+    }
+
+    /// `(k, n)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+}
+
+/// `C (m×n) = A · B` for a pre-packed `B` ([`PackedB`]); `c` as in [`gemm_uninit`].
+pub fn gemm_packed_b_uninit(
+    m: usize,
+    a: MatRef,
+    b: &PackedB,
+    c: &mut [MaybeUninit<f32>],
+    threads: usize,
+) {
+    run_gemm(m, b.n, b.k, a, BSource::Packed(b), c, threads);
+}
+
+/// Where the GEMM gets B's panels: packed per call from a strided view, or pre-packed.
+#[derive(Clone, Copy)]
+enum BSource<'a> {
+    Strided(MatRef<'a>),
+    Packed(&'a PackedB),
+}
+
+/// `u32` pairs in one packed 32-line panel of `kc` k values.
+fn panel_len_of(kc: usize) -> usize {
+    LINES * kc.div_ceil(2).div_ceil(16) * 16
+}
+
+fn run_gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: BSource,
+    c: &mut [MaybeUninit<f32>],
+    threads: usize,
+) {
     assert!(available(), "AMX GEMM needs AMX-BF16 tiles");
     assert_eq!(c.len(), m * n);
     if m == 0 || n == 0 {
@@ -108,53 +187,71 @@ pub fn gemm_uninit(
     let a_whole = mp <= np;
     let (whole_panels, stream_panels) = if a_whole { (mp, np) } else { (np, mp) };
     let cp = CPtr(c.as_mut_ptr().cast::<f32>());
-    let panel_len_of = |kc: usize| LINES * kc.div_ceil(2).div_ceil(16) * 16;
-    // One buffer for every k block (the first is the largest); the packers write all of it.
-    let mut whole_buf = vec![0u32; whole_panels * panel_len_of(KC.min(k))];
+    // One buffer for every k block (the first is the largest); the packers write all of it. A
+    // pre-packed B that is the whole operand needs none.
+    let packed_whole = matches!(b, BSource::Packed(_)) && !a_whole;
+    let mut whole_buf = if packed_whole {
+        Vec::new()
+    } else {
+        vec![0u32; whole_panels * panel_len_of(KC.min(k))]
+    };
     for (blk, pc) in (0..k).step_by(KC).enumerate() {
         let kc = KC.min(k - pc);
         let panel_len = panel_len_of(kc);
         let kp16 = panel_len / LINES;
-        let whole = &mut whole_buf[..whole_panels * panel_len];
-        let pack_whole = |first: usize, out: &mut [u32]| {
-            for (i, dst) in out.chunks_mut(panel_len).enumerate() {
-                let p = first + i;
-                if a_whole {
-                    pack_a(a, m, p * LINES, pc, kc, kp16, dst);
+        let whole: &[u32] = match b {
+            BSource::Packed(p) if !a_whole => &p.blocks[blk],
+            _ => {
+                let whole = &mut whole_buf[..whole_panels * panel_len];
+                let pack_whole = |first: usize, out: &mut [u32]| {
+                    for (i, dst) in out.chunks_mut(panel_len).enumerate() {
+                        let p = first + i;
+                        match b {
+                            _ if a_whole => pack_a(a, m, p * LINES, pc, kc, kp16, dst),
+                            BSource::Strided(b) => pack_b(b, n, p * LINES, pc, kc, kp16, dst),
+                            BSource::Packed(_) => {
+                                unreachable!("a pre-packed whole B is not packed")
+                            }
+                        }
+                    }
+                };
+                let parts = threads.min(whole_panels);
+                if parts <= 1 {
+                    pack_whole(0, whole);
                 } else {
-                    pack_b(b, n, p * LINES, pc, kc, kp16, dst);
+                    let per = whole_panels.div_ceil(parts);
+                    rayon::scope(|s| {
+                        for (t, chunk) in whole.chunks_mut(per * panel_len).enumerate() {
+                            s.spawn(move |_| pack_whole(t * per, chunk));
+                        }
+                    });
                 }
+                whole
             }
         };
-        let parts = threads.min(whole_panels);
-        if parts <= 1 {
-            pack_whole(0, whole);
-        } else {
-            let per = whole_panels.div_ceil(parts);
-            rayon::scope(|s| {
-                for (t, chunk) in whole.chunks_mut(per * panel_len).enumerate() {
-                    s.spawn(move |_| pack_whole(t * per, chunk));
-                }
-            });
-        }
-        let whole = &*whole;
         let accumulate = blk > 0;
         let run = move |range: std::ops::Range<usize>| {
             let mut panel = vec![0u32; panel_len];
             let mut edge = EdgeBlock([0.0; LINES * LINES]);
             let _tiles = Tiles::configure();
             for sp in range {
-                if a_whole {
-                    pack_b(b, n, sp * LINES, pc, kc, kp16, &mut panel);
-                } else {
-                    pack_a(a, m, sp * LINES, pc, kc, kp16, &mut panel);
-                }
+                let streamed: &[u32] = match b {
+                    _ if !a_whole => {
+                        pack_a(a, m, sp * LINES, pc, kc, kp16, &mut panel);
+                        &panel
+                    }
+                    BSource::Strided(b) => {
+                        pack_b(b, n, sp * LINES, pc, kc, kp16, &mut panel);
+                        &panel
+                    }
+                    BSource::Packed(p) => &p.blocks[blk][sp * panel_len..][..panel_len],
+                };
                 for wp in 0..whole_panels {
                     let w = &whole[wp * panel_len..][..panel_len];
                     let (ip, jp, ap, bp) = if a_whole {
-                        (wp, sp, w, &panel[..])
+                        (wp, sp, w, streamed)
                     } else {
-                        (sp, wp, &panel[..], w)
+                        (sp, wp, streamed, w)
                     };
                     let (i0, j0) = (ip * LINES, jp * LINES);
                     let (rows, cols) = (LINES.min(m - i0), LINES.min(n - j0));

@@ -376,6 +376,51 @@ mod tests {
         );
     }
 
+    /// A `B` packed once ([`amx_gemm::PackedB`]) gives the per-call GEMM's results bit for bit,
+    /// whichever operand is the one packed whole and across k blocks.
+    ///
+    /// [`amx_gemm::PackedB`]: super::super::amx_gemm::PackedB
+    #[test]
+    fn amx_prepacked_b_equals_per_call_packing() {
+        use super::super::amx_gemm;
+        if !amx_gemm::available() {
+            eprintln!("skipped: this CPU has no AMX tiles");
+            return;
+        }
+        for &(m, n, k) in &[
+            (5, 63, 3),
+            (64, 96, 2 * 1024 + 33),
+            (200, 33, 31),
+            (33, 200, 1025),
+        ] {
+            let a = values(m * k, 1);
+            let b = values(k * n, 2);
+            let ar = MatRef {
+                data: &a,
+                offset: 0,
+                rs: k,
+                cs: 1,
+            };
+            // B as a weight's transpose: stored (n, k), read with rs = 1.
+            let br = MatRef {
+                data: &b,
+                offset: 0,
+                rs: 1,
+                cs: k,
+            };
+            for threads in [1, 2, 3] {
+                let mut want = vec![f32::NAN; m * n];
+                amx_gemm::gemm(m, n, k, ar, br, &mut want, threads);
+                let packed = amx_gemm::PackedB::new(k, n, br, threads);
+                let mut got: Vec<MaybeUninit<f32>> = vec![MaybeUninit::new(f32::NAN); m * n];
+                amx_gemm::gemm_packed_b_uninit(m, ar, &packed, &mut got, threads);
+                // SAFETY: initialised above and overwritten by the GEMM.
+                let got: Vec<f32> = got.iter().map(|v| unsafe { v.assume_init() }).collect();
+                assert_eq!(got, want, "m={m} n={n} k={k} threads={threads}");
+            }
+        }
+    }
+
     /// Small integers are exact in bf16 and their products and sums exact in f32, so the kernel
     /// must match the reference bit for bit, at every edge case of the blocking.
     #[test]

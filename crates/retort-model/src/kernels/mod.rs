@@ -4,7 +4,8 @@
 //!
 //! - [`bf16_gemm`]: f32-in/f32-out GEMM with bf16 products (AVX-512 BF16); candle widens bf16
 //!   to f32; [`amx_gemm`]: the same contract on AMX tiles, chosen where the CPU has them.
-//!   [`matmul`]: that GEMM as a differentiable op, and the precision switch.
+//!   [`matmul`]: that GEMM as a differentiable op, and the precision switch; [`frozen_bf16`]:
+//!   a frozen weight packed once for it.
 //! - [`mod@rms_norm`], [`mod@rope`], [`mod@swiglu`], [`softmax`]: the trainable model's elementwise and
 //!   row-wise pieces as single ops with explicit backward; candle's fused versions carry no
 //!   gradient, and the compositions allocate a tensor per step.
@@ -17,6 +18,7 @@ pub mod amx_gemm;
 pub mod bf16_gemm;
 pub mod decode_attention;
 pub mod exp;
+pub mod frozen_bf16;
 pub mod matmul;
 mod par;
 pub mod q8_matmul;
