@@ -6,8 +6,8 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
-use super::par;
 use super::rms_norm::{slice, values};
+use super::{exp, par};
 
 /// `silu(gate) ⊙ up`, with gradients to both.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
@@ -18,9 +18,10 @@ struct SwiGlu;
 
 const ROW: usize = 4096;
 
-#[inline]
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+/// `out[i] = exp(−x[i])`, vectorised (`exp`); σ(x) = 1 / (1 + out). libm's scalar `expf` here
+/// was 1.9 % of a training step's samples (AMX host, online teacher, bf16).
+fn exp_neg(x: &[f32], out: &mut [f32]) {
+    exp::exp_scaled(x, -1.0, 0.0, out);
 }
 
 impl CustomOp2 for SwiGlu {
@@ -43,9 +44,10 @@ impl CustomOp2 for SwiGlu {
         let mut y = vec![0f32; a.len()];
         par::rows(&mut y, ROW, |r, yr| {
             let o = r * ROW;
-            for (i, yi) in yr.iter_mut().enumerate() {
-                let x = a[o + i];
-                *yi = x * sigmoid(x) * b[o + i];
+            let (ar, br) = (&a[o..o + yr.len()], &b[o..o + yr.len()]);
+            exp_neg(ar, yr);
+            for ((yi, &x), &u) in yr.iter_mut().zip(ar).zip(br) {
+                *yi = x * u / (1.0 + *yi);
             }
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -70,9 +72,12 @@ impl CustomOp2 for SwiGlu {
                 let (av, bv, gv) = (&av, &bv, &gv);
                 s.spawn(move || {
                     let o = c * per;
-                    for i in 0..da.len() {
-                        let (x, u, gi) = (av[o + i], bv[o + i], gv[o + i]);
-                        let sg = sigmoid(x);
+                    let len = da.len();
+                    let (ar, br, gr) = (&av[o..o + len], &bv[o..o + len], &gv[o..o + len]);
+                    exp_neg(ar, da);
+                    for i in 0..len {
+                        let (x, u, gi) = (ar[i], br[i], gr[i]);
+                        let sg = 1.0 / (1.0 + da[i]);
                         db[i] = gi * x * sg;
                         da[i] = gi * u * sg * (1.0 + x * (1.0 - sg));
                     }
