@@ -432,7 +432,8 @@ impl Model {
     /// every dense linear weight and the LM head once into bf16 tiles
     /// ([`kernels::frozen_bf16`]) and drops their f32 copies, so no forward pass re-packs them.
     /// The products are bit for bit those of bf16 precision, which now also runs for inputs of
-    /// ≤ 8 rows; the model can no longer be saved. Returns how many weights were packed (0 where
+    /// ≤ 8 rows; the packed layers stay at bf16 whatever `set_matmul_precision` says later, and the
+    /// model can no longer be saved. Returns how many weights were packed (0 where
     /// this does not apply).
     pub fn prepack_bf16(&mut self) -> Result<usize> {
         if self.mode != Mode::Frozen || !self.device.is_cpu() || !kernels::amx_gemm::available() {

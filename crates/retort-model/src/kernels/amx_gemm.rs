@@ -110,6 +110,7 @@ pub struct PackedB {
 impl PackedB {
     /// Packs `b (k×n)` (any strides) on `threads` threads. Needs [`available`].
     pub fn new(k: usize, n: usize, b: MatRef, threads: usize) -> Self {
+        assert!(available(), "AMX GEMM needs AMX-BF16 tiles");
         let np = n.div_ceil(LINES);
         let blocks = (0..k)
             .step_by(KC)

@@ -134,8 +134,15 @@ impl PackedQ8_0 {
         (self.n, self.k)
     }
 
-    /// `y (m, n) = x (m, k) · Wᵀ` on this CPU's threads. Callers check [`available`].
+    /// `y (m, n) = x (m, k) · Wᵀ` on this CPU's threads. Panics unless [`available`].
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        assert!(available(), "q8_0-matmul needs AVX-512 VNNI");
+        assert!(
+            x.len() >= m * self.k,
+            "q8_0-matmul: {} inputs for {m} rows of {}",
+            x.len(),
+            self.k
+        );
         let acts = Activations::quantize(x, m, self.k);
         let mut y = vec![0f32; m * self.n];
         let row_groups = m.div_ceil(MAX_ROWS);
@@ -148,9 +155,9 @@ impl PackedQ8_0 {
                 // group of rows.
                 let (t, g) = (unit / row_groups, unit % row_groups);
                 let m0 = g * MAX_ROWS;
-                // SAFETY: `available()` was checked by the caller (the op refuses otherwise); the
-                // unit writes rows m0..m0+rows of columns t·16..t·16+16 of y, disjoint from every
-                // other unit's, and y outlives the pool call.
+                // SAFETY: `available()` was asserted above; the unit writes rows m0..m0+rows
+                // of columns t·16..t·16+16 of y, disjoint from every other unit's, and y
+                // outlives the pool call.
                 unsafe { self.unit(&acts, t, m0, (m - m0).min(MAX_ROWS), out.0) };
             }
         });
@@ -205,7 +212,7 @@ impl Activations {
             .zip(a.scale.iter_mut().zip(a.offset.iter_mut()));
         for ((src, q), (scale, offset)) in blocks {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: only called by `matmul`, whose callers checked `available()` (AVX-512).
+            // SAFETY: only called by `matmul`, which asserted `available()` (AVX-512).
             unsafe {
                 x86::quantize_block(src, q, scale, offset)
             };
@@ -363,6 +370,13 @@ mod tests {
     use candle_core::quantized::QMatMul;
     use candle_core::{Device, Module, Tensor};
 
+    fn runs_here() -> bool {
+        if !available() {
+            eprintln!("skipped: no AVX-512 VNNI (or RETORT_Q8_KERNEL=0)");
+        }
+        available()
+    }
+
     /// f64 reference of the kernel's arithmetic: the weights dequantized, the activations
     /// quantized by `quantize_block_scalar`.
     fn reference(w: &QTensor, x: &[f32], m: usize) -> Vec<f64> {
@@ -428,8 +442,7 @@ mod tests {
 
     #[test]
     fn exact_on_integers_at_every_row_count_and_width() {
-        if !available() {
-            eprintln!("skipped: no AVX-512 VNNI");
+        if !runs_here() {
             return;
         }
         // k = 576 is SmolLM2's width (not a multiple of 256); 32 is one block; n = 16 one tile.
@@ -453,8 +466,7 @@ mod tests {
 
     #[test]
     fn matches_the_reference_arithmetic_on_real_values() {
-        if !available() {
-            eprintln!("skipped: no AVX-512 VNNI");
+        if !runs_here() {
             return;
         }
         let (n, k) = (64, 576);
@@ -479,8 +491,7 @@ mod tests {
     fn each_row_is_computed_alone() {
         // Batched decoding must give a row the same bits as decoding it alone: no row's
         // quantization or summation order may depend on the other rows of the call.
-        if !available() {
-            eprintln!("skipped: no AVX-512 VNNI");
+        if !runs_here() {
             return;
         }
         let (n, k) = (32, 576);
@@ -496,8 +507,7 @@ mod tests {
 
     #[test]
     fn as_an_op_it_tracks_candle_quantized_matmul() {
-        if !available() {
-            eprintln!("skipped: no AVX-512 VNNI");
+        if !runs_here() {
             return;
         }
         // candle quantizes the activations in blocks of 256, we in blocks of 32: both are close
