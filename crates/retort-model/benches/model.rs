@@ -158,8 +158,19 @@ fn main() {
     }
 
     if only("linear") {
-        // The LM head's shape, (V, C) = (49152, 576), at decoding batch sizes: x·Wᵀ vs W·xᵀ.
+        // The LM head's shape, (V, C) = (49152, 576), at decoding batch sizes: the weight held
+        // in f32 (x·Wᵀ and W·xᵀ), in f16 (candle's f16 matmul), and in Q8_0 (retort's kernel):
+        // which format decoding should use.
         let w = Tensor::randn(0f32, 0.02, (49152, 576), &dev).unwrap();
+        let w16 = w.to_dtype(candle_core::DType::F16).unwrap();
+        let q8 = retort_model::kernels::q8_matmul::available().then(|| {
+            let q = candle_core::quantized::QTensor::quantize(
+                &w,
+                candle_core::quantized::GgmlDType::Q8_0,
+            )
+            .unwrap();
+            retort_model::kernels::q8_matmul::PackedQ8_0::new(&q).unwrap()
+        });
         for rows in [1usize, 8, 32] {
             let x = Tensor::randn(0f32, 1., (rows, 576), &dev).unwrap();
             let time = |f: &dyn Fn() -> Tensor| {
@@ -183,10 +194,17 @@ fn main() {
                     .contiguous()
                     .unwrap()
             });
+            let x16 = x.to_dtype(candle_core::DType::F16).unwrap();
+            let c = time(&|| x16.matmul(&w16.t().unwrap()).unwrap());
+            let q8 = q8.as_ref().map_or("not on this CPU".to_string(), |p| {
+                let d = time(&|| x.apply_op1_no_bwd(p).unwrap());
+                format!("{:.2} ms", d * 1e3)
+            });
             println!(
-                "lm_head rows {rows}: x·Wᵀ {:.2} ms, W·xᵀ {:.2} ms",
+                "lm_head rows {rows}: f32 x·Wᵀ {:.2} ms, f32 W·xᵀ {:.2} ms, f16 x·Wᵀ {:.2} ms, q8_0 {q8}",
                 a * 1e3,
-                b * 1e3
+                b * 1e3,
+                c * 1e3
             );
         }
     }
