@@ -73,15 +73,8 @@ fn detect() -> bool {
     false
 }
 
-/// `C = A · B`; `c` is row-major `(m, n)` and is overwritten. Panics unless [`available`].
-pub fn gemm(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32], threads: usize) {
-    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and `gemm_uninit` writes only
-    // initialised values, so `c` stays initialised.
-    let c = unsafe { &mut *(c as *mut [f32] as *mut [MaybeUninit<f32>]) };
-    gemm_uninit(m, n, k, a, b, c, threads);
-}
-
-/// [`gemm()`] into memory that need not be initialised: every element of `c` is written (the
+/// `C (m×n, row-major) = A · B` into memory that need not be initialised (the contract of
+/// [`super::bf16_gemm::gemm`], which calls this where AMX runs): every element of `c` is written (the
 /// first k block stores C's tiles without reading them), so an output buffer skips its
 /// zeroing (a 200 MB memset per LM head of a 1024-row batch).
 pub fn gemm_uninit(
@@ -98,7 +91,7 @@ pub fn gemm_uninit(
 
 /// `B (k×n)` packed once, every k block, in the panel layout the GEMM streams: for a `B` that
 /// does not change between calls (a frozen model's weight), so no call re-packs it. The
-/// products are those of [`gemm()`] on the same `B`, bit for bit.
+/// products are those of [`gemm_uninit`] on the same `B`, bit for bit.
 #[derive(Debug)]
 pub struct PackedB {
     k: usize,
