@@ -175,8 +175,19 @@ pub struct ServeArgs {
     #[arg(long)]
     pub name: Option<String>,
     /// Most rows (requests × n) generated together.
-    #[arg(long, default_value_t = 16)]
-    pub max_batch: usize,
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub max_batch: u32,
+    /// Rows admitted beyond those decoding, waiting for a slot; past that, requests get 503
+    /// with `Retry-After`.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    pub max_queue: u32,
+    /// Memory for the key/value caches, e.g. `4GiB` or `512MiB` (default: a quarter of the
+    /// machine's RAM). Sets the context a request may use and how many rows decode together.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub kv_cache_memory: Option<u64>,
+    /// Prompt tokens prefilled per decoding step while other requests decode.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub prefill_chunk: u32,
     /// Require `Authorization: Bearer <key>`, the key read from this environment variable.
     #[arg(long, value_name = "VAR")]
     pub api_key_env: Option<String>,
@@ -444,4 +455,34 @@ pub struct InitStudentArgs {
     /// Replace `--out` if it exists.
     #[arg(long)]
     pub force: bool,
+}
+
+/// A byte size: a number with an optional unit (`B`, `KiB`, `MiB`, `GiB`, `TiB`, or `K`/`M`/`G`/`T`
+/// and `KB`/`MB`/`GB`/`TB` as powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let x: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size; write e.g. 4GiB, 512MiB or 1073741824"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        u => {
+            return Err(format!(
+                "unknown unit `{u}` in `{s}`; use B, KiB, MiB, GiB or TiB"
+            ));
+        }
+    };
+    let bytes = x * scale as f64;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > (1u64 << 50) as f64 {
+        return Err(format!("`{s}` is out of range (1 B to 1 PiB)"));
+    }
+    Ok(bytes as u64)
 }

@@ -15,6 +15,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
+    quiet_library_backtraces();
     init_logging(args.global.verbose, args.global.quiet);
     retort_model::runtime::configure_allocator(args.global.allocator);
     if let Some(n) = args.global.threads {
@@ -61,4 +62,16 @@ fn init_logging(verbose: u8, quiet: bool) {
 fn set_threads(n: usize) {
     // SAFETY: called at the start of `main`, before any other thread exists.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+}
+
+/// With `RUST_BACKTRACE=1`, candle captures a backtrace into every error it returns and prints
+/// it with the message: a bad GGUF file would answer with dozens of frames. Errors here carry
+/// their own context and hints, so library backtraces are off unless `RUST_LIB_BACKTRACE` asks
+/// for them; panics still print theirs under `RUST_BACKTRACE`.
+#[allow(unsafe_code)]
+fn quiet_library_backtraces() {
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // SAFETY: called at the start of `main`, before any other thread exists.
+        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    }
 }

@@ -874,3 +874,99 @@ fn experiment_runs_the_grid_skips_finished_cells_and_reports() {
         .unwrap();
     assert_eq!(before, after);
 }
+
+#[test]
+fn generate_refuses_limits_past_the_context_and_interrupted_keeps_every_finished_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny(dir.path(), 2); // a context of 128 tokens
+    let m = model.to_str().unwrap();
+    let prompts = dir.path().join("prompts.jsonl");
+    let lines: String = (0..2000)
+        .map(|i| format!("{{\"id\": {i}, \"prompt\": \"hello world the stock market\"}}\n"))
+        .collect();
+    fs_err::write(&prompts, lines).unwrap();
+    let p = prompts.to_str().unwrap();
+    // Flags out of range are refused before any work, naming the flag.
+    for (flag, value, want) in [
+        ("--max-new-tokens", "100000000", "context is 128 tokens"),
+        ("--temperature", "-1", "--temperature"),
+        ("--top-p", "0", "--top-p"),
+        ("--repeat-penalty", "0", "--repeat-penalty"),
+        ("--batch-size", "0", "--batch-size"),
+    ] {
+        let e = fail(&retort(&[
+            "generate", "-m", m, "--prompt", "hi", flag, value,
+        ]));
+        assert!(e.contains(want), "{flag} {value}: {e}");
+    }
+    // An answer that reaches the context's end finishes there, as `length`.
+    let out = ok(&retort(&[
+        "generate",
+        "-m",
+        m,
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "127",
+        "--temperature",
+        "0",
+    ]));
+    let rec: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let used = rec["prompt_tokens"].as_u64().unwrap() + rec["completion_tokens"].as_u64().unwrap();
+    assert!(used <= 128, "{rec}");
+    // Ctrl-C in the middle: the finished answers are kept in OUT.partial; OUT is not written.
+    let out = dir.path().join("answers.jsonl");
+    let child = Command::new(env!("CARGO_BIN_EXE_retort"))
+        .args([
+            "--quiet",
+            "--threads",
+            "1",
+            "generate",
+            "-m",
+            m,
+            "--prompts",
+            p,
+        ])
+        .args([
+            "--out",
+            out.to_str().unwrap(),
+            "--batch-size",
+            "1",
+            "--max-new-tokens",
+            "100",
+        ])
+        .args(["--temperature", "0.9", "--seed", "5"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let res = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        !res.status.success(),
+        "the run finished before the interrupt: {err}"
+    );
+    assert!(!out.exists(), "a partial run wrote the output");
+    let partial = dir.path().join("answers.jsonl.partial");
+    assert!(err.contains("answers.jsonl.partial"), "{err}");
+    let text = fs_err::read_to_string(&partial).unwrap();
+    let ids: Vec<u64> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert!(!ids.is_empty() && ids.len() < 2000, "{} answers", ids.len());
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "in input order");
+    eprintln!("interrupted after {} of 2000 answers", ids.len());
+}

@@ -59,6 +59,15 @@ pub fn read(path: &Path, opts: &ReadOptions) -> Result<Dataset> {
     } else {
         split_json(path, &bytes)?
     };
+    if raw.is_empty() {
+        return Err(Error::File {
+            path: path.to_path_buf(),
+            reason: "the file is empty: it holds no records".into(),
+            hint: "write one record per line (JSONL), a JSON array of records, or Parquet rows \
+                   with `messages`, `conversations` or `instruction` + `output`"
+                .into(),
+        });
+    }
     let format = match opts.format {
         Some(f) => f,
         None => raw
@@ -106,10 +115,25 @@ pub fn read(path: &Path, opts: &ReadOptions) -> Result<Dataset> {
         }
     }
     if records.is_empty() {
+        let (reason, hint) = match skipped.first() {
+            None => (
+                "the file holds no records".to_string(),
+                "write one record per line (JSONL), a JSON array of records, or Parquet rows"
+                    .to_string(),
+            ),
+            Some(first) => (
+                format!(
+                    "no valid records: all {} are invalid; the first: {}",
+                    skipped.len(),
+                    first.to_string().replace('\n', " — ")
+                ),
+                "fix the records; `retort data inspect FILE --skip-invalid` lists every one".into(),
+            ),
+        };
         return Err(Error::File {
             path: path.to_path_buf(),
-            reason: format!("no valid records ({} skipped as invalid)", skipped.len()),
-            hint: "run `retort data inspect` on the file to see what is wrong".into(),
+            reason,
+            hint,
         });
     }
     Ok(Dataset {
@@ -206,6 +230,25 @@ mod tests {
         assert_eq!(ds.format, Format::Alpaca);
         assert_eq!(ds.records[1].id, "record-1");
         assert_eq!(ds.records[1].conversation.messages[1].role, Role::Assistant);
+    }
+
+    #[test]
+    fn an_empty_file_is_called_empty_and_an_all_invalid_file_shows_the_first_reason() {
+        for name in ["e.jsonl", "e.json"] {
+            let (_d, p) = write(name, b"");
+            let e = read(&p, &ReadOptions::default()).unwrap_err().to_string();
+            assert!(e.contains("empty") && e.contains("hint:"), "{name}: {e}");
+        }
+        let (_d, p) = write("bad.jsonl", b"{\"messages\": []}\n");
+        for skip_invalid in [false, true] {
+            let opts = ReadOptions {
+                skip_invalid,
+                ..Default::default()
+            };
+            let e = read(&p, &opts).unwrap_err().to_string();
+            assert!(e.contains("bad.jsonl:line 1"), "skip {skip_invalid}: {e}");
+            assert!(!e.contains("run `retort data inspect` on"), "{e}");
+        }
     }
 
     #[test]

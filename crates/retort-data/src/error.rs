@@ -54,7 +54,10 @@ pub enum Error {
     },
 
     /// A record that does not validate (the reader stops at the first unless told to skip).
-    #[error("{0}\n(pass --skip-invalid to skip and count bad records instead of stopping)")]
+    #[error(
+        "{0}\n(to skip and count bad records instead of stopping: `skip_invalid = true` on the \
+         recipe stage, or --skip-invalid with `retort label` and `retort data inspect`)"
+    )]
     Record(Box<RecordError>),
 
     /// The whole file is unusable.

@@ -17,3 +17,54 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     fs_err::rename(&tmp, path)?;
     Ok(())
 }
+
+/// Remove what a process killed mid-write left in `dir`: `NAME.partial-PID` files of
+/// [`write_atomic`] and `.NAME.partial` checkpoint directories. Never listed anywhere, so safe
+/// to remove once no run is writing into `dir` (the caller holds the run).
+pub fn remove_partials(dir: &Path) -> Result<usize> {
+    let mut removed = 0;
+    let Ok(entries) = fs_err::read_dir(dir) else {
+        return Ok(0); // nothing written yet
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let leftover =
+            name.contains(".partial-") || (name.starts_with('.') && name.ends_with(".partial"));
+        if !leftover {
+            continue;
+        }
+        if e.path().is_dir() {
+            fs_err::remove_dir_all(e.path())?;
+        } else {
+            fs_err::remove_file(e.path())?;
+        }
+        removed += 1;
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partials_left_by_a_killed_writer_are_removed_and_nothing_else() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        fs_err::write(p.join("latest"), "step-2").unwrap();
+        fs_err::write(p.join("latest.partial-4242"), "step-").unwrap();
+        fs_err::create_dir(p.join(".step-3.partial")).unwrap();
+        fs_err::write(p.join(".step-3.partial/model.safetensors"), "x").unwrap();
+        fs_err::create_dir(p.join("step-2")).unwrap();
+        assert_eq!(remove_partials(p).unwrap(), 2);
+        let mut left: Vec<String> = fs_err::read_dir(p)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["latest", "step-2"]);
+        write_atomic(&p.join("latest"), b"step-3").unwrap();
+        assert_eq!(fs_err::read_to_string(p.join("latest")).unwrap(), "step-3");
+        assert_eq!(remove_partials(&p.join("missing")).unwrap(), 0);
+    }
+}

@@ -199,6 +199,105 @@ impl Stage {
     }
 }
 
+/// Where a recipe number must lie.
+#[derive(Debug, Clone, Copy)]
+enum Range {
+    /// `[a, b]`
+    Closed(f64, f64),
+    /// `[a, b)`
+    ClosedOpen(f64, f64),
+    /// `> a`
+    Above(f64),
+    /// `≥ a`
+    AtLeast(f64),
+}
+
+impl Range {
+    fn holds(self, x: f64) -> bool {
+        x.is_finite()
+            && match self {
+                Range::Closed(a, b) => (a..=b).contains(&x),
+                Range::ClosedOpen(a, b) => (a..b).contains(&x),
+                Range::Above(a) => x > a,
+                Range::AtLeast(a) => x >= a,
+            }
+    }
+
+    fn describe(self) -> String {
+        match self {
+            Range::Closed(a, b) => format!("a finite number in [{a}, {b}]"),
+            Range::ClosedOpen(a, b) => format!("a finite number in [{a}, {b})"),
+            Range::Above(a) => format!("a finite number > {a}"),
+            Range::AtLeast(a) => format!("a finite number ≥ {a}"),
+        }
+    }
+}
+
+/// One range check of a recipe field, with the hint shown when it fails.
+struct Check {
+    field: String,
+    value: String,
+    ok: bool,
+    want: String,
+    hint: &'static str,
+}
+
+impl Check {
+    fn real(field: &str, x: f64, range: Range) -> Check {
+        Check {
+            field: field.to_string(),
+            value: x.to_string(),
+            ok: range.holds(x),
+            want: range.describe(),
+            hint: hint_for(field),
+        }
+    }
+
+    fn count(field: &str, x: usize, min: usize, max: usize) -> Check {
+        Check {
+            field: field.to_string(),
+            value: x.to_string(),
+            ok: (min..=max).contains(&x),
+            want: if max == usize::MAX {
+                format!("a whole number ≥ {min}")
+            } else {
+                format!("a whole number in [{min}, {max}]")
+            },
+            hint: hint_for(field),
+        }
+    }
+
+    fn problem(&self) -> Option<String> {
+        (!self.ok).then(|| {
+            format!(
+                "`{}` = {} is out of range: it must be {}",
+                self.field, self.value, self.want
+            )
+        })
+    }
+}
+
+/// What a sensible value of `field` looks like.
+fn hint_for(field: &str) -> &'static str {
+    let last = field.rsplit('.').next().unwrap_or(field);
+    match last {
+        "lr" => "a learning rate such as 1e-4 (full fine-tuning) or 2e-4 (LoRA)",
+        "min_lr_ratio" => "the schedule's floor as a fraction of lr, e.g. 0.1; 0 decays to zero",
+        "warmup_ratio" => "a fraction of the stage's steps, e.g. 0.05",
+        "eval_fraction" => "a held-out fraction such as 0.1",
+        "beta1" => "AdamW's first-moment decay, usually 0.9",
+        "beta2" => "AdamW's second-moment decay, usually 0.999 (0.95 for short runs)",
+        "eps" => "AdamW's epsilon, usually 1e-8",
+        "weight_decay" => "0 (off) or a small value such as 0.01",
+        "max_grad_norm" => "the clipping norm, e.g. 1.0; 0 turns clipping off",
+        "alpha" => "alpha weighs KD against CE: 1 is pure KD, 0 is pure CE",
+        "temperature" => "the KD temperature, usually 1 (softer: 2)",
+        "epochs" => "passes over the stage's data, e.g. 1–3",
+        "max_steps" => "leave it out to run every epoch",
+        _ => "fix the [train] values; recipes/README.md documents each field",
+    }
+}
+
 fn recipe_err(path: &Path, reason: impl Into<String>, hint: impl Into<String>) -> Error {
     Error::Recipe {
         path: path.to_path_buf(),
@@ -262,6 +361,30 @@ pub fn apply_overrides(doc: &mut toml::Table, path: &Path, sets: &[String]) -> R
     Ok(())
 }
 
+/// Where the value of `field` (`stages[0].lr`) came from: the `--set` that wrote it, or its
+/// line in `text`.
+fn where_is(field: &str, text: &str, sets: &[String]) -> String {
+    let dotted = field.replace('[', ".").replace(']', "");
+    if let Some(set) = sets
+        .iter()
+        .rev()
+        .find(|s| s.split_once('=').is_some_and(|(k, _)| k.trim() == dotted))
+    {
+        return format!(" (from --set {set})");
+    }
+    // The original text reports the same error with a span when no override caused it.
+    match toml::from_str::<Recipe>(text) {
+        Err(e) => e
+            .span()
+            .map(|sp| {
+                let line = text[..sp.start.min(text.len())].matches('\n').count() + 1;
+                format!(" (line {line})")
+            })
+            .unwrap_or_default(),
+        Ok(_) => String::new(),
+    }
+}
+
 impl Recipe {
     /// Read, override, resolve relative paths and validate.
     pub fn load(path: &Path, sets: &[String]) -> Result<Recipe> {
@@ -274,16 +397,22 @@ impl Recipe {
             )
         })?;
         apply_overrides(&mut doc, path, sets)?;
-        let mut recipe: Recipe =
-            toml::Value::Table(doc)
-                .try_into()
-                .map_err(|e: toml::de::Error| {
-                    recipe_err(
-                        path,
-                        e.message().to_string(),
-                        "see the documented fields in recipes/README.md",
-                    )
-                })?;
+        let mut recipe: Recipe = serde_path_to_error::deserialize(toml::Value::Table(doc))
+            .map_err(|e| {
+                let field = e.path().to_string();
+                let message = e.into_inner().message().to_string();
+                let at = where_is(&field, &text, sets);
+                let field = if field == "." {
+                    String::new()
+                } else {
+                    format!("`{field}`{at}: ")
+                };
+                recipe_err(
+                    path,
+                    format!("{field}{message}"),
+                    "see the documented fields in recipes/README.md",
+                )
+            })?;
         let base = path.parent().unwrap_or(Path::new("."));
         recipe.resolve_paths(base);
         recipe.validate(path)?;
@@ -355,18 +484,70 @@ impl Recipe {
                 "add [teacher] path = …",
             );
         }
-        let t = &self.train;
-        if t.batch_size == 0 || t.grad_accum == 0 || t.max_len < 2 || t.chunk_rows == 0 {
+        if s.num_layers == Some(0) {
             return err(
-                "train.batch_size, grad_accum and chunk_rows must be ≥ 1 and max_len ≥ 2".into(),
-                "fix the [train] values",
+                "`student.num_layers` = 0: a student needs at least one layer".into(),
+                "set student.num_layers to 1 or more (e.g. a third of the teacher's layers)",
             );
         }
-        if !(0.0..1.0).contains(&t.eval_fraction) || !(0.0..1.0).contains(&t.warmup_ratio) {
+        if s.keep_layers.as_ref().is_some_and(Vec::is_empty) {
             return err(
-                "train.eval_fraction and warmup_ratio must be in [0, 1)".into(),
-                "e.g. 0.1 and 0.05",
+                "`student.keep_layers` is empty: a student needs at least one layer".into(),
+                "list the teacher's layers to keep, e.g. keep_layers = [0, 3, 6]",
             );
+        }
+        // Every number in range, named as it is written in the recipe.
+        let t = &self.train;
+        let a = &t.adamw;
+        let mut checks: Vec<Check> = vec![
+            Check::count("train.batch_size", t.batch_size, 1, 65_536),
+            Check::count("train.grad_accum", t.grad_accum, 1, 65_536),
+            Check::count("train.max_len", t.max_len, 2, 1 << 20),
+            Check::count("train.chunk_rows", t.chunk_rows, 1, 1 << 20),
+            Check::count("train.bucket_batches", t.bucket_batches, 1, 1 << 20),
+            Check::real(
+                "train.warmup_ratio",
+                t.warmup_ratio,
+                Range::ClosedOpen(0.0, 1.0),
+            ),
+            Check::real(
+                "train.min_lr_ratio",
+                t.min_lr_ratio,
+                Range::Closed(0.0, 1.0),
+            ),
+            Check::real(
+                "train.eval_fraction",
+                t.eval_fraction,
+                Range::ClosedOpen(0.0, 1.0),
+            ),
+            Check::real("train.max_grad_norm", t.max_grad_norm, Range::AtLeast(0.0)),
+            Check::real("train.adamw.beta1", a.beta1, Range::ClosedOpen(0.0, 1.0)),
+            Check::real("train.adamw.beta2", a.beta2, Range::ClosedOpen(0.0, 1.0)),
+            Check::real("train.adamw.eps", a.eps, Range::Above(0.0)),
+            Check::real(
+                "train.adamw.weight_decay",
+                a.weight_decay,
+                Range::AtLeast(0.0),
+            ),
+        ];
+        for (i, st) in self.stages.iter().enumerate() {
+            let f = |name: &str| format!("stages.{i}.{name}");
+            checks.push(Check::real(&f("lr"), st.lr, Range::Above(0.0)));
+            checks.push(Check::count(&f("epochs"), st.epochs, 1, 1_000_000));
+            if let Some(m) = st.max_steps {
+                checks.push(Check::count(&f("max_steps"), m, 1, usize::MAX));
+            }
+            checks.push(Check::real(&f("alpha"), st.alpha, Range::Closed(0.0, 1.0)));
+            checks.push(Check::real(
+                &f("temperature"),
+                st.temperature,
+                Range::Above(0.0),
+            ));
+        }
+        for c in checks {
+            if let Some(problem) = c.problem() {
+                return err(problem, c.hint);
+            }
         }
         for (i, st) in self.stages.iter().enumerate() {
             let at = format!("stages[{i}] ({})", st.name);
@@ -383,18 +564,6 @@ impl Recipe {
                         "see the loss names in recipes/README.md",
                     );
                 }
-                if !(0.0..=1.0).contains(&st.alpha) || st.temperature <= 0.0 {
-                    return err(
-                        format!("{at}: alpha must be in [0, 1] and temperature > 0"),
-                        "alpha weighs KD against CE",
-                    );
-                }
-            }
-            if st.epochs == 0 || st.lr <= 0.0 || !st.lr.is_finite() {
-                return err(
-                    format!("{at}: epochs must be ≥ 1 and lr > 0"),
-                    "e.g. epochs = 1, lr = 1e-4",
-                );
             }
         }
         Ok(())
@@ -455,6 +624,66 @@ method = "sft"
         // The resolved TOML parses back to the same recipe.
         let (_d2, p2) = write(&r.to_toml());
         assert_eq!(Recipe::load(&p2, &[]).unwrap(), r);
+    }
+
+    #[test]
+    fn every_bad_number_is_refused_naming_its_field() {
+        let (_d, p) = write(TWO_STAGE);
+        // (override, what the error must name)
+        let table = [
+            ("train.min_lr_ratio=-1", "`train.min_lr_ratio` = -1"),
+            ("train.min_lr_ratio=1.5", "`train.min_lr_ratio`"),
+            ("train.warmup_ratio=1", "`train.warmup_ratio`"),
+            ("train.eval_fraction=-0.1", "`train.eval_fraction`"),
+            ("train.adamw.beta1=1.5", "`train.adamw.beta1` = 1.5"),
+            ("train.adamw.beta1=1.0", "`train.adamw.beta1`"),
+            ("train.adamw.beta2=-0.5", "`train.adamw.beta2`"),
+            ("train.adamw.eps=0", "`train.adamw.eps`"),
+            ("train.adamw.weight_decay=-1", "`train.adamw.weight_decay`"),
+            ("train.max_grad_norm=nan", "`train.max_grad_norm` = NaN"),
+            ("train.max_grad_norm=-1", "`train.max_grad_norm`"),
+            ("train.batch_size=0", "`train.batch_size` = 0"),
+            ("train.batch_size=100000000", "`train.batch_size`"),
+            ("train.grad_accum=0", "`train.grad_accum`"),
+            ("train.max_len=1", "`train.max_len`"),
+            ("train.chunk_rows=0", "`train.chunk_rows`"),
+            ("train.bucket_batches=0", "`train.bucket_batches`"),
+            ("stages.0.lr=0", "`stages.0.lr` = 0"),
+            ("stages.1.lr=-5e-5", "`stages.1.lr`"),
+            ("stages.0.lr=inf", "`stages.0.lr` = inf"),
+            ("stages.0.temperature=nan", "`stages.0.temperature` = NaN"),
+            ("stages.0.temperature=0", "`stages.0.temperature`"),
+            ("stages.0.alpha=1.5", "`stages.0.alpha`"),
+            ("stages.0.alpha=-0.1", "`stages.0.alpha`"),
+            ("stages.1.epochs=0", "`stages.1.epochs`"),
+            ("stages.0.max_steps=0", "`stages.0.max_steps`"),
+            ("student.num_layers=0", "`student.num_layers` = 0"),
+            (
+                "student.num_layers=-1",
+                "`student.num_layers` (from --set student.num_layers=-1)",
+            ),
+            ("train.batch_size=\"two\"", "`train.batch_size` (from --set"),
+            (
+                "train.batch_size=two",
+                "`train.batch_size` (from --set train.batch_size=two)",
+            ),
+        ];
+        for (set, want) in table {
+            let e = Recipe::load(&p, &[set.to_string()])
+                .map(|_| String::new())
+                .unwrap_or_else(|e| e.to_string());
+            assert!(e.contains(want), "--set {set}: wanted `{want}` in: {e}");
+            assert!(e.contains("hint:"), "--set {set}: no hint in: {e}");
+        }
+        // A type error in the file itself names the field and its line.
+        let (_d, p) = write(&TWO_STAGE.replace("batch_size = 2", "batch_size = \"two\""));
+        let e = Recipe::load(&p, &[]).unwrap_err().to_string();
+        assert!(e.contains("`train.batch_size` (line 7)"), "{e}");
+        assert!(e.contains("invalid type: string \"two\""), "{e}");
+        let (_d, p) =
+            write(&TWO_STAGE.replace("loss = \"jsd:0.5\"", "loss = \"jsd:0.5\"\nlr = \"fast\""));
+        let e = Recipe::load(&p, &[]).unwrap_err().to_string();
+        assert!(e.contains("`stages[0].lr` (line 13)"), "{e}");
     }
 
     #[test]

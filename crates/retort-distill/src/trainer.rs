@@ -168,6 +168,14 @@ pub fn run(plan: &Plan, opts: &RunOptions, obs: &mut dyn Observer) -> Result<Out
     let latest_file = ckdir.join("latest");
     let metrics_path = opts.out.join("metrics.jsonl");
 
+    // Temp files and directories of a run killed mid-write (kill -9): never referenced.
+    let removed = crate::atomic::remove_partials(&ckdir)?;
+    if removed > 0 {
+        tracing::info!(
+            "removed {removed} half-written file(s) of an interrupted run from `{}`",
+            ckdir.display()
+        );
+    }
     let resumed = if opts.resume {
         let name = fs_err::read_to_string(&latest_file).map_err(|_| {
             Error::invalid(

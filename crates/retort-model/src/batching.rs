@@ -1,21 +1,25 @@
-//! Continuous batching: up to `max_batch` prompts decode together, one forward pass per step for
-//! the whole batch, and a row that finishes hands its slot to the next waiting prompt at once
-//! instead of idling until the batch's longest row is done (Orca, Yu et al. 2022; vLLM's
-//! scheduler). When nothing is waiting, finished rows are dropped from the batch.
+//! Continuous batching (Orca, Yu et al. 2022; vLLM's scheduler): up to `max_rows` prompts decode
+//! together, one forward pass per step for the whole batch; a prompt joins the running batch at
+//! the next step, a row that finishes (or is cancelled) frees its slot at once, and a long prompt
+//! is prefilled in chunks between decode steps so it does not stall the rows already decoding.
+//! [`Batcher`] is the step-driven engine (`retort serve` feeds it requests as they arrive);
+//! [`generate_continuous`] runs a fixed list of prompts through it.
 //!
-//! All rows share one position axis (the batch's KV cache is `(B, KVH, S, D)`), so a prompt
-//! joins *aligned to the current position*: a prompt of `L` tokens admitted at position `p`
-//! occupies positions `p − L .. p` of its row, and positions before `p − L` (the previous
-//! occupant's) are masked as left padding. RoPE is relative, so this is the same computation as
-//! left padding in a static batch, which is tested equal to running each prompt alone. The
-//! prompt is prefilled on its own, with `p − L` masked zero positions in front, and its keys
-//! and values are copied into the row (`KvCache::write_row`).
+//! All rows share one position axis (the batch's KV cache is `(B, KVH, S, D)`), so a prompt of
+//! `L` tokens joins *aligned to the current position* `p`: it occupies positions `p − L .. p` of
+//! its row and the positions before (the previous occupant's) are masked as left padding. A
+//! prompt is prefilled on its own from position 0 and its keys rotated forward by `p − L` as
+//! they are copied into the row (RoPE rotations compose: `R(a)·R(b) = R(a + b)`), which is the
+//! same computation as left padding in a static batch, tested equal to each prompt alone. A
+//! prompt longer than `p` moves the whole batch forward first (`Model::unshift_cache`).
 //!
-//! When a waiting prompt's generation limit no longer fits in the cache, the positions no live
-//! row needs any more are dropped and the cached keys rotated back by as many positions
-//! (`Model::shift_cache`; RoPE rotations compose), so the batch keeps going in a bounded cache.
-//! A prompt longer than the current position waits a few steps; one that still does not fit
-//! waits for the next wave (a fresh cache, once the batch drains).
+//! **Bounded by construction.** The cache holds `cap` positions; every row's span (prompt +
+//! generation limit) is at most `cap` — a longer limit is cut at the context end, where the row
+//! finishes with [`FinishReason::Length`] like any other. When the batch reaches position `cap`,
+//! the positions no live row needs are dropped and the cached keys rotated back
+//! (`Model::shift_cache`). That is always possible: a live row that started at position 0 would
+//! have reached its limit. So memory is `rows × cap` cached positions at most, fixed before any
+//! work, and [`kv_bytes_per_position`] turns a memory budget into `rows × cap`.
 
 use std::collections::VecDeque;
 
@@ -28,12 +32,26 @@ use crate::kv_cache::KvCache;
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 
+/// Bytes one cached position of one row takes: keys and values of every layer, in f32 (the
+/// cache's dtype on the CPU, whatever the weights).
+pub fn kv_bytes_per_position(cfg: &crate::Config) -> usize {
+    2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * DType::F32.size_in_bytes()
+}
+
+/// What a [`Batcher`] produced in one step, by the caller's request id.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// New text of a row (complete characters only).
+    Text(u64, String),
+    /// A row is done; each submitted id gets exactly one `Done` (unless cancelled).
+    Done(u64, Completion),
+}
+
 /// One prompt being answered: its sampler and what it has produced so far.
-struct Row<'a> {
-    /// Index of the prompt in the caller's list.
-    index: usize,
-    prompt: &'a [u32],
-    params: &'a SamplingParams,
+struct Row {
+    id: u64,
+    prompt: Vec<u32>,
+    params: SamplingParams,
     sampler: Sampler,
     out: Vec<u32>,
     text: String,
@@ -41,17 +59,17 @@ struct Row<'a> {
     done: Option<FinishReason>,
 }
 
-impl<'a> Row<'a> {
-    fn new(index: usize, prompt: &'a [u32], params: &'a SamplingParams) -> Self {
+impl Row {
+    fn new(id: u64, prompt: Vec<u32>, params: SamplingParams) -> Self {
         Row {
-            index,
+            id,
+            sampler: Sampler::new(params.seed, params.temperature, params.top_p),
+            done: (params.max_new_tokens == 0).then_some(FinishReason::Length),
             prompt,
             params,
-            sampler: Sampler::new(params.seed, params.temperature, params.top_p),
             out: Vec::new(),
             text: String::new(),
             logprobs: Vec::new(),
-            done: (params.max_new_tokens == 0).then_some(FinishReason::Length),
         }
     }
 
@@ -61,9 +79,9 @@ impl<'a> Row<'a> {
         &mut self,
         logits: &[f32],
         tokenizer: &Tokenizer,
-        on_text: &mut impl FnMut(usize, &str),
+        events: &mut Vec<Event>,
     ) -> Result<u32> {
-        let p = self.params;
+        let p = &self.params;
         let id = if p.repeat_penalty != 1.0 && p.repeat_last_n > 0 {
             // The window: the last n tokens of prompt + completion.
             let from_out = self.out.len().min(p.repeat_last_n);
@@ -79,7 +97,7 @@ impl<'a> Row<'a> {
         if let Some(n) = p.logprobs {
             self.logprobs.push(token_logprob(logits, id, n));
         }
-        if tokenizer.stop_ids().contains(&id) {
+        if !p.ignore_eos && tokenizer.stop_ids().contains(&id) {
             self.done = Some(FinishReason::Stop);
             return Ok(id);
         }
@@ -98,7 +116,10 @@ impl<'a> Row<'a> {
                 self.done = Some(FinishReason::Stop);
             }
             if new_text.len() > self.text.len() && new_text.starts_with(self.text.as_str()) {
-                on_text(self.index, &new_text[self.text.len()..]);
+                events.push(Event::Text(
+                    self.id,
+                    new_text[self.text.len()..].to_string(),
+                ));
             }
             self.text = new_text;
         }
@@ -122,18 +143,390 @@ impl<'a> Row<'a> {
 /// What the scheduler did, for benchmarks and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BatchStats {
-    /// Fresh caches started (prefills of a whole batch).
+    /// Fresh caches started (the batch had drained, or nothing was running).
     pub waves: usize,
-    /// Prompts that took over the slot of a finished row.
+    /// Prompts that joined a batch that had already decoded (a freed slot or a new row).
     pub joined: usize,
     /// Times finished rows were dropped from the batch.
     pub shrinks: usize,
-    /// Times the cache was moved towards position 0 to make room for a waiting prompt.
+    /// Times the cache was moved towards position 0 (the batch reached the cache's end).
     pub shifts: usize,
+    /// Times the batch was moved away from 0 to make room for a prompt longer than the position.
+    pub unshifts: usize,
+    /// Prefill forward passes (a prompt in one or more chunks).
+    pub prefill_chunks: usize,
     /// Decode steps (forward passes of the whole batch, one token per row).
     pub steps: usize,
     /// Σ over decode steps of the rows in the batch, live or not.
     pub row_steps: usize,
+    /// Rows cancelled by the caller.
+    pub cancelled: usize,
+}
+
+/// Limits of a [`Batcher`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatcherLimits {
+    /// Rows decoding together at most.
+    pub max_rows: usize,
+    /// Positions of the cache; every row's prompt + generation fits in it (at most the model's
+    /// context).
+    pub cap: usize,
+    /// Prompt tokens prefilled per step while other rows decode.
+    pub prefill_chunk: usize,
+}
+
+/// A prompt waiting for a slot.
+struct Waiting {
+    id: u64,
+    prompt: Vec<u32>,
+    params: SamplingParams,
+}
+
+/// A prompt being prefilled from position 0 in its own one-row cache.
+struct Prefill {
+    w: Waiting,
+    cache: KvCache,
+    done: usize,
+}
+
+/// The running batch.
+struct Batch {
+    cache: KvCache,
+    slots: Vec<Option<Row>>,
+    left_pad: Vec<usize>,
+    /// Per slot, the id to feed at the next decode step (already sampled and recorded).
+    next: Vec<u32>,
+    pos: usize,
+    /// Whether the batch has decoded since it started (joins after that count as `joined`).
+    decoded: bool,
+}
+
+/// The step-driven continuous-batching engine: [`Batcher::submit`] prompts at any time,
+/// [`Batcher::cancel`] them, and call [`Batcher::step`] until [`Batcher::is_idle`].
+pub struct Batcher<'m> {
+    model: &'m Model,
+    tokenizer: &'m Tokenizer,
+    limits: BatcherLimits,
+    pad_id: u32,
+    queue: VecDeque<Waiting>,
+    prefill: Option<Prefill>,
+    batch: Option<Batch>,
+    /// `Done` events of rows that finished before reaching the batch.
+    early: Vec<Event>,
+    stats: BatchStats,
+}
+
+impl<'m> Batcher<'m> {
+    pub fn new(model: &'m Model, tokenizer: &'m Tokenizer, limits: BatcherLimits) -> Result<Self> {
+        let max_pos = model.config().max_position_embeddings;
+        if limits.cap == 0 || limits.cap > max_pos || limits.max_rows == 0 {
+            return Err(Error::invalid(
+                format!(
+                    "batch limits {limits:?} are out of range (the model's context is {max_pos})"
+                ),
+                "use 1 ≤ max_rows and 1 ≤ cap ≤ max_position_embeddings",
+            ));
+        }
+        Ok(Self {
+            model,
+            tokenizer,
+            limits: BatcherLimits {
+                prefill_chunk: limits.prefill_chunk.max(1),
+                ..limits
+            },
+            pad_id: tokenizer.stop_ids().first().copied().unwrap_or(0),
+            queue: VecDeque::new(),
+            prefill: None,
+            batch: None,
+            early: Vec::new(),
+            stats: BatchStats::default(),
+        })
+    }
+
+    pub fn limits(&self) -> BatcherLimits {
+        self.limits
+    }
+
+    pub fn stats(&self) -> BatchStats {
+        self.stats
+    }
+
+    /// Queue a prompt. A generation limit past the cache's end is cut there (the row then
+    /// finishes with `Length`); a prompt that leaves no room for one token is refused.
+    pub fn submit(&mut self, id: u64, prompt: Vec<u32>, mut params: SamplingParams) -> Result<()> {
+        let cap = self.limits.cap;
+        if prompt.is_empty() {
+            return Err(Error::invalid(
+                format!("prompt {id} is empty"),
+                "every prompt needs at least one token",
+            ));
+        }
+        if prompt.len() >= cap {
+            return Err(Error::invalid(
+                format!(
+                    "prompt {id} has {} tokens; the context holds {cap}, leaving no room to generate",
+                    prompt.len()
+                ),
+                "shorten the prompt",
+            ));
+        }
+        params.max_new_tokens = params.max_new_tokens.min(cap - prompt.len());
+        if params.max_new_tokens == 0 {
+            self.early
+                .push(Event::Done(id, Row::new(id, prompt, params).finish()));
+            return Ok(());
+        }
+        self.queue.push_back(Waiting { id, prompt, params });
+        Ok(())
+    }
+
+    /// Drop request `id` wherever it is (waiting, prefilling or decoding); its slot is free at
+    /// the next step. Returns whether it was found.
+    pub fn cancel(&mut self, id: u64) -> bool {
+        let mut found = false;
+        if let Some(i) = self.queue.iter().position(|w| w.id == id) {
+            self.queue.remove(i);
+            found = true;
+        }
+        if self.prefill.as_ref().is_some_and(|p| p.w.id == id) {
+            self.prefill = None;
+            found = true;
+        }
+        if let Some(b) = &mut self.batch {
+            for slot in &mut b.slots {
+                if slot.as_ref().is_some_and(|r| r.id == id) {
+                    *slot = None;
+                    found = true;
+                }
+            }
+        }
+        self.early.retain(|e| match e {
+            Event::Done(i, _) if *i == id => {
+                found = true;
+                false
+            }
+            _ => true,
+        });
+        if found {
+            self.stats.cancelled += 1;
+        }
+        found
+    }
+
+    /// Rows decoding now.
+    pub fn running(&self) -> usize {
+        self.batch
+            .as_ref()
+            .map_or(0, |b| b.slots.iter().filter(|s| s.is_some()).count())
+    }
+
+    /// Prompts not decoding yet (waiting or being prefilled).
+    pub fn waiting(&self) -> usize {
+        self.queue.len() + usize::from(self.prefill.is_some())
+    }
+
+    /// Bytes held by the batch's and the prefill's caches.
+    pub fn cache_bytes(&self) -> usize {
+        self.batch.as_ref().map_or(0, |b| b.cache.reserved_bytes())
+            + self
+                .prefill
+                .as_ref()
+                .map_or(0, |p| p.cache.reserved_bytes())
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.queue.is_empty()
+            && self.prefill.is_none()
+            && self.batch.is_none()
+            && self.early.is_empty()
+    }
+
+    /// Slots a new row could take now: free slots, or rows the batch may still grow by.
+    fn free_rows(&self) -> usize {
+        match &self.batch {
+            None => self.limits.max_rows,
+            Some(b) => {
+                let free = b.slots.iter().filter(|s| s.is_none()).count();
+                free + self.limits.max_rows.saturating_sub(b.slots.len())
+            }
+        }
+    }
+
+    /// One unit of work: prefill up to `prefill_chunk` prompt tokens into free slots, then one
+    /// decode step for the whole batch. Returns what happened, in order.
+    pub fn step(&mut self) -> Result<Vec<Event>> {
+        let mut events = std::mem::take(&mut self.early);
+        // 1. Prefill: while nothing decodes there is nobody to starve, so prefill every prompt
+        //    a slot is free for; otherwise `prefill_chunk` tokens per step.
+        let mut budget = self.limits.prefill_chunk;
+        loop {
+            let live = self.running() > 0;
+            if live && budget == 0 {
+                break;
+            }
+            if self.prefill.is_none() {
+                if self.free_rows() == 0 {
+                    break;
+                }
+                let Some(w) = self.queue.pop_front() else {
+                    break;
+                };
+                let cache = self.model.new_cache(w.prompt.len());
+                self.prefill = Some(Prefill { w, cache, done: 0 });
+            }
+            let Some(p) = self.prefill.as_mut() else {
+                break;
+            };
+            let l = p.w.prompt.len();
+            let take = if live {
+                budget.min(l - p.done)
+            } else {
+                l - p.done
+            };
+            let ids = Tensor::new(&p.w.prompt[p.done..p.done + take], self.model.device())?
+                .unsqueeze(0)?; // (1, take)
+            let hidden = self.model.forward(&ids, p.done, &[], Some(&mut p.cache))?; // (1, take, C)
+            self.stats.prefill_chunks += 1;
+            p.done += take;
+            budget = budget.saturating_sub(take);
+            if p.done < l {
+                continue;
+            }
+            let logits = self
+                .model
+                .lm_head(&hidden.narrow(1, take - 1, 1)?.squeeze(1)?)?; // (1, V)
+            let logits = rows_of(&logits)?.remove(0);
+            let Some(p) = self.prefill.take() else { break };
+            self.join(p, &logits, &mut events)?;
+        }
+        // 2. One decode step for the batch.
+        self.decode(&mut events)?;
+        Ok(events)
+    }
+
+    /// Sample a prefilled prompt's first token and put it into the batch.
+    fn join(&mut self, p: Prefill, logits: &[f32], events: &mut Vec<Event>) -> Result<()> {
+        let Prefill { w, cache: own, .. } = p;
+        let l = w.prompt.len();
+        let mut row = Row::new(w.id, w.prompt, w.params);
+        let first = row.advance(logits, self.tokenizer, events)?;
+        if row.done.is_some() {
+            events.push(Event::Done(row.id, row.finish()));
+            return Ok(());
+        }
+        let cap = self.limits.cap;
+        let Some(b) = self.batch.as_mut() else {
+            self.stats.waves += 1;
+            self.batch = Some(Batch {
+                cache: KvCache::with_capacity_from(&own, cap)?,
+                slots: vec![Some(row)],
+                left_pad: vec![0],
+                next: vec![first],
+                pos: l,
+                decoded: false,
+            });
+            return Ok(());
+        };
+        if l > b.pos {
+            // Move the batch forward so the prompt ends at the current position.
+            let by = l - b.pos;
+            self.model.unshift_cache(&mut b.cache, by)?;
+            for p in &mut b.left_pad {
+                *p += by;
+            }
+            b.pos = l;
+            self.stats.unshifts += 1;
+        }
+        let s = match b.slots.iter().position(Option::is_none) {
+            Some(s) => s,
+            None => {
+                b.cache.add_rows(1)?;
+                b.slots.push(None);
+                b.left_pad.push(b.pos);
+                b.next.push(self.pad_id);
+                b.slots.len() - 1
+            }
+        };
+        self.model.place_row(&b.cache, s, &own, b.pos - l)?;
+        b.left_pad[s] = b.pos - l;
+        b.next[s] = first;
+        b.slots[s] = Some(row);
+        if b.decoded {
+            self.stats.joined += 1;
+        }
+        Ok(())
+    }
+
+    fn decode(&mut self, events: &mut Vec<Event>) -> Result<()> {
+        let nothing_waits = self.queue.is_empty() && self.prefill.is_none();
+        let Some(b) = self.batch.as_mut() else {
+            return Ok(());
+        };
+        // Slots nothing will fill leave the batch; an empty batch frees its cache.
+        if b.slots.iter().any(Option::is_none) && nothing_waits {
+            let keep: Vec<usize> = (0..b.slots.len())
+                .filter(|&s| b.slots[s].is_some())
+                .collect();
+            if keep.is_empty() {
+                self.batch = None;
+                return Ok(());
+            }
+            b.cache.select_rows(&keep)?;
+            self.stats.shrinks += 1;
+            b.slots = keep.iter().map(|&s| b.slots[s].take()).collect();
+            b.left_pad = keep.iter().map(|&s| b.left_pad[s]).collect();
+            b.next = keep.iter().map(|&s| b.next[s]).collect();
+        }
+        if b.slots.iter().all(Option::is_none) {
+            return Ok(()); // every row was cancelled; the next prompt takes a slot
+        }
+        // At the cache's end, drop the positions no live row needs (see the module docs).
+        if b.pos == self.limits.cap {
+            let by = (0..b.slots.len())
+                .filter(|&s| b.slots[s].is_some())
+                .map(|s| b.left_pad[s])
+                .min()
+                .unwrap_or(0);
+            if by == 0 {
+                return Err(Error::invalid(
+                    format!("a live row fills all {} positions of the cache", b.pos),
+                    "this is a bug in retort's batching: a row's limit exceeds the cache",
+                ));
+            }
+            self.model.shift_cache(&mut b.cache, by)?;
+            b.pos -= by;
+            for p in &mut b.left_pad {
+                *p = p.saturating_sub(by);
+            }
+            self.stats.shifts += 1;
+        }
+        // ids (B, 1) at position `pos` → logits (B, V).
+        let n = b.slots.len();
+        let ids = Tensor::from_vec(b.next.clone(), (n, 1), self.model.device())?;
+        let pad_arg: &[usize] = if b.left_pad.iter().any(|&p| p > 0) {
+            &b.left_pad
+        } else {
+            &[]
+        };
+        let hidden = self
+            .model
+            .forward(&ids, b.pos, pad_arg, Some(&mut b.cache))?; // (B, 1, C)
+        let logits = rows_of(&self.model.lm_head(&hidden.squeeze(1)?)?)?;
+        b.pos += 1;
+        b.decoded = true;
+        self.stats.steps += 1;
+        self.stats.row_steps += n;
+        for (s, slot) in b.slots.iter_mut().enumerate() {
+            let Some(row) = slot else { continue };
+            b.next[s] = row.advance(&logits[s], self.tokenizer, events)?;
+            if row.done.is_some()
+                && let Some(row) = slot.take()
+            {
+                events.push(Event::Done(row.id, row.finish()));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Rows of `logits (B, V)` as f32 vectors.
@@ -141,40 +534,12 @@ fn rows_of(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
     Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
 }
 
-/// Prefill `prompt` into row `slot` of `cache` so that its last token sits at position
-/// `end − 1`; returns the logits after it, `(V)`.
-fn prefill_slot(
-    model: &Model,
-    cache: &KvCache,
-    slot: usize,
-    prompt: &[u32],
-    end: usize,
-    dtype: DType,
-) -> Result<Vec<f32>> {
-    let l = prompt.len();
-    let start = end - l;
-    let cfg = model.config();
-    let mut own = model.new_cache(end);
-    own.append_zeros(
-        start,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-        dtype,
-        model.device(),
-    )?;
-    let ids = Tensor::new(prompt, model.device())?.unsqueeze(0)?; // (1, L)
-    let pad = [start];
-    let pad_arg: &[usize] = if start > 0 { &pad } else { &[] };
-    let hidden = model.forward(&ids, start, pad_arg, Some(&mut own))?; // (1, L, C)
-    let logits = model.lm_head(&hidden.narrow(1, l - 1, 1)?.squeeze(1)?)?; // (1, V)
-    cache.write_row(slot, &own, start, l)?;
-    Ok(rows_of(&logits)?.remove(0))
-}
-
 /// Generate a completion for every prompt with at most `max_batch` decoding together,
 /// refilling finished rows from the queue (in prompt order). `on_text(i, piece)` streams prompt
 /// `i`'s new text; `on_done(i, completion)` is called once per prompt, as soon as it is done.
-/// Each prompt's result equals generating it alone, up to float rounding.
+/// Each prompt's result equals generating it alone, up to float rounding. A generation limit
+/// past the model's context ends there with `Length`; a prompt that fills the context is an
+/// error (callers check prompts first, see [`crate::generation::admit`]).
 pub fn generate_continuous(
     model: &Model,
     tokenizer: &Tokenizer,
@@ -194,160 +559,39 @@ pub fn generate_continuous(
             "pass one SamplingParams per prompt",
         ));
     }
-    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
-        return Err(Error::invalid(
-            format!("prompt {i} is empty"),
-            "every prompt needs at least one token",
-        ));
-    }
-    let max_batch = max_batch.max(1);
-    let mut stats = BatchStats::default();
-    let device = model.device().clone();
-    let pad_id = tokenizer.stop_ids().first().copied().unwrap_or(0);
     let max_pos = model.config().max_position_embeddings;
-    // A prompt with no room to generate is done before it starts.
-    let mut queue: VecDeque<usize> = VecDeque::new();
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let most_new = params.iter().map(|p| p.max_new_tokens).max().unwrap_or(0);
+    let widest = prompts
+        .iter()
+        .zip(params)
+        .map(|(p, sp)| p.len().saturating_add(sp.max_new_tokens))
+        .max()
+        .unwrap_or(0);
+    // Room for every row, and slack so that joining rows rarely force a shift.
+    let cap = longest
+        .saturating_add(most_new.saturating_mul(2))
+        .max(widest)
+        .clamp(1, max_pos);
+    let mut batcher = Batcher::new(
+        model,
+        tokenizer,
+        BatcherLimits {
+            max_rows: max_batch.max(1),
+            cap,
+            prefill_chunk: 512,
+        },
+    )?;
     for (i, (p, sp)) in prompts.iter().zip(params).enumerate() {
-        if sp.max_new_tokens == 0 {
-            on_done(i, Row::new(i, p, sp).finish());
-        } else {
-            queue.push_back(i);
+        batcher.submit(i as u64, p.clone(), sp.clone())?;
+    }
+    while !batcher.is_idle() {
+        for e in batcher.step()? {
+            match e {
+                Event::Text(i, piece) => on_text(i as usize, &piece),
+                Event::Done(i, c) => on_done(i as usize, c),
+            }
         }
     }
-    while !queue.is_empty() {
-        // 1. A wave: the first prompts of the queue, left-padded, prefilled in one pass.
-        stats.waves += 1;
-        let take = max_batch.min(queue.len());
-        let first: Vec<usize> = queue.drain(..take).collect();
-        let wave_prompt = first.iter().map(|&i| prompts[i].len()).max().unwrap_or(0);
-        let wave_new = first
-            .iter()
-            .map(|&i| params[i].max_new_tokens)
-            .max()
-            .unwrap_or(0);
-        let all_new = queue
-            .iter()
-            .map(|&i| params[i].max_new_tokens)
-            .max()
-            .unwrap_or(0)
-            .max(wave_new);
-        let all_prompt = queue
-            .iter()
-            .map(|&i| prompts[i].len())
-            .max()
-            .unwrap_or(0)
-            .max(wave_prompt);
-        // Room for the wave and for every later prompt to join. A live row started less than
-        // `all_new + all_prompt` positions ago (it would be done otherwise), so after shifting
-        // the cache to the oldest live row's start, `all_prompt + 2·all_new` positions always
-        // leave room for one more row — unless the model's context is shorter than that.
-        let cap = (all_prompt + 2 * all_new)
-            .min(max_pos)
-            .max(wave_prompt + wave_new);
-        let mut left_pad: Vec<usize> = first
-            .iter()
-            .map(|&i| wave_prompt - prompts[i].len())
-            .collect();
-        let mut flat = Vec::with_capacity(first.len() * wave_prompt);
-        for (&i, &pad) in first.iter().zip(&left_pad) {
-            flat.extend(std::iter::repeat_n(pad_id, pad));
-            flat.extend_from_slice(&prompts[i]);
-        }
-        let ids = Tensor::from_vec(flat, (first.len(), wave_prompt), &device)?;
-        let mut cache = model.new_cache(cap);
-        let pad_arg: &[usize] = if left_pad.iter().any(|&p| p > 0) {
-            &left_pad
-        } else {
-            &[]
-        };
-        let hidden = model.forward(&ids, 0, pad_arg, Some(&mut cache))?; // (B, P, C)
-        let dtype = hidden.dtype();
-        let mut logits = model.lm_head(&hidden.narrow(1, wave_prompt - 1, 1)?.squeeze(1)?)?; // (B, V)
-        let mut slots: Vec<Option<Row>> = first
-            .iter()
-            .map(|&i| Some(Row::new(i, &prompts[i], &params[i])))
-            .collect();
-        let mut pos = wave_prompt;
-        // Once a waiting prompt cannot fit in this cache, nothing more joins this wave.
-        let mut draining = false;
-        loop {
-            // 2. One token for every live row; finished rows free their slot.
-            let rows = rows_of(&logits)?;
-            let mut next = vec![pad_id; slots.len()];
-            for (s, slot) in slots.iter_mut().enumerate() {
-                let finished = match slot {
-                    Some(row) => {
-                        next[s] = row.advance(&rows[s], tokenizer, &mut on_text)?;
-                        row.done.is_some()
-                    }
-                    None => false,
-                };
-                if let Some(row) = slot.take_if(|_| finished) {
-                    on_done(row.index, row.finish());
-                }
-            }
-            // 3. Free slots take waiting prompts, aligned to end at the current position.
-            for s in 0..slots.len() {
-                while slots[s].is_none() && !draining {
-                    let Some(&i) = queue.front() else { break };
-                    let l = prompts[i].len();
-                    if l > pos {
-                        break; // it fits once the batch has advanced further
-                    }
-                    if pos + params[i].max_new_tokens > cap {
-                        // Make room: drop the positions no live row still needs.
-                        let live = || (0..slots.len()).filter(|&r| slots[r].is_some());
-                        let by = live().map(|r| left_pad[r]).min().unwrap_or(0);
-                        if by == 0 || pos - by + params[i].max_new_tokens > cap || l > pos - by {
-                            draining = true;
-                            break;
-                        }
-                        model.shift_cache(&mut cache, by)?;
-                        pos -= by;
-                        for p in &mut left_pad {
-                            *p = p.saturating_sub(by);
-                        }
-                        stats.shifts += 1;
-                    }
-                    queue.pop_front();
-                    let first_logits = prefill_slot(model, &cache, s, &prompts[i], pos, dtype)?;
-                    let mut row = Row::new(i, &prompts[i], &params[i]);
-                    next[s] = row.advance(&first_logits, tokenizer, &mut on_text)?;
-                    left_pad[s] = pos - l;
-                    stats.joined += 1;
-                    if row.done.is_some() {
-                        on_done(i, row.finish());
-                    } else {
-                        slots[s] = Some(row);
-                    }
-                }
-            }
-            if slots.iter().all(Option::is_none) {
-                break; // the wave is over; the queue (if any) starts the next one
-            }
-            // 4. Slots nothing can fill any more leave the batch.
-            if slots.iter().any(Option::is_none) && (queue.is_empty() || draining) {
-                let keep: Vec<usize> = (0..slots.len()).filter(|&s| slots[s].is_some()).collect();
-                cache.select_rows(&keep)?;
-                stats.shrinks += 1;
-                slots = keep.iter().map(|&s| slots[s].take()).collect();
-                left_pad = keep.iter().map(|&s| left_pad[s]).collect();
-                next = keep.iter().map(|&s| next[s]).collect();
-            }
-            // 5. One decode step for the batch: ids (B, 1) at position `pos` → logits (B, V).
-            let b = slots.len();
-            let ids = Tensor::from_vec(next, (b, 1), &device)?;
-            let pad_arg: &[usize] = if left_pad.iter().any(|&p| p > 0) {
-                &left_pad
-            } else {
-                &[]
-            };
-            let hidden = model.forward(&ids, pos, pad_arg, Some(&mut cache))?; // (B, 1, C)
-            logits = model.lm_head(&hidden.squeeze(1)?)?;
-            pos += 1;
-            stats.steps += 1;
-            stats.row_steps += b;
-        }
-    }
-    Ok(stats)
+    Ok(batcher.stats())
 }

@@ -38,6 +38,9 @@ pub struct SamplingParams {
     pub repeat_penalty: f32,
     /// The window of [`SamplingParams::repeat_penalty`], in tokens (llama.cpp's default, 64).
     pub repeat_last_n: usize,
+    /// Treat end-of-turn ids as ordinary tokens: generate until `max_new_tokens` or a stop
+    /// string (vLLM's `ignore_eos`; for benchmarks and tests).
+    pub ignore_eos: bool,
 }
 
 impl Default for SamplingParams {
@@ -51,8 +54,103 @@ impl Default for SamplingParams {
             logprobs: None,
             repeat_penalty: 1.0,
             repeat_last_n: 64,
+            ignore_eos: false,
         }
     }
+}
+
+/// Most alternatives a request may ask log-probs for (OpenAI's and vLLM's default limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// A sampling value or a length out of range: `field` as the CLI and the API spell it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ParamError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl ParamError {
+    fn new(field: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Range-check every knob, the same for `retort serve` and the CLI: temperature finite and
+    /// ≥ 0, top-p in (0, 1], repetition penalty finite and > 0, at most
+    /// [`MAX_TOP_LOGPROBS`] alternatives, stop strings non-empty.
+    pub fn check(&self) -> std::result::Result<(), ParamError> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Err(ParamError::new(
+                "temperature",
+                format!(
+                    "temperature must be a finite number ≥ 0 (0 is greedy), got {}",
+                    self.temperature
+                ),
+            ));
+        }
+        if !self.top_p.is_finite() || self.top_p <= 0.0 || self.top_p > 1.0 {
+            return Err(ParamError::new(
+                "top_p",
+                format!("top_p must be in (0, 1], got {}", self.top_p),
+            ));
+        }
+        if !self.repeat_penalty.is_finite() || self.repeat_penalty <= 0.0 {
+            return Err(ParamError::new(
+                "repetition_penalty",
+                format!(
+                    "repetition_penalty must be a finite number > 0 (1 is off), got {}",
+                    self.repeat_penalty
+                ),
+            ));
+        }
+        if let Some(n) = self.logprobs
+            && n > MAX_TOP_LOGPROBS
+        {
+            return Err(ParamError::new(
+                "top_logprobs",
+                format!("top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {n}"),
+            ));
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return Err(ParamError::new("stop", "stop strings must not be empty"));
+        }
+        Ok(())
+    }
+}
+
+/// The admission check every generating command shares: a prompt of `prompt_tokens` may ask
+/// for `max_new` more tokens only if both fit in `context` (vLLM's rule and wording). `None`
+/// means the rest of the context. Returns the generation limit to use.
+pub fn admit(
+    prompt_tokens: usize,
+    max_new: Option<usize>,
+    context: usize,
+) -> std::result::Result<usize, ParamError> {
+    let requested = prompt_tokens.saturating_add(max_new.unwrap_or(0));
+    if prompt_tokens >= context || requested > context {
+        let detail = match max_new {
+            Some(m) => format!(
+                "you requested {requested} tokens ({prompt_tokens} in the prompt, {m} for the \
+                 completion)"
+            ),
+            None => format!(
+                "your prompt has {prompt_tokens} tokens, which leaves no room for a completion"
+            ),
+        };
+        return Err(ParamError::new(
+            "max_tokens",
+            format!(
+                "This model's maximum context length is {context} tokens. However, {detail}. \
+                 Please reduce the length of the prompt or of the completion."
+            ),
+        ));
+    }
+    Ok(max_new.unwrap_or(context - prompt_tokens))
 }
 
 /// Apply a CTRL repetition penalty to `logits (V)` in place: each distinct id of `recent`

@@ -158,6 +158,131 @@ impl KvCache {
         })
     }
 
+    /// Rows of the cache (0 before anything is cached).
+    pub fn rows(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| {
+                l.k_cache()
+                    .all_data()
+                    .as_ref()
+                    .map(|t| t.dim(0).unwrap_or(0))
+            })
+            .unwrap_or(0)
+    }
+
+    /// Bytes of the buffers allocated for keys and values (capacity, not just what is filled).
+    pub fn reserved_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| [l.k_cache().all_data(), l.v_cache().all_data()])
+            .flatten()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+
+    /// A cache of capacity `max_len` holding everything `src` holds (all rows).
+    pub fn with_capacity_from(src: &KvCache, max_len: usize) -> Result<KvCache> {
+        if src.len() > max_len {
+            return Err(Error::invalid(
+                format!("cannot fit {} cached positions in {max_len}", src.len()),
+                "give the new cache at least the source's length",
+            ));
+        }
+        let mut out = KvCache::new(src.layers.len(), max_len);
+        for (dst, s) in out.layers.iter_mut().zip(&src.layers) {
+            if let (Some(k), Some(v)) = (s.k()?, s.v()?) {
+                dst.append(&k.contiguous()?, &v.contiguous()?)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Insert `len` zero positions in front of every layer, so position `p` becomes `p + len`;
+    /// the kept keys go through `fix_keys` (the RoPE rotation forward by `len`).
+    pub fn prepend_zeros(
+        &mut self,
+        len: usize,
+        fix_keys: impl Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        if self.len() + len > self.max_len {
+            return Err(Error::invalid(
+                format!(
+                    "cannot grow a cache of {} positions by {len} within {}",
+                    self.len(),
+                    self.max_len
+                ),
+                "this is a bug in retort's batching: a row longer than the cache was admitted",
+            ));
+        }
+        self.rebuild(|k, v| {
+            let (b, h, _, d) = k.dims4()?;
+            let zk = Tensor::zeros((b, h, len, d), k.dtype(), k.device())?;
+            let zv = Tensor::zeros((b, h, len, d), v.dtype(), v.device())?;
+            let k = Tensor::cat(&[&zk, &fix_keys(&k)?], 2)?;
+            let v = Tensor::cat(&[&zv, &v], 2)?;
+            Ok((k, v))
+        })
+    }
+
+    /// Add `n` rows of zeros after the last row of every layer.
+    pub fn add_rows(&mut self, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.rebuild(|k, v| {
+            let (_, h, s, d) = k.dims4()?;
+            let zk = Tensor::zeros((n, h, s, d), k.dtype(), k.device())?;
+            let zv = Tensor::zeros((n, h, s, d), v.dtype(), v.device())?;
+            Ok((Tensor::cat(&[&k, &zk], 0)?, Tensor::cat(&[&v, &zv], 0)?))
+        })
+    }
+
+    /// Overwrite row `row` at positions `at .. at + L` with every position of row 0 of `src`
+    /// (a one-row cache of `L` positions), keys through `fix_keys`, in place.
+    pub fn write_row_at(
+        &self,
+        row: usize,
+        src: &KvCache,
+        at: usize,
+        fix_keys: impl Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<()> {
+        let len = src.len();
+        if src.layers.len() != self.layers.len() || at + len > self.len() || row >= self.rows() {
+            return Err(Error::invalid(
+                format!(
+                    "cannot write {len} positions of a {}-layer cache at {at} of row {row} of a \
+                     {}-layer cache of {} rows and {} positions",
+                    src.layers.len(),
+                    self.layers.len(),
+                    self.rows(),
+                    self.len()
+                ),
+                "this is a bug in retort's batching",
+            ));
+        }
+        for (dst, s) in self.layers.iter().zip(&src.layers) {
+            let (Some(k), Some(v)) = (s.k()?, s.v()?) else {
+                continue;
+            };
+            let k = fix_keys(&k.narrow(0, 0, 1)?.contiguous()?)?;
+            let v = v.narrow(0, 0, 1)?.contiguous()?;
+            for (d, part) in [(dst.k_cache(), k), (dst.v_cache(), v)] {
+                let Some(all) = d.all_data() else {
+                    return Err(Error::invalid(
+                        "an empty cache layer",
+                        "prefill the batch before copying rows into it",
+                    ));
+                };
+                all.narrow(0, row, 1)?.slice_set(&part, 2, at)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Replace every cached layer's keys and values `(B, KVH, S, D)` by `f(k, v)`, in fresh
     /// buffers of the same capacity.
     fn rebuild(&mut self, f: impl Fn(Tensor, Tensor) -> Result<(Tensor, Tensor)>) -> Result<()> {

@@ -607,6 +607,19 @@ impl Model {
         cache.drop_front(by, |k| self.rope.rotate_back(k, by))
     }
 
+    /// Move a generation cache `by` positions away from 0: `by` masked zero positions are
+    /// inserted in front and the cached keys rotated forward by `by` (the inverse of
+    /// [`Model::shift_cache`]). Decoding continues at position `len + by`.
+    pub fn unshift_cache(&self, cache: &mut KvCache, by: usize) -> Result<()> {
+        cache.prepend_zeros(by, |k| self.rope.rotate_forward(k, by))
+    }
+
+    /// Copy a one-row cache prefilled from position 0 into row `row` of `cache` at positions
+    /// `at ..`, its keys rotated forward by `at` (as if it had been prefilled there).
+    pub fn place_row(&self, cache: &KvCache, row: usize, src: &KvCache, at: usize) -> Result<()> {
+        cache.write_row_at(row, src, at, |k| self.rope.rotate_forward(k, at))
+    }
+
     /// Keep only the given layers (Minitron-style depth pruning): the result has
     /// `keep.len()` layers, copied from this model's layers in the given order.
     pub fn prune_layers(&self, keep: &[usize], source: &Path) -> Result<Model> {

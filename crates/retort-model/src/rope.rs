@@ -50,19 +50,29 @@ impl Rope {
     /// compose (`R(a)·R(b) = R(a + b)`), so this is `R(−by)`: the same `cos`, negated `sin`.
     /// Used to move a generation cache towards position 0 without recomputing it.
     pub fn rotate_back(&self, x: &Tensor, by: usize) -> Result<Tensor> {
+        self.rotate(x, by, true)
+    }
+
+    /// The inverse of [`Rope::rotate_back`]: `R(+by)`, what [`Rope::apply`] gives at positions
+    /// `by` higher. Used to place a prompt prefilled at position 0 further along a batch.
+    pub fn rotate_forward(&self, x: &Tensor, by: usize) -> Result<Tensor> {
+        self.rotate(x, by, false)
+    }
+
+    fn rotate(&self, x: &Tensor, by: usize, back: bool) -> Result<Tensor> {
         let (_b, _h, s, _d) = x.dims4()?;
+        if by == 0 {
+            return Ok(x.clone());
+        }
         let half = self.cos.dim(1)?;
         let cos = self
             .cos
             .narrow(0, by, 1)?
             .broadcast_as((s, half))?
             .contiguous()?; // (S, D/2)
-        let sin = self
-            .sin
-            .narrow(0, by, 1)?
-            .neg()?
-            .broadcast_as((s, half))?
-            .contiguous()?;
+        let sin = self.sin.narrow(0, by, 1)?;
+        let sin = if back { sin.neg()? } else { sin };
+        let sin = sin.broadcast_as((s, half))?.contiguous()?;
         Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
     }
 }
@@ -86,6 +96,16 @@ mod tests {
         // Rotating back by 0 is the identity.
         let same = rope.rotate_back(&x, 0).unwrap();
         assert!(retort_test::max_abs_diff(&same, &x) < 1e-6);
+        // Forward is the inverse, and equals applying at higher positions.
+        let there = rope
+            .rotate_forward(&rope.apply(&x, p - by, false).unwrap(), by)
+            .unwrap();
+        let d = retort_test::max_abs_diff(&there, &rope.apply(&x, p, false).unwrap());
+        assert!(d < 1e-4, "forward: max |Δ| = {d}");
+        let round = rope
+            .rotate_back(&rope.rotate_forward(&x, by).unwrap(), by)
+            .unwrap();
+        assert!(retort_test::max_abs_diff(&round, &x) < 1e-5);
     }
 
     #[test]

@@ -182,6 +182,39 @@ fn decisions_need_the_form_token_and_same_origin() {
     assert_eq!(r.status(), 422);
     let page = r.body_mut().read_to_string().unwrap();
     assert!(page.contains("a rejection needs a reason") && page.contains("my careful edit"));
+    // The server enforces the reason's limit itself (the page's field does too).
+    let long = "x".repeat(100_000);
+    let mut r = post(
+        &[
+            ("csrf", token),
+            ("action", "reject"),
+            ("input", "question 1"),
+            ("answer", "answer 1"),
+            ("human", "0"),
+            ("reason", long.as_str()),
+            ("back", ""),
+        ],
+        None,
+        None,
+    );
+    assert_eq!(r.status(), 422);
+    let page = r.body_mut().read_to_string().unwrap();
+    assert!(
+        page.contains("longer than 500 characters"),
+        "{}",
+        &page[..page.len().min(400)]
+    );
+    // Invalid UTF-8 in a field is refused, not replaced.
+    let body =
+        format!("csrf={token}&action=reject&input=q&answer=%FF%FEa&human=0&reason=bad&back=");
+    let r = a
+        .post(format!("{url}item/{}", hash(1)))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .send(body.as_bytes())
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let s = Store::open(&db).unwrap();
+    assert_eq!(s.history(&hash(1)).unwrap().len(), 0, "nothing was stored");
 }
 
 #[test]

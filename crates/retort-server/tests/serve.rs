@@ -23,6 +23,9 @@ fn start(model: &Path, api_key: Option<&str>) -> SocketAddr {
         port: 0,
         weights: WeightFormat::F32,
         max_batch: 16,
+        max_queue: 64,
+        kv_cache_memory: 64 << 20,
+        prefill_chunk: 256,
         api_key: api_key.map(str::to_string),
     };
     std::thread::spawn(move || serve(opts, |addr| tx.send(addr).unwrap()).unwrap());

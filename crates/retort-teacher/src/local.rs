@@ -64,9 +64,18 @@ impl LocalTeacher {
             Some(p) => self.tokenizer.encode_prompt_prefilled(&request.messages, p),
             None => self.tokenizer.encode_prompt(&request.messages),
         };
+        let ids = ids.map_err(|e| e.to_string())?;
+        let context = self.model.config().max_position_embeddings;
+        if ids.len() >= context {
+            return Err(format!(
+                "the prompt has {} tokens; the teacher's context is {context} tokens, which \
+                 leaves no room for an answer (shorten the input or its template)",
+                ids.len()
+            ));
+        }
         let s = &request.sampling;
         Ok((
-            ids.map_err(|e| e.to_string())?,
+            ids,
             SamplingParams {
                 max_new_tokens: s.max_tokens,
                 temperature: s.temperature,

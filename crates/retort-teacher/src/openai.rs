@@ -10,8 +10,56 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct WireMessage {
     pub role: String,
-    #[serde(default)]
+    /// A string, or OpenAI's list of content parts of which only `text` parts are read.
+    #[serde(default, deserialize_with = "content_text")]
     pub content: String,
+}
+
+/// `content`: a string or `[{"type": "text", "text": …}, …]` (joined); anything else, `null`
+/// included, is an error that names the field.
+fn content_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    struct Part {
+        #[serde(rename = "type")]
+        kind: String,
+        #[serde(default)]
+        text: Option<String>,
+    }
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Content {
+        Text(String),
+        Parts(Vec<Part>),
+    }
+    let c = Option::<Content>::deserialize(d)?;
+    match c {
+        Some(Content::Text(t)) => Ok(t),
+        Some(Content::Parts(parts)) => {
+            let mut out = String::new();
+            for p in parts {
+                match (p.kind.as_str(), p.text) {
+                    ("text", Some(t)) => out.push_str(&t),
+                    (kind, _) => {
+                        return Err(serde::de::Error::custom(format!(
+                            "content part of type `{kind}` is not supported (only `text` parts)"
+                        )));
+                    }
+                }
+            }
+            Ok(out)
+        }
+        None => Err(serde::de::Error::custom(
+            "content is null; send the message's text as a string",
+        )),
+    }
+}
+
+/// `stream_options` of a streamed request.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StreamOptions {
+    /// Send a last chunk with `usage` and no choices.
+    #[serde(default)]
+    pub include_usage: bool,
 }
 
 /// `stop`: a string or a list of strings.
@@ -60,6 +108,11 @@ pub struct ChatRequest {
     pub top_logprobs: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stream: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<StreamOptions>,
+    /// vLLM extension: keep generating past end-of-turn tokens (benchmarks, tests).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ignore_eos: Option<bool>,
     /// vLLM/SGLang extension: continue the final (assistant) message instead of starting a
     /// new turn; sent with `add_generation_prompt: false`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -132,6 +185,9 @@ pub struct ChatChunk {
     pub created: u64,
     pub model: String,
     pub choices: Vec<ChunkChoice>,
+    /// The last chunk's, with `stream_options.include_usage`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -149,15 +205,23 @@ pub struct Delta {
     pub content: Option<String>,
 }
 
-/// `prompt` of `/v1/completions`: text or token ids.
+/// `prompt` of `/v1/completions`: text or token ids, one prompt or a list of them.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(untagged)]
 pub enum Prompt {
     Text(String),
     Ids(Vec<u32>),
+    Texts(Vec<String>),
+    IdLists(Vec<Vec<u32>>),
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+impl Default for Prompt {
+    fn default() -> Self {
+        Prompt::Text(String::new())
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct CompletionRequest {
     #[serde(default)]
     pub model: String,
@@ -166,6 +230,29 @@ pub struct CompletionRequest {
     pub max_tokens: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", alias = "repeat_penalty")]
+    pub repetition_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub n: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop: Option<Stop>,
+    /// Log-probs of the sampled tokens and this many alternatives (the legacy completions
+    /// form: `tokens`, `token_logprobs`, `top_logprobs`, `text_offset`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<usize>,
+    /// Return the prompt in front of the completion (with its log-probs when asked for).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub echo: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ignore_eos: Option<bool>,
     /// vLLM's extension: the top-k log-probs (plus the prompt's own token) at every prompt
     /// position; the first position has none (`null`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -191,6 +278,18 @@ pub struct CompletionChoice {
     pub finish_reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_logprobs: Option<Vec<Option<std::collections::BTreeMap<String, PromptLogprob>>>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<CompletionLogprobs>,
+}
+
+/// Log-probs of `/v1/completions` (the legacy form lm-eval-harness reads): per token, its
+/// text, log-prob (`null` for the first prompt token), the top alternatives and its offset.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<Option<f32>>,
+    pub top_logprobs: Vec<Option<std::collections::BTreeMap<String, f32>>>,
+    pub text_offset: Vec<usize>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

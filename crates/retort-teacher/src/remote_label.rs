@@ -71,6 +71,7 @@ impl RemoteScorer {
             max_tokens: Some(1),
             temperature: Some(0.0),
             prompt_logprobs: Some(k),
+            ..Default::default()
         };
         let (resp, attempts): (CompletionResponse, usize) = self.http.post("/completions", &req)?;
         let bad = |reason: String| Failure { reason, attempts };

@@ -78,6 +78,15 @@ pub fn eval(args: EvalArgs, quiet: bool) -> Result<()> {
     for arg in &args.model {
         let (name, path) = labelled(arg);
         let (model, tok) = load(&path, quiet)?;
+        let context = model.config().max_position_embeddings;
+        anyhow::ensure!(
+            args.generate == 0 || args.max_new_tokens < context,
+            "--max-new-tokens {} does not fit `{}`: its context is {context} tokens (prompt and \
+             answer together)\nhint: pass --max-new-tokens {} or less",
+            args.max_new_tokens,
+            path.display(),
+            context.saturating_sub(1)
+        );
         if let Some((_, ttok)) = &teacher
             && ttok.fingerprint() != tok.fingerprint()
         {

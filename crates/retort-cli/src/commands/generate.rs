@@ -2,13 +2,21 @@
 //!
 //! Output: one JSON record per prompt, in input order:
 //! `{"id", "messages", "completion", "finish_reason", "prompt_tokens", "completion_tokens"}`.
+//! Prompts run through one continuous batch (`--batch-size` rows). An answer that reaches the
+//! model's context ends there with `finish_reason: "length"`. `--out` is written whole (temp
+//! file, then rename); if the run is interrupted or fails, the finished answers are kept in
+//! `OUT.partial`.
 
 use std::io::Write;
 use std::path::Path;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use anyhow::{Context, Result, bail};
 use retort_data::{Message, Role};
-use retort_model::generation::generate;
+use retort_model::batching::{Batcher, BatcherLimits, Event};
+use retort_model::generation::{Completion, SamplingParams};
 use serde::Deserialize;
 
 use crate::cli::GenerateArgs;
@@ -88,7 +96,11 @@ fn read_prompts(path: &Path, default_system: Option<&str>) -> Result<Vec<Prompt>
 }
 
 pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
-    anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
+    anyhow::ensure!(
+        (1..=1024).contains(&args.batch_size),
+        "--batch-size must be between 1 and 1024, got {}",
+        args.batch_size
+    );
     let prompts = match (&args.prompt, &args.prompts) {
         (Some(p), _) => {
             let mut messages: Vec<Message> = args.system.iter().map(Message::system).collect();
@@ -103,19 +115,37 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
     };
     let params = super::sampling_params(&args.sampling)?;
     let (model, tok) = super::load_model(&args.model, quiet)?;
+    let context = super::check_context(&args.sampling, &model)?;
+    // Every prompt is checked before any work: one that fills the context is named.
+    let mut ids = Vec::with_capacity(prompts.len());
+    for p in &prompts {
+        let enc = tok.encode_prompt(&p.messages)?;
+        if enc.len() >= context {
+            let from = match &args.prompts {
+                Some(f) => format!("{}: prompt {}", f.display(), p.id),
+                None => "--prompt".to_string(),
+            };
+            bail!(
+                "{from} has {} tokens; the model's context is {context} tokens, which leaves no \
+                 room for an answer\nhint: shorten the prompt or use a model with a longer context",
+                enc.len()
+            );
+        }
+        ids.push(enc);
+    }
 
-    // Write to a temporary file next to --out and rename at the end: no half-written output.
-    let tmp_path = args.out.as_ref().map(|o| {
-        let name = o
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
-        o.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
-    });
-    let mut sink: Box<dyn Write> = match &tmp_path {
-        Some(t) => Box::new(std::io::BufWriter::new(fs_err::File::create(t)?)),
-        None => Box::new(std::io::stdout().lock()),
-    };
+    let stop = Arc::new(AtomicBool::new(false));
+    if args.prompts.is_some() {
+        let flag = stop.clone();
+        ctrlc::set_handler(move || {
+            if flag.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            tracing::warn!("stopping: finished answers are written (Ctrl-C again to quit at once)");
+        })
+        .context("cannot install the Ctrl-C handler")?;
+    }
+
     let pb = progress::bar(
         prompts.len() as u64,
         "generating",
@@ -123,55 +153,96 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
     );
     let t0 = std::time::Instant::now();
     let mut generated = 0usize;
+    let mut done: Vec<Option<Completion>> = vec![None; prompts.len()];
+    let mut stdout_next = 0usize; // without --out, records stream to stdout in input order
+    let mut out = std::io::stdout().lock();
     let result = (|| -> Result<()> {
-        for (chunk_idx, chunk) in prompts.chunks(args.batch_size).enumerate() {
-            let ids: Vec<Vec<u32>> = chunk
-                .iter()
-                .map(|p| tok.encode_prompt(&p.messages))
-                .collect::<retort_model::Result<_>>()?;
-            let batch_params = retort_model::generation::SamplingParams {
-                seed: params
-                    .seed
-                    .wrapping_add((chunk_idx * args.batch_size) as u64),
+        let mut b = Batcher::new(
+            &model,
+            &tok,
+            BatcherLimits {
+                max_rows: args.batch_size,
+                cap: batch_cap(&ids, params.max_new_tokens, context),
+                prefill_chunk: 512,
+            },
+        )?;
+        for (i, p) in ids.iter().enumerate() {
+            let sp = SamplingParams {
+                seed: params.seed.wrapping_add(i as u64),
                 ..params.clone()
             };
-            let mut pieces = 0usize;
-            let outs = generate(&model, &tok, &ids, &batch_params, |_, _| {
-                pieces += 1;
-                if pieces.is_multiple_of(16) {
-                    pb.set_message(format!(
-                        "generating (~{} tokens so far)",
-                        generated + pieces
-                    ));
-                }
-            })?;
-            for (p, c) in chunk.iter().zip(outs) {
-                generated += c.ids.len();
-                let rec = serde_json::json!({
-                    "id": p.id,
-                    "messages": p.messages,
-                    "completion": c.text,
-                    "finish_reason": c.finish_reason,
-                    "prompt_tokens": c.prompt_tokens,
-                    "completion_tokens": c.ids.len(),
-                });
-                writeln!(sink, "{rec}")?;
-            }
-            pb.inc(chunk.len() as u64);
+            b.submit(i as u64, p.clone(), sp)?;
         }
-        sink.flush()?;
+        let mut pieces = 0usize;
+        while !b.is_idle() {
+            if stop.load(Ordering::SeqCst) {
+                bail!("interrupted");
+            }
+            for e in b.step()? {
+                match e {
+                    Event::Text(..) => {
+                        pieces += 1;
+                        if pieces.is_multiple_of(16) {
+                            pb.set_message(format!(
+                                "generating (~{} tokens so far)",
+                                generated + pieces
+                            ));
+                        }
+                    }
+                    Event::Done(i, c) => {
+                        generated += c.ids.len();
+                        done[i as usize] = Some(c);
+                        pb.inc(1);
+                    }
+                }
+            }
+            if args.out.is_none() {
+                while let Some(Some(c)) = done.get(stdout_next) {
+                    writeln!(out, "{}", record(&prompts[stdout_next], c))?;
+                    stdout_next += 1;
+                }
+            }
+        }
         Ok(())
     })();
     pb.finish_and_clear();
-    drop(sink);
-    if let Err(e) = result {
-        if let Some(t) = &tmp_path {
-            let _ = fs_err::remove_file(t);
+    let finished = done.iter().filter(|c| c.is_some()).count();
+    let write_all = |path: &Path| -> Result<()> {
+        let text: String = prompts
+            .iter()
+            .zip(&done)
+            .filter_map(|(p, c)| c.as_ref().map(|c| format!("{}\n", record(p, c))))
+            .collect();
+        write_atomic(path, text.as_bytes())
+    };
+    match (result, &args.out) {
+        (Ok(()), Some(o)) => write_all(o)?,
+        (Ok(()), None) => out.flush()?,
+        (Err(e), Some(o)) => {
+            // Every finished answer is kept, beside the output (which is written only whole).
+            let partial = o.with_file_name(format!(
+                "{}.partial",
+                o.file_name()
+                    .map_or_else(|| "generate".into(), |n| n.to_string_lossy().into_owned())
+            ));
+            if finished > 0 {
+                write_all(&partial)?;
+                return Err(e.context(format!(
+                    "{finished} of {} answers were finished; they are in `{}` ({} not written)",
+                    prompts.len(),
+                    partial.display(),
+                    o.display()
+                )));
+            }
+            return Err(e);
         }
-        return Err(e);
-    }
-    if let (Some(t), Some(o)) = (&tmp_path, &args.out) {
-        fs_err::rename(t, o)?;
+        (Err(e), None) => {
+            out.flush()?;
+            return Err(e.context(format!(
+                "{stdout_next} of {} answers were written",
+                prompts.len()
+            )));
+        }
     }
     let secs = t0.elapsed().as_secs_f64();
     tracing::info!(
@@ -179,5 +250,38 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
         prompts.len(),
         generated as f64 / secs.max(1e-9)
     );
+    Ok(())
+}
+
+/// The output record of one prompt.
+fn record(p: &Prompt, c: &Completion) -> serde_json::Value {
+    serde_json::json!({
+        "id": p.id,
+        "messages": p.messages,
+        "completion": c.text,
+        "finish_reason": c.finish_reason,
+        "prompt_tokens": c.prompt_tokens,
+        "completion_tokens": c.ids.len(),
+    })
+}
+
+/// Cache positions for a batch of these prompts: room for the longest answer after the
+/// longest prompt, and slack so joining rows rarely force a shift; at most the context.
+fn batch_cap(ids: &[Vec<u32>], max_new: usize, context: usize) -> usize {
+    let longest = ids.iter().map(Vec::len).max().unwrap_or(1);
+    longest
+        .saturating_add(max_new.saturating_mul(2))
+        .clamp(longest + 1, context)
+}
+
+/// Write `bytes` to a temporary file beside `path`, then rename it into place.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    fs_err::write(&tmp, bytes)?;
+    fs_err::rename(&tmp, path)?;
     Ok(())
 }

@@ -71,23 +71,8 @@ pub(crate) fn load_model(args: &ModelArgs, quiet: bool) -> Result<(Model, Tokeni
 pub(crate) fn sampling_params(
     s: &SamplingArgs,
 ) -> Result<retort_model::generation::SamplingParams> {
-    anyhow::ensure!(
-        s.temperature >= 0.0,
-        "--temperature must be ≥ 0 (0 is greedy), got {}",
-        s.temperature
-    );
-    anyhow::ensure!(
-        s.top_p > 0.0 && s.top_p <= 1.0,
-        "--top-p must be in (0, 1], got {}",
-        s.top_p
-    );
-    anyhow::ensure!(
-        s.repeat_penalty > 0.0,
-        "--repeat-penalty must be > 0 (1.0 is off), got {}",
-        s.repeat_penalty
-    );
     anyhow::ensure!(s.max_new_tokens > 0, "--max-new-tokens must be at least 1");
-    Ok(retort_model::generation::SamplingParams {
+    let p = retort_model::generation::SamplingParams {
         max_new_tokens: s.max_new_tokens,
         temperature: s.temperature,
         top_p: s.top_p,
@@ -96,5 +81,29 @@ pub(crate) fn sampling_params(
         logprobs: None,
         repeat_penalty: s.repeat_penalty,
         ..Default::default()
-    })
+    };
+    // The same checks as `retort serve`, named as the flags are.
+    p.check().map_err(|e| {
+        let flag = match e.field {
+            "repetition_penalty" => "repeat-penalty",
+            "top_p" => "top-p",
+            f => f,
+        };
+        anyhow::anyhow!("--{flag}: {e}")
+    })?;
+    Ok(p)
+}
+
+/// `--max-new-tokens` against the model's context: more than the context is an error (an
+/// answer that reaches the context's end finishes there with `length`). Returns the context.
+pub(crate) fn check_context(s: &SamplingArgs, model: &Model) -> Result<usize> {
+    let context = model.config().max_position_embeddings;
+    anyhow::ensure!(
+        s.max_new_tokens < context,
+        "--max-new-tokens {} does not fit: the model's context is {context} tokens (prompt and \
+         answer together)\nhint: pass --max-new-tokens {} or less",
+        s.max_new_tokens,
+        context.saturating_sub(1)
+    );
+    Ok(context)
 }

@@ -34,7 +34,7 @@ impl Reader {
     /// Open `dir`. With `allow_partial`, an unfinished cache opens too (its finished shards).
     pub fn open(dir: &Path, allow_partial: bool) -> Result<Reader> {
         let manifest = Manifest::read(dir)?;
-        let rebuild = format!("rebuild it: {}", manifest.command);
+        let rebuild = rebuild_hint(dir, &manifest.command);
         if !manifest.complete && !allow_partial {
             let done: usize = manifest.shards.iter().map(|s| s.samples).sum();
             return Err(Error::invalid(
@@ -151,7 +151,7 @@ impl Reader {
                     m.shards[si].file,
                     e.sample
                 ),
-                format!("rebuild it: {}", m.command),
+                rebuild_hint(&self.dir, &m.command),
             )
         })?;
         Ok(t)
@@ -197,5 +197,40 @@ impl Reader {
             ));
         }
         Ok(())
+    }
+}
+
+/// How to rebuild the damaged cache in `dir`: the command recorded at labelling time, with its
+/// `--out` pointed at `dir` (the cache may have been moved or copied since).
+fn rebuild_hint(dir: &Path, command: &str) -> String {
+    let mut words: Vec<String> = command.split(' ').map(str::to_string).collect();
+    let target = dir.display().to_string();
+    match words.iter().position(|w| w == "--out" || w == "-o") {
+        Some(i) if i + 1 < words.len() => words[i + 1] = target.clone(),
+        _ => words.extend(["--out".to_string(), target.clone()]),
+    }
+    format!(
+        "delete `{target}` and label again into it: {}",
+        words.join(" ")
+    )
+}
+
+#[cfg(test)]
+mod hint_tests {
+    use super::*;
+
+    #[test]
+    fn the_rebuild_hint_names_the_cache_where_it_is_now() {
+        let h = rebuild_hint(
+            Path::new("/data/moved"),
+            "retort label --teacher t.gguf --data d.jsonl --out runs/cache --top-k 64",
+        );
+        assert!(
+            h.contains("--out /data/moved --top-k 64") && h.contains("delete `/data/moved`"),
+            "{h}"
+        );
+        assert!(!h.contains("runs/cache"), "{h}");
+        let h = rebuild_hint(Path::new("c"), "retort label --teacher t");
+        assert!(h.ends_with("retort label --teacher t --out c"), "{h}");
     }
 }

@@ -291,6 +291,8 @@ pub struct NewDecision {
 
 /// Longest text a field may hold (characters), so a stray paste cannot bloat the database.
 pub const MAX_FIELD_CHARS: usize = 200_000;
+/// Longest rejection reason (the page's field allows as many; the store enforces it too).
+pub const MAX_REASON_CHARS: usize = 500;
 
 pub struct Store {
     conn: Connection,
@@ -565,7 +567,13 @@ impl Store {
         let answer = normalise(&d.answer);
         let reason = d.reason.trim().to_string();
         let reviewer = d.reviewer.trim().to_string();
-        for (field, text) in [("input", &input), ("answer", &answer), ("reason", &reason)] {
+        if reason.chars().count() > MAX_REASON_CHARS {
+            return Err(Error::invalid(
+                format!("the reason is longer than {MAX_REASON_CHARS} characters"),
+                "say why in a few words, e.g. \"wrong facts\"; edit the answer to show more",
+            ));
+        }
+        for (field, text) in [("input", &input), ("answer", &answer)] {
             if text.chars().count() > MAX_FIELD_CHARS {
                 return Err(Error::invalid(
                     format!("the {field} is longer than {MAX_FIELD_CHARS} characters"),

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
-use axum::extract::{Form, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::get;
@@ -363,11 +363,66 @@ struct DecisionForm {
     back: String,
 }
 
+/// Percent-decode every value of a form body and refuse one that is not UTF-8 (axum's `Form`
+/// would replace the bad bytes silently). Returns the field at fault.
+fn form_is_utf8(body: &[u8]) -> std::result::Result<(), String> {
+    for pair in body.split(|&b| b == b'&') {
+        let (key, value) = match pair.iter().position(|&b| b == b'=') {
+            Some(i) => (&pair[..i], &pair[i + 1..]),
+            None => (pair, &[][..]),
+        };
+        let mut out = Vec::with_capacity(value.len());
+        let mut i = 0;
+        while i < value.len() {
+            match value[i] {
+                b'+' => out.push(b' '),
+                b'%' if i + 2 < value.len() => {
+                    let hex = std::str::from_utf8(&value[i + 1..i + 3]).unwrap_or("");
+                    match u8::from_str_radix(hex, 16) {
+                        Ok(b) => {
+                            out.push(b);
+                            i += 2;
+                        }
+                        Err(_) => out.push(b'%'),
+                    }
+                }
+                b => out.push(b),
+            }
+            i += 1;
+        }
+        if std::str::from_utf8(&out).is_err() || std::str::from_utf8(key).is_err() {
+            return Err(String::from_utf8_lossy(key).into_owned());
+        }
+    }
+    Ok(())
+}
+
 async fn decide(
     State(app): State<Arc<App>>,
     Path(hash): Path<String>,
-    Form(f): Form<DecisionForm>,
+    body: axum::body::Bytes,
 ) -> Response {
+    if let Err(field) = form_is_utf8(&body) {
+        return error_page(
+            StatusCode::BAD_REQUEST,
+            &Error::invalid(
+                format!("the form's `{field}` is not valid UTF-8"),
+                "submit the page from a browser, which sends UTF-8; nothing was saved",
+            ),
+        );
+    }
+    let f: DecisionForm = match serde_urlencoded_form(&body) {
+        Ok(f) => f,
+        Err(e) => {
+            return error_page(
+                StatusCode::BAD_REQUEST,
+                &Error::invalid(
+                    format!("the form cannot be read: {e}"),
+                    "submit the page from a browser; nothing was saved",
+                ),
+            );
+        }
+    };
     if !app.guard.csrf_ok(&f.csrf) {
         return error_page(
             StatusCode::FORBIDDEN,
@@ -424,6 +479,11 @@ async fn decide(
         ),
         Err(e) => error_page(StatusCode::INTERNAL_SERVER_ERROR, &e),
     }
+}
+
+/// A form body as axum's `Form` reads it (after [`form_is_utf8`] has checked it).
+fn serde_urlencoded_form(body: &[u8]) -> std::result::Result<DecisionForm, String> {
+    serde_urlencoded::from_bytes(body).map_err(|e| e.to_string())
 }
 
 /// The `back` field is our own query string; read it with the same parser axum's `Query` uses.

@@ -367,6 +367,35 @@ impl Pipeline {
                 ));
             }
         }
+        for (key, v) in [
+            ("[expand] max_tokens", p.expand.max_tokens),
+            ("[answer] max_tokens", p.answer.max_tokens),
+            ("[answer] retry_max_tokens", p.answer.retry_max_tokens),
+        ] {
+            if v == 0 {
+                return Err(err(
+                    format!("{key} = 0 leaves no room for an answer"),
+                    "e.g. max_tokens = 512; a local teacher ends an answer at its context",
+                ));
+            }
+        }
+        for (section, t, top_p) in [
+            ("expand", p.expand.temperature, p.expand.top_p),
+            ("answer", p.answer.temperature, p.answer.top_p),
+        ] {
+            if !(t.is_finite() && t >= 0.0) {
+                return Err(err(
+                    format!("[{section}] temperature = {t} must be a finite number ≥ 0"),
+                    "0 is greedy; 0.7–1.0 gives varied answers",
+                ));
+            }
+            if !(top_p > 0.0 && top_p <= 1.0) {
+                return Err(err(
+                    format!("[{section}] top_p = {top_p} must be in (0, 1]"),
+                    "1.0 is off; 0.9–0.95 trims unlikely tokens",
+                ));
+            }
+        }
         if p.answer.retry_max_tokens < p.answer.max_tokens {
             return Err(err(
                 "[answer] retry_max_tokens is below max_tokens".into(),

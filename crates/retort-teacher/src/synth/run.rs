@@ -39,7 +39,20 @@ pub struct Seed {
 
 /// Read the seeds file: JSONL with every configured field as a non-empty string.
 pub fn read_seeds(path: &Path, fields: &[String]) -> Result<Vec<Seed>> {
-    let text = fs_err::read_to_string(path)?;
+    // The error names the key and the resolved path itself (fs_err would repeat the path).
+    #[allow(clippy::disallowed_methods)]
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::invalid(
+            format!(
+                "[seeds] path: cannot read `{}`: {e}",
+                std::path::absolute(path)
+                    .unwrap_or_else(|_| path.to_path_buf())
+                    .display()
+            ),
+            "the path is relative to the pipeline file's directory; write the seeds there as \
+             JSONL, or fix `path` under [seeds]",
+        )
+    })?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -150,11 +163,36 @@ fn render_template(
 ) -> Result<String> {
     let mut env = minijinja::Environment::new();
     env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
-    env.render_str(template, ctx).map_err(|e| Error::Pipeline {
+    let hint = "templates are minijinja (Jinja2); the expansion template sees `examples`, `n`, \
+                `format`, `labels`; the answer template sees each seed field by name";
+    let fail = |reason: String| Error::Pipeline {
         path: path.to_path_buf(),
-        reason: format!("{what} template: {e}"),
-        hint: "templates are minijinja (Jinja2); the expansion template sees `examples`, `n`, `format`; the answer template sees each seed field by name".into(),
-    })
+        reason: format!("{what}: {reason}"),
+        hint: hint.into(),
+    };
+    // Name the variables the template uses that the context lacks (minijinja's strict mode
+    // says only "undefined value").
+    let tmpl = env
+        .template_from_str(template)
+        .map_err(|e| fail(e.to_string()))?;
+    let mut missing: Vec<String> = tmpl
+        .undeclared_variables(false)
+        .into_iter()
+        .filter(|v| ctx.get_attr(v).map_or(true, |x| x.is_undefined()))
+        .collect();
+    if !missing.is_empty() {
+        missing.sort();
+        return Err(fail(format!(
+            "uses {}, which {} not defined here",
+            missing
+                .iter()
+                .map(|v| format!("`{v}`"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            if missing.len() == 1 { "is" } else { "are" }
+        )));
+    }
+    tmpl.render(ctx).map_err(|e| fail(e.to_string()))
 }
 
 struct Expansion {
@@ -294,9 +332,16 @@ pub fn run(
 ) -> Result<SynthReport> {
     let t0 = Instant::now();
     let dir = p.out_dir();
+    // Everything that can be checked is checked before the output directory and the ledger
+    // exist: the seeds, and the templates rendered once.
+    let seeds = read_seeds(&p.seeds.path, &p.seeds.fields)?;
+    expansion(p, &seeds, teacher, 0, 0)?;
+    if let Some(s) = seeds.first() {
+        let ctx = minijinja::Value::from(s.record.clone());
+        render_template(&p.answer.template, ctx, &p.path, "[answer] template")?;
+    }
     fs_err::create_dir_all(&dir)?;
     let mut ledger = Ledger::open(&dir.join(LEDGER))?;
-    let seeds = read_seeds(&p.seeds.path, &p.seeds.fields)?;
     let fields = &p.seeds.fields;
     let mut funnel = Funnel::default();
     let mut novelty = Novelty::new(p.filter.rouge_l_max);
@@ -425,7 +470,7 @@ pub fn run(
     let a = &p.answer;
     let answer_request = |rec: &Record, hash: &str, max_tokens: usize| -> Result<GenRequest> {
         let ctx = minijinja::Value::from(rec.clone());
-        let user = render_template(&a.template, ctx, &p.path, "[answer]")?;
+        let user = render_template(&a.template, ctx, &p.path, "[answer] template")?;
         Ok(GenRequest {
             prefill: None,
             messages: vec![Message::system(a.system.clone()), Message::user(user)],
