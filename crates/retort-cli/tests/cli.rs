@@ -894,9 +894,8 @@ fn generate_refuses_limits_past_the_context_and_interrupted_keeps_every_finished
         ("--repeat-penalty", "0", "--repeat-penalty"),
         ("--batch-size", "0", "--batch-size"),
     ] {
-        let e = fail(&retort(&[
-            "generate", "-m", m, "--prompt", "hi", flag, value,
-        ]));
+        let arg = format!("{flag}={value}");
+        let e = fail(&retort(&["generate", "-m", m, "--prompt", "hi", &arg]));
         assert!(e.contains(want), "{flag} {value}: {e}");
     }
     // An answer that reaches the context's end finishes there, as `length`.
