@@ -26,6 +26,30 @@ pub struct Sample {
     pub loss_mask: Vec<bool>,
 }
 
+/// Refuse samples longer than a model's `context` before any compute: names the longest sample
+/// of `source` and the setting that cuts it (`what`, e.g. `train.max_len` or `--max-len`).
+pub fn check_context(
+    samples: &[Sample],
+    context: usize,
+    source: &std::path::Path,
+    what: &str,
+) -> crate::error::Result<()> {
+    if let Some(s) = samples.iter().max_by_key(|s| s.ids.len())
+        && s.ids.len() > context
+    {
+        return Err(crate::error::Error::invalid(
+            format!(
+                "`{}`: sample `{}` has {} tokens, longer than the model's context ({context} tokens)",
+                source.display(),
+                s.id,
+                s.ids.len()
+            ),
+            format!("set {what} to {context} or less: longer samples are then truncated"),
+        ));
+    }
+    Ok(())
+}
+
 impl Sample {
     /// Positions `t` whose next token `t + 1` carries loss.
     pub fn loss_tokens(&self) -> usize {
@@ -193,6 +217,23 @@ pub fn collate(samples: &[&Sample], pad_id: u32, device: &Device) -> Result<Micr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn samples_longer_than_the_context_are_named_before_any_compute() {
+        let mut long = sample(&[1; 10], &[true; 10]);
+        long.id = "line-7".into();
+        let samples = vec![sample(&[1, 2, 3], &[false, true, true]), long];
+        let src = std::path::Path::new("d.jsonl");
+        let e = check_context(&samples, 5, src, "train.max_len")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`d.jsonl`: sample `line-7` has 10 tokens")
+                && e.contains("train.max_len to 5"),
+            "{e}"
+        );
+        assert!(check_context(&samples, 10, src, "train.max_len").is_ok());
+    }
 
     fn sample(ids: &[u32], mask: &[bool]) -> Sample {
         Sample {

@@ -223,6 +223,11 @@ pub fn prepare(recipe: Recipe, device: &Device) -> Result<Plan> {
     };
     let (mut student, tokenizer) = load_student(&recipe, teacher_ck.as_ref(), device)?;
     student.set_matmul_precision(recipe.train.matmul);
+    // Samples must fit the student's and the teacher's context.
+    let context = teacher_ck
+        .as_ref()
+        .map_or(usize::MAX, |ck| ck.config.max_position_embeddings)
+        .min(student.config().max_position_embeddings);
     let needs_teacher = recipe.stages.iter().any(|s| s.method == Method::Kd);
     let cache = match recipe.teacher.as_ref().and_then(|t| t.cache.as_ref()) {
         Some(dir) if needs_teacher => Some(Reader::open(dir, teacher_ck.is_some())?),
@@ -263,10 +268,12 @@ pub fn prepare(recipe: Recipe, device: &Device) -> Result<Plan> {
         };
         let ds = dataset::read(&stage.data, &opts)?;
         let (samples, tok_report) = batch::tokenize(&ds, &tokenizer, t.max_len, t.truncation)?;
+        batch::check_context(&samples, context, &stage.data, "train.max_len")?;
         let (train, eval, eval_source) = match &stage.eval_data {
             Some(p) => {
                 let eds = dataset::read(p, &opts)?;
                 let (e, _) = batch::tokenize(&eds, &tokenizer, t.max_len, t.truncation)?;
+                batch::check_context(&e, context, p, "train.max_len")?;
                 (samples, e, p.display().to_string())
             }
             None => {

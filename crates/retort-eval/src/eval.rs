@@ -109,6 +109,9 @@ pub fn evaluate(
     mut progress: impl FnMut(Phase, usize, usize),
 ) -> Result<EvalReport> {
     let t0 = Instant::now();
+    let context = teacher
+        .map_or(usize::MAX, |t| t.config().max_position_embeddings)
+        .min(model.config().max_position_embeddings);
     if let Some(t) = teacher {
         let (sv, tv) = (model.config().vocab_size, t.config().vocab_size);
         if sv != tv {
@@ -119,6 +122,7 @@ pub fn evaluate(
         }
     }
     let (samples, rep) = batch::tokenize(ds, tokenizer, opts.max_len, Truncation::Right)?;
+    batch::check_context(&samples, context, &ds.path, "--max-len")?;
     let sums = score(model, tokenizer, teacher, &samples, opts, &mut progress)?;
     let generation = if opts.generate > 0 {
         Some(generate(model, tokenizer, ds, opts, &mut progress)?)

@@ -13,13 +13,15 @@
 //! same computation as left padding in a static batch, tested equal to each prompt alone. A
 //! prompt longer than `p` moves the whole batch forward first (`Model::unshift_cache`).
 //!
-//! **Bounded by construction.** The cache holds `cap` positions; every row's span (prompt +
-//! generation limit) is at most `cap` — a longer limit is cut at the context end, where the row
-//! finishes with [`FinishReason::Length`] like any other. When the batch reaches position `cap`,
-//! the positions no live row needs are dropped and the cached keys rotated back
-//! (`Model::shift_cache`). That is always possible: a live row that started at position 0 would
-//! have reached its limit. So memory is `rows × cap` cached positions at most, fixed before any
-//! work, and [`kv_bytes_per_position`] turns a memory budget into `rows × cap`.
+//! **Bounded by construction.** Every row's span (prompt + generation limit) is at most the
+//! limits' `cap` — a longer limit is cut at the context end, where the row finishes with
+//! [`FinishReason::Length`] like any other. The batch's cache holds twice the longest span of
+//! the rows it has taken (at most `cap`), enlarged when a longer one joins. When the batch
+//! reaches the cache's end, the positions no live row needs are dropped and the cached keys
+//! rotated back (`Model::shift_cache`). That is always possible: a live row that started at
+//! position 0 would have reached its limit. So memory is `max_rows × cap` cached positions at
+//! most, fixed before any work, and [`kv_bytes_per_position`] turns a memory budget into
+//! `max_rows × cap`.
 
 use std::collections::VecDeque;
 
@@ -153,6 +155,8 @@ pub struct BatchStats {
     pub shifts: usize,
     /// Times the batch was moved away from 0 to make room for a prompt longer than the position.
     pub unshifts: usize,
+    /// Times the batch's cache was enlarged for a row with a longer span.
+    pub grows: usize,
     /// Prefill forward passes (a prompt in one or more chunks).
     pub prefill_chunks: usize,
     /// Decode steps (forward passes of the whole batch, one token per row).
@@ -192,6 +196,9 @@ struct Prefill {
 /// The running batch.
 struct Batch {
     cache: KvCache,
+    /// Positions the cache holds now: at least every live row's span, grown (up to the
+    /// limits' `cap`) when a row with a longer span joins, so memory follows what is in use.
+    cap: usize,
     slots: Vec<Option<Row>>,
     left_pad: Vec<usize>,
     /// Per slot, the id to feed at the next decode step (already sampled and recorded).
@@ -414,11 +421,14 @@ impl<'m> Batcher<'m> {
             events.push(Event::Done(row.id, row.finish()));
             return Ok(());
         }
-        let cap = self.limits.cap;
+        // The row's span; room for twice that, so that joining rows rarely force a shift.
+        let need = l + row.params.max_new_tokens;
+        let roomy = need.saturating_mul(2).clamp(need, self.limits.cap);
         let Some(b) = self.batch.as_mut() else {
             self.stats.waves += 1;
             self.batch = Some(Batch {
-                cache: KvCache::with_capacity_from(&own, cap)?,
+                cache: KvCache::with_capacity_from(&own, roomy)?,
+                cap: roomy,
                 slots: vec![Some(row)],
                 left_pad: vec![0],
                 next: vec![first],
@@ -427,6 +437,12 @@ impl<'m> Batcher<'m> {
             });
             return Ok(());
         };
+        if need > b.cap {
+            let grown = roomy.max(b.cap.saturating_mul(2)).min(self.limits.cap);
+            b.cache = KvCache::with_capacity_from(&b.cache, grown)?;
+            b.cap = grown;
+            self.stats.grows += 1;
+        }
         if l > b.pos {
             // Move the batch forward so the prompt ends at the current position.
             let by = l - b.pos;
@@ -481,7 +497,7 @@ impl<'m> Batcher<'m> {
             return Ok(()); // every row was cancelled; the next prompt takes a slot
         }
         // At the cache's end, drop the positions no live row needs (see the module docs).
-        if b.pos == self.limits.cap {
+        if b.pos == b.cap {
             let by = (0..b.slots.len())
                 .filter(|&s| b.slots[s].is_some())
                 .map(|s| b.left_pad[s])

@@ -756,9 +756,12 @@ async fn completions_inner(s: Shared, headers: HeaderMap, body: Bytes) -> ApiRes
     }
     let mut choices = Vec::new();
     let (mut prompt_tokens, mut completion_tokens) = (0, 0);
+    // Every prompt's jobs go to the model thread first (they batch together), then the
+    // answers are collected in order.
+    let mut pending = Vec::with_capacity(prompts.len());
     for ids in &prompts {
         // Log-probs of the prompt's own tokens: for echo + logprobs, and prompt_logprobs.
-        let scored = if req.prompt_logprobs.is_some() || (echo && req.logprobs.is_some()) {
+        let score_rx = if req.prompt_logprobs.is_some() || (echo && req.logprobs.is_some()) {
             let k = req
                 .prompt_logprobs
                 .unwrap_or(0)
@@ -766,20 +769,17 @@ async fn completions_inner(s: Shared, headers: HeaderMap, body: Bytes) -> ApiRes
                 .max(1);
             let admission = admit_rows(&s, 1)?;
             let (tx, rx) = oneshot::channel();
-            send_job(
-                &s,
-                Job::Score {
-                    ids: ids.clone(),
-                    k,
-                    reply: tx,
-                },
-                admission,
-            )?;
-            Some(wait(rx).await?)
+            let job = Job::Score {
+                ids: ids.clone(),
+                k,
+                reply: tx,
+            };
+            send_job(&s, job, admission)?;
+            Some(rx)
         } else {
             None
         };
-        let generated: Vec<Completion> = if max_tokens > 0 {
+        let gen_rx = if max_tokens > 0 {
             let params = sampling(
                 &s,
                 ids.len(),
@@ -795,19 +795,27 @@ async fn completions_inner(s: Shared, headers: HeaderMap, body: Bytes) -> ApiRes
             )?;
             let admission = admit_rows(&s, params.len())?;
             let (tx, rx) = oneshot::channel();
-            send_job(
-                &s,
-                Job::Chat {
-                    prompt: ids.clone(),
-                    params,
-                    stream: None,
-                    reply: tx,
-                },
-                admission,
-            )?;
-            wait(rx).await?
+            let job = Job::Chat {
+                prompt: ids.clone(),
+                params,
+                stream: None,
+                reply: tx,
+            };
+            send_job(&s, job, admission)?;
+            Some(rx)
         } else {
-            (0..n)
+            None
+        };
+        pending.push((score_rx, gen_rx));
+    }
+    for (ids, (score_rx, gen_rx)) in prompts.iter().zip(pending) {
+        let scored = match score_rx {
+            Some(rx) => Some(wait(rx).await?),
+            None => None,
+        };
+        let generated: Vec<Completion> = match gen_rx {
+            Some(rx) => wait(rx).await?,
+            None => (0..n)
                 .map(|_| Completion {
                     ids: vec![],
                     text: String::new(),
@@ -815,7 +823,7 @@ async fn completions_inner(s: Shared, headers: HeaderMap, body: Bytes) -> ApiRes
                     prompt_tokens: ids.len(),
                     logprobs: vec![],
                 })
-                .collect()
+                .collect(),
         };
         prompt_tokens += ids.len();
         let prompt_text = if echo {

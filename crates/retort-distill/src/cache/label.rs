@@ -81,6 +81,11 @@ pub struct LabelReport {
 /// `k` entries (unused slots [`super::codec::NONE`] with log-prob `-inf`), sorted descending.
 pub trait Scorer: Sync {
     fn vocab_size(&self) -> usize;
+    /// Tokens a sample may have, where the scorer knows it (a local model); samples longer than
+    /// that are refused before any labelling.
+    fn context(&self) -> Option<usize> {
+        None
+    }
     /// Recorded in the manifest (and compared by guards).
     fn info(&self) -> Result<TeacherInfo>;
     fn label_batch(
@@ -104,6 +109,9 @@ pub struct LocalScorer<'a> {
 impl Scorer for LocalScorer<'_> {
     fn vocab_size(&self) -> usize {
         self.model.config().vocab_size
+    }
+    fn context(&self) -> Option<usize> {
+        Some(self.model.config().max_position_embeddings)
     }
     fn info(&self) -> Result<TeacherInfo> {
         Ok(TeacherInfo {
@@ -244,6 +252,9 @@ pub fn label_with(
     check_options(opts)?;
     let ds = dataset::read(&opts.data, &opts.read)?;
     let (samples, _) = batch::tokenize(&ds, tok, opts.max_len, opts.truncation)?;
+    if let Some(context) = scorer.context() {
+        batch::check_context(&samples, context, &opts.data, "--max-len")?;
+    }
     let vocab = scorer.vocab_size();
     let k = opts.k.min(vocab);
     let fresh = Manifest {
