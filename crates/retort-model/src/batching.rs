@@ -364,7 +364,7 @@ impl<'m> Batcher<'m> {
     pub fn step(&mut self) -> Result<Vec<Event>> {
         let mut events = std::mem::take(&mut self.early);
         // 1. Prefill: while nothing decodes there is nobody to starve, so prefill every prompt
-        //    a slot is free for; otherwise `prefill_chunk` tokens per step.
+        //    a slot is free for (chunk by chunk); otherwise `prefill_chunk` tokens per step.
         let mut budget = self.limits.prefill_chunk;
         loop {
             let live = self.running() > 0;
@@ -384,11 +384,14 @@ impl<'m> Batcher<'m> {
             let Some(p) = self.prefill.as_mut() else {
                 break;
             };
+            // Chunks of at most `prefill_chunk` tokens even when nothing decodes: attention's
+            // scores stay `(H, chunk, L)` wide, never `(H, L, L)`.
             let l = p.w.prompt.len();
+            let chunk = self.limits.prefill_chunk;
             let take = if live {
                 budget.min(l - p.done)
             } else {
-                l - p.done
+                chunk.min(l - p.done)
             };
             let ids = Tensor::new(&p.w.prompt[p.done..p.done + take], self.model.device())?
                 .unsqueeze(0)?; // (1, take)

@@ -40,6 +40,9 @@ use crate::worker::{Job, Metrics, PositionLogprobs, Worker};
 pub const MAX_N: usize = 16;
 /// Most alternatives `prompt_logprobs` may ask for.
 pub const MAX_PROMPT_LOGPROBS: usize = 1024;
+/// Most log-prob entries (positions × alternatives) one completions answer may hold: it bounds
+/// the memory of building the answer (k = 64 over a 32,768-token prompt is exactly this).
+pub const MAX_LOGPROB_ENTRIES: usize = 1 << 21;
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -746,9 +749,25 @@ async fn completions_inner(s: Shared, headers: HeaderMap, body: Bytes) -> ApiRes
         (None, Some(_)) => 0,
         (None, None) => 16,
     };
-    // Every prompt is checked before any work.
+    // Every prompt is checked before any work, the size of the answer included.
     for ids in &prompts {
         admit(ids.len(), Some(max_tokens), s.context)?;
+        let k = req
+            .prompt_logprobs
+            .unwrap_or(0)
+            .max(req.logprobs.unwrap_or(0));
+        if k.saturating_mul(ids.len()) > MAX_LOGPROB_ENTRIES {
+            return Err(ApiError::bad(format!(
+                "{k} log-probs at each of {} prompt positions is more than {MAX_LOGPROB_ENTRIES} \
+                 entries in one answer; ask for fewer, or split the prompt",
+                ids.len()
+            ))
+            .param(if req.prompt_logprobs.is_some() {
+                "prompt_logprobs"
+            } else {
+                "logprobs"
+            }));
+        }
     }
     let n = req.n.unwrap_or(1);
     if n == 0 || n > MAX_N {

@@ -393,6 +393,16 @@ fn hostile_requests_get_json_errors_and_the_server_keeps_serving() {
             "maximum context length",
         ),
         (
+            "prompt_logprobs too many entries",
+            "/v1/completions",
+            format!(
+                r#"{{"prompt":"{}","prompt_logprobs":1024}}"#,
+                "hello world ".repeat(1100)
+            ),
+            400,
+            "prompt_logprobs",
+        ),
+        (
             "unknown route",
             "/v1/embeddings",
             "{}".into(),
