@@ -969,3 +969,27 @@ fn generate_refuses_limits_past_the_context_and_interrupted_keeps_every_finished
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "in input order");
     eprintln!("interrupted after {} of 2000 answers", ids.len());
 }
+
+#[test]
+fn errors_print_no_library_backtrace_under_rust_backtrace() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("trunc.gguf");
+    // A GGUF header that promises more than the file holds.
+    let mut bytes = b"GGUF".to_vec();
+    bytes.extend_from_slice(&3u32.to_le_bytes());
+    bytes.extend_from_slice(&272u64.to_le_bytes());
+    bytes.extend_from_slice(&33u64.to_le_bytes());
+    fs_err::write(&bad, &bytes).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_retort"))
+        .env("RUST_BACKTRACE", "1")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .args(["info", "--model", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = fail(&out);
+    assert!(err.contains("trunc.gguf") && err.contains("hint:"), "{err}");
+    assert!(
+        !err.contains("stack backtrace") && err.lines().count() < 8,
+        "{err}"
+    );
+}
