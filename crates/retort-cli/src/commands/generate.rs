@@ -134,17 +134,10 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
         ids.push(enc);
     }
 
-    let stop = Arc::new(AtomicBool::new(false));
-    if args.prompts.is_some() {
-        let flag = stop.clone();
-        ctrlc::set_handler(move || {
-            if flag.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-            tracing::warn!("stopping: finished answers are written (Ctrl-C again to quit at once)");
-        })
-        .context("cannot install the Ctrl-C handler")?;
-    }
+    let stop = match args.prompts {
+        Some(_) => super::stop_on_ctrl_c("stopping: the finished answers are written")?,
+        None => Arc::new(AtomicBool::new(false)),
+    };
 
     let pb = progress::bar(
         prompts.len() as u64,

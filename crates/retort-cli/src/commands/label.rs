@@ -1,9 +1,6 @@
 //! `retort label`: the teacher's top-k log-probs for every assistant token of a dataset, into a
 //! resumable cache. Ctrl-C (or kill) loses at most the shard in progress; the same command resumes.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
 use retort_data::{Format, ReadOptions};
@@ -84,17 +81,7 @@ pub fn run(args: LabelArgs, quiet: bool) -> Result<()> {
         chunk_rows: 256,
         command,
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        tracing::warn!(
-            "stopping after this batch (finished shards are kept; Ctrl-C again to quit)"
-        );
-    })
-    .context("cannot install the Ctrl-C handler")?;
+    let stop = super::stop_on_ctrl_c("stopping after this batch (finished shards are kept)")?;
     let mut bar = Bar { quiet, bar: None };
     let teacher = args.teacher.to_string_lossy().to_string();
     let report = if teacher.starts_with("http://") || teacher.starts_with("https://") {

@@ -107,3 +107,22 @@ pub(crate) fn check_context(s: &SamplingArgs, model: &Model) -> Result<usize> {
     );
     Ok(context)
 }
+
+/// Install the Ctrl-C handler of a long command: the first Ctrl-C sets the returned flag (the
+/// command stops at its next safe point, saying `what` it keeps), the second exits at once
+/// with status 130.
+pub(crate) fn stop_on_ctrl_c(
+    what: &'static str,
+) -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130); // second Ctrl-C: leave now
+        }
+        tracing::warn!("{what} (Ctrl-C again to quit at once)");
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    Ok(stop)
+}

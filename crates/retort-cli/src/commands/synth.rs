@@ -2,8 +2,6 @@
 //! ledger). Prints the funnel; writes `synth.jsonl`, `report.md`, `report.json` and
 //! `ledger.sqlite` into the pipeline's output directory.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -108,15 +106,9 @@ pub fn run_cmd(args: SynthArgs, quiet: bool) -> Result<()> {
         p.expand.target = t;
     }
     let teacher = teacher_of(&p, quiet)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        tracing::warn!("stopping after the requests in flight (all finished answers are kept; run again to resume; Ctrl-C again to quit)");
-    })
-    .context("cannot install the Ctrl-C handler")?;
+    let stop = super::stop_on_ctrl_c(
+        "stopping after the requests in flight (all finished answers are kept; run again to resume)",
+    )?;
     let mut bars = Bars { quiet, bar: None };
     let report = run(&p, teacher.as_ref(), &stop, &mut bars);
     if let Some(b) = bars.bar.take() {

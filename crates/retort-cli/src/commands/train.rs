@@ -1,9 +1,6 @@
 //! `retort train RECIPE`: run a recipe's stages with progress bars; Ctrl-C stops after the
 //! current step with a checkpoint (`--resume` continues bit-identically).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use anyhow::{Context, Result};
 use candle_core::Device;
 use indicatif::ProgressBar;
@@ -77,15 +74,7 @@ pub fn run(args: TrainArgs, quiet: bool) -> Result<()> {
     for line in plan.summary().lines() {
         tracing::info!("{line}");
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            std::process::exit(130); // second Ctrl-C: leave now
-        }
-        tracing::warn!("stopping after this step with a checkpoint (Ctrl-C again to quit at once)");
-    })
-    .context("cannot install the Ctrl-C handler")?;
+    let stop = super::stop_on_ctrl_c("stopping after this step with a checkpoint")?;
     let opts = RunOptions {
         out: args.out.clone(),
         resume: args.resume,
