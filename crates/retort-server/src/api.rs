@@ -718,13 +718,6 @@ async fn completions_inner(s: Shared, headers: HeaderMap, body: Bytes) -> ApiRes
     authorize(&s, &headers)?;
     let req: CompletionRequest = parse(&body)?;
     check_model(&s, &req.model)?;
-    if req.stream == Some(true) {
-        return Err(ApiError::bad(
-            "stream is not supported on /v1/completions by retort serve; use /v1/chat/completions \
-             to stream, or send stream: false",
-        )
-        .param("stream"));
-    }
     let prompts = completion_prompts(&s, &req.prompt)?;
     if let Some(k) = req.prompt_logprobs
         && (k == 0 || k > MAX_PROMPT_LOGPROBS)
@@ -772,6 +765,9 @@ async fn completions_inner(s: Shared, headers: HeaderMap, body: Bytes) -> ApiRes
     let n = req.n.unwrap_or(1);
     if n == 0 || n > MAX_N {
         return Err(ApiError::bad(format!("n must be between 1 and {MAX_N}, got {n}")).param("n"));
+    }
+    if req.stream == Some(true) {
+        return stream_completion(s, &req, &prompts, max_tokens, echo);
     }
     let mut choices = Vec::new();
     let (mut prompt_tokens, mut completion_tokens) = (0, 0);
@@ -883,6 +879,123 @@ async fn completions_inner(s: Shared, headers: HeaderMap, body: Bytes) -> ApiRes
         }),
     })
     .into_response())
+}
+
+/// A streamed `/v1/completions` answer: one prompt, `n` choices, text deltas as SSE chunks
+/// (`object: "text_completion"`), the echoed prompt first when asked, a finish chunk per choice
+/// and, with `stream_options.include_usage`, a last chunk with the usage. Log-probs are not
+/// streamed.
+fn stream_completion(
+    s: Shared,
+    req: &CompletionRequest,
+    prompts: &[Vec<u32>],
+    max_tokens: usize,
+    echo: bool,
+) -> ApiResult<Response> {
+    let [ids] = prompts else {
+        return Err(ApiError::bad(
+            "stream takes one prompt; send a list of prompts with stream: false",
+        )
+        .param("prompt"));
+    };
+    if req.logprobs.is_some() || req.prompt_logprobs.is_some() {
+        return Err(ApiError::bad(
+            "log-probs are not streamed by retort serve; send stream: false to get them",
+        )
+        .param("logprobs"));
+    }
+    if max_tokens == 0 {
+        return Err(ApiError::bad("max_tokens must be at least 1 to stream").param("max_tokens"));
+    }
+    let params = sampling(
+        &s,
+        ids.len(),
+        req.n,
+        Some(max_tokens),
+        req.temperature,
+        req.top_p,
+        req.repetition_penalty,
+        req.seed,
+        req.stop.clone().map(|s| s.into_vec()),
+        None,
+        req.ignore_eos,
+    )?;
+    let n = params.len();
+    let prompt_tokens = ids.len();
+    let echoed = if echo {
+        s.tokenizer
+            .decode(ids, false)
+            .map_err(|e| ApiError::bad(e.to_string()).param("prompt"))?
+    } else {
+        String::new()
+    };
+    let admission = admit_rows(&s, n)?;
+    let (tx, rx) = tmpsc::unbounded_channel();
+    let (reply_tx, reply_rx) = oneshot::channel();
+    let job = Job::Chat {
+        prompt: ids.clone(),
+        params,
+        stream: Some(tx),
+        reply: reply_tx,
+    };
+    send_job(&s, job, admission)?;
+    let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let (id, name, created) = (
+        format!("cmpl-{:016x}", rand::random::<u64>()),
+        s.name.clone(),
+        now(),
+    );
+    let chunk = move |choices: Vec<CompletionChoice>, usage: Option<Usage>| CompletionResponse {
+        id: id.clone(),
+        object: "text_completion".into(),
+        created,
+        model: name.clone(),
+        choices,
+        usage,
+    };
+    let one = |index: usize, text: String, finish: Option<String>| CompletionChoice {
+        index,
+        text,
+        finish_reason: finish,
+        prompt_logprobs: None,
+        logprobs: None,
+    };
+    let c = chunk.clone();
+    let head = stream::iter(
+        (0..n)
+            .filter(move |_| echo)
+            .map(move |i| sse(&c(vec![one(i, echoed.clone(), None)], None))),
+    );
+    let c = chunk.clone();
+    let body = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) })
+        .map(move |(i, piece)| sse(&c(vec![one(i, piece, None)], None)));
+    let tail = stream::once(reply_rx).flat_map(move |r| {
+        let events: Vec<Event> = match r {
+            Ok(Ok(cs)) => {
+                let mut ev: Vec<Event> = cs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        let f = Some(finish_str(c.finish_reason).to_string());
+                        sse(&chunk(vec![one(i, String::new(), f)], None))
+                    })
+                    .collect();
+                if include_usage {
+                    ev.push(sse(&chunk(vec![], Some(usage(prompt_tokens, &cs)))));
+                }
+                ev
+            }
+            Ok(Err(e)) => vec![sse_error(&e)],
+            Err(_) => vec![sse_error("the model thread dropped the request")],
+        };
+        stream::iter(events)
+    });
+    let events = head
+        .chain(body)
+        .chain(tail)
+        .chain(stream::once(async { Event::default().data("[DONE]") }))
+        .map(Ok::<Event, std::convert::Infallible>);
+    Ok(Sse::new(events).into_response())
 }
 
 /// vLLM's `prompt_logprobs`: per position, `{id: {logprob, rank, decoded_token}}`.
