@@ -422,14 +422,6 @@ fn sampling(
         ignore_eos: ignore_eos.unwrap_or(false),
         ..SamplingParams::default()
     };
-    if let Some(r) = repetition_penalty
-        && !(r.is_finite() && r > 0.0)
-    {
-        return Err(ApiError::bad(format!(
-            "repetition_penalty must be a finite number > 0 (1 is off), got {r}"
-        ))
-        .param("repetition_penalty"));
-    }
     base.check()?;
     if base.stop.len() > 16 {
         return Err(ApiError::bad("at most 16 stop strings").param("stop"));

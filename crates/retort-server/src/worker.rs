@@ -206,7 +206,8 @@ impl Worker {
                                     {
                                         let cs = a.done.iter().flatten().cloned().collect();
                                         metrics.completed.fetch_add(1, Ordering::SeqCst);
-                                        let waited = engine.stats().steps - a.arrived_at_step;
+                                        let waited =
+                                            engine.stats().steps.saturating_sub(a.arrived_at_step);
                                         metrics
                                             .request_steps_sum
                                             .fetch_add(waited as u64, Ordering::SeqCst);
