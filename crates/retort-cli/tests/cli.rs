@@ -993,3 +993,23 @@ fn errors_print_no_library_backtrace_under_rust_backtrace() {
         "{err}"
     );
 }
+
+#[test]
+fn serve_refuses_absurd_limits_before_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny(dir.path(), 2);
+    let m = model.to_str().unwrap();
+    for (arg, want) in [
+        ("--max-batch=0", "--max-batch"),
+        ("--max-batch=1000000000", "--max-batch"),
+        ("--max-queue=-1", "--max-queue"),
+        ("--prefill-chunk=0", "--prefill-chunk"),
+        ("--kv-cache-memory=lots", "is not a size"),
+        ("--kv-cache-memory=12XB", "unknown unit"),
+        ("--kv-cache-memory=0", "out of range"),
+        ("--kv-cache-memory=1B", "too small"),
+    ] {
+        let e = fail(&retort(&["serve", "-m", m, "--port", "0", arg]));
+        assert!(e.contains(want), "{arg}: {e}");
+    }
+}

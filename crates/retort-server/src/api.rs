@@ -528,50 +528,32 @@ async fn chat_inner(s: Shared, headers: HeaderMap, body: Bytes) -> ApiResult<Res
             delta,
             finish_reason: finish,
         };
-        let c = chunk.clone();
-        let head = stream::iter((0..n).map(move |i| {
-            let delta = Delta {
-                role: Some("assistant".into()),
-                content: None,
-            };
-            sse(&c(vec![one(i, delta, None)], None))
-        }));
-        let c = chunk.clone();
-        let body = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) })
-            .map(move |(i, piece)| {
+        let head = (0..n)
+            .map(|i| {
+                let delta = Delta {
+                    role: Some("assistant".into()),
+                    content: None,
+                };
+                sse(&chunk(vec![one(i, delta, None)], None))
+            })
+            .collect();
+        let (c1, c2) = (chunk.clone(), chunk.clone());
+        return Ok(sse_generation(
+            head,
+            rx,
+            reply_rx,
+            move |i, piece| {
                 let delta = Delta {
                     role: None,
                     content: Some(piece),
                 };
-                sse(&c(vec![one(i, delta, None)], None))
-            });
-        let tail = stream::once(reply_rx).flat_map(move |r| {
-            let events: Vec<Event> = match r {
-                Ok(Ok(cs)) => {
-                    let mut ev: Vec<Event> = cs
-                        .iter()
-                        .enumerate()
-                        .map(|(i, c)| {
-                            let f = Some(finish_str(c.finish_reason).to_string());
-                            sse(&chunk(vec![one(i, Delta::default(), f)], None))
-                        })
-                        .collect();
-                    if include_usage {
-                        ev.push(sse(&chunk(vec![], Some(usage(prompt_tokens, &cs)))));
-                    }
-                    ev
-                }
-                Ok(Err(e)) => vec![sse_error(&e)],
-                Err(_) => vec![sse_error("the model thread dropped the request")],
-            };
-            stream::iter(events)
-        });
-        let events = head
-            .chain(body)
-            .chain(tail)
-            .chain(stream::once(async { Event::default().data("[DONE]") }))
-            .map(Ok::<Event, std::convert::Infallible>);
-        return Ok(Sse::new(events).into_response());
+                sse(&c1(vec![one(i, delta, None)], None))
+            },
+            move |i, f| sse(&c2(vec![one(i, Delta::default(), Some(f.into()))], None)),
+            include_usage.then_some(move |cs: &[Completion]| {
+                sse(&chunk(vec![], Some(usage(prompt_tokens, cs))))
+            }),
+        ));
     }
     send_job(
         &s,
@@ -952,28 +934,52 @@ fn stream_completion(
         prompt_logprobs: None,
         logprobs: None,
     };
-    let c = chunk.clone();
-    let head = stream::iter(
+    let head = if echo {
         (0..n)
-            .filter(move |_| echo)
-            .map(move |i| sse(&c(vec![one(i, echoed.clone(), None)], None))),
-    );
-    let c = chunk.clone();
+            .map(|i| sse(&chunk(vec![one(i, echoed.clone(), None)], None)))
+            .collect()
+    } else {
+        vec![]
+    };
+    let (c1, c2) = (chunk.clone(), chunk.clone());
+    Ok(sse_generation(
+        head,
+        rx,
+        reply_rx,
+        move |i, piece| sse(&c1(vec![one(i, piece, None)], None)),
+        move |i, f| sse(&c2(vec![one(i, String::new(), Some(f.into()))], None)),
+        include_usage.then_some(move |cs: &[Completion]| {
+            sse(&chunk(vec![], Some(usage(prompt_tokens, cs))))
+        }),
+    ))
+}
+
+/// The SSE body of a streamed generation, for both endpoints: `head`, one event per generated
+/// piece (`piece(choice, text)`), one per finished choice (`finish(choice, reason)`), the usage
+/// event when given, then `[DONE]`. A failure after the stream started is an error event.
+fn sse_generation<U>(
+    head: Vec<Event>,
+    rx: tmpsc::UnboundedReceiver<(usize, String)>,
+    reply_rx: oneshot::Receiver<Result<Vec<Completion>, String>>,
+    piece: impl Fn(usize, String) -> Event + Send + 'static,
+    finish: impl Fn(usize, &'static str) -> Event + Send + 'static,
+    usage_event: Option<U>,
+) -> Response
+where
+    U: Fn(&[Completion]) -> Event + Send + 'static,
+{
     let body = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) })
-        .map(move |(i, piece)| sse(&c(vec![one(i, piece, None)], None)));
+        .map(move |(i, p)| piece(i, p));
     let tail = stream::once(reply_rx).flat_map(move |r| {
         let events: Vec<Event> = match r {
             Ok(Ok(cs)) => {
                 let mut ev: Vec<Event> = cs
                     .iter()
                     .enumerate()
-                    .map(|(i, c)| {
-                        let f = Some(finish_str(c.finish_reason).to_string());
-                        sse(&chunk(vec![one(i, String::new(), f)], None))
-                    })
+                    .map(|(i, c)| finish(i, finish_str(c.finish_reason)))
                     .collect();
-                if include_usage {
-                    ev.push(sse(&chunk(vec![], Some(usage(prompt_tokens, &cs)))));
+                if let Some(u) = &usage_event {
+                    ev.push(u(&cs));
                 }
                 ev
             }
@@ -982,12 +988,12 @@ fn stream_completion(
         };
         stream::iter(events)
     });
-    let events = head
+    let events = stream::iter(head)
         .chain(body)
         .chain(tail)
         .chain(stream::once(async { Event::default().data("[DONE]") }))
         .map(Ok::<Event, std::convert::Infallible>);
-    Ok(Sse::new(events).into_response())
+    Sse::new(events).into_response()
 }
 
 /// vLLM's `prompt_logprobs`: per position, `{id: {logprob, rank, decoded_token}}`.
