@@ -553,6 +553,16 @@ fn rows_of(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
     Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
 }
 
+/// The limits' `cap` for a known set of prompts: room for the longest answer after the longest
+/// prompt, with slack (twice the answer) so that joining rows rarely force a shift; at most
+/// `context`, at least one position more than the longest prompt when the context allows.
+pub fn batch_cap(longest_prompt: usize, most_new: usize, context: usize) -> usize {
+    longest_prompt
+        .saturating_add(most_new.saturating_mul(2))
+        .max(longest_prompt.saturating_add(1))
+        .clamp(1, context.max(1))
+}
+
 /// Generate a completion for every prompt with at most `max_batch` decoding together,
 /// refilling finished rows from the queue (in prompt order). `on_text(i, piece)` streams prompt
 /// `i`'s new text; `on_done(i, completion)` is called once per prompt, as soon as it is done.
@@ -578,20 +588,9 @@ pub fn generate_continuous(
             "pass one SamplingParams per prompt",
         ));
     }
-    let max_pos = model.config().max_position_embeddings;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let most_new = params.iter().map(|p| p.max_new_tokens).max().unwrap_or(0);
-    let widest = prompts
-        .iter()
-        .zip(params)
-        .map(|(p, sp)| p.len().saturating_add(sp.max_new_tokens))
-        .max()
-        .unwrap_or(0);
-    // Room for every row, and slack so that joining rows rarely force a shift.
-    let cap = longest
-        .saturating_add(most_new.saturating_mul(2))
-        .max(widest)
-        .clamp(1, max_pos);
+    let cap = batch_cap(longest, most_new, model.config().max_position_embeddings);
     let mut batcher = Batcher::new(
         model,
         tokenizer,

@@ -505,7 +505,7 @@ async fn chat_inner(s: Shared, headers: HeaderMap, body: Bytes) -> ApiResult<Res
         let (tx, rx) = tmpsc::unbounded_channel();
         send_job(
             &s,
-            Job::Chat {
+            Job::Generate {
                 prompt,
                 params,
                 stream: Some(tx),
@@ -557,7 +557,7 @@ async fn chat_inner(s: Shared, headers: HeaderMap, body: Bytes) -> ApiResult<Res
     }
     send_job(
         &s,
-        Job::Chat {
+        Job::Generate {
             prompt,
             params,
             stream: None,
@@ -784,7 +784,7 @@ async fn completions_inner(s: Shared, headers: HeaderMap, body: Bytes) -> ApiRes
             )?;
             let admission = admit_rows(&s, params.len())?;
             let (tx, rx) = oneshot::channel();
-            let job = Job::Chat {
+            let job = Job::Generate {
                 prompt: ids.clone(),
                 params,
                 stream: None,
@@ -906,7 +906,7 @@ fn stream_completion(
     let admission = admit_rows(&s, n)?;
     let (tx, rx) = tmpsc::unbounded_channel();
     let (reply_tx, reply_rx) = oneshot::channel();
-    let job = Job::Chat {
+    let job = Job::Generate {
         prompt: ids.clone(),
         params,
         stream: Some(tx),

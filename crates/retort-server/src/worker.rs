@@ -19,7 +19,7 @@ use tokio::sync::{mpsc as tmpsc, oneshot};
 pub type PositionLogprobs = Vec<(u32, f32, usize)>;
 
 pub enum Job {
-    Chat {
+    Generate {
         prompt: Vec<u32>,
         /// One row per choice.
         params: Vec<SamplingParams>,
@@ -62,7 +62,7 @@ pub struct Worker {
     pub metrics: std::sync::Arc<Metrics>,
 }
 
-/// A chat job in the batch.
+/// A generation job (chat or completions) in the batch.
 struct Active {
     /// Rows counted in `Metrics::in_flight` for it.
     admitted: usize,
@@ -120,7 +120,7 @@ impl Worker {
                         let _ = reply.send(out);
                         metrics.in_flight.fetch_sub(1, Ordering::SeqCst);
                     }
-                    Job::Chat {
+                    Job::Generate {
                         prompt,
                         params,
                         stream,

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
 use retort_data::{Message, Role};
-use retort_model::batching::{Batcher, BatcherLimits, Event};
+use retort_model::batching::{Batcher, BatcherLimits, Event, batch_cap};
 use retort_model::generation::{Completion, SamplingParams};
 use serde::Deserialize;
 
@@ -155,7 +155,11 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
             &tok,
             BatcherLimits {
                 max_rows: args.batch_size,
-                cap: batch_cap(&ids, params.max_new_tokens, context),
+                cap: batch_cap(
+                    ids.iter().map(Vec::len).max().unwrap_or(1),
+                    params.max_new_tokens,
+                    context,
+                ),
                 prefill_chunk: 512,
             },
         )?;
@@ -206,7 +210,7 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
             .zip(&done)
             .filter_map(|(p, c)| c.as_ref().map(|c| format!("{}\n", record(p, c))))
             .collect();
-        write_atomic(path, text.as_bytes())
+        Ok(retort_distill::atomic::write_atomic(path, text.as_bytes())?)
     };
     match (result, &args.out) {
         (Ok(()), Some(o)) => write_all(o)?,
@@ -256,25 +260,4 @@ fn record(p: &Prompt, c: &Completion) -> serde_json::Value {
         "prompt_tokens": c.prompt_tokens,
         "completion_tokens": c.ids.len(),
     })
-}
-
-/// Cache positions for a batch of these prompts: room for the longest answer after the
-/// longest prompt, and slack so joining rows rarely force a shift; at most the context.
-fn batch_cap(ids: &[Vec<u32>], max_new: usize, context: usize) -> usize {
-    let longest = ids.iter().map(Vec::len).max().unwrap_or(1);
-    longest
-        .saturating_add(max_new.saturating_mul(2))
-        .clamp(longest + 1, context)
-}
-
-/// Write `bytes` to a temporary file beside `path`, then rename it into place.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    fs_err::write(&tmp, bytes)?;
-    fs_err::rename(&tmp, path)?;
-    Ok(())
 }
