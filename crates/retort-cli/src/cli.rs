@@ -30,7 +30,7 @@ pub struct GlobalArgs {
     /// tensor; see docs/performance.md) at the cost of a process that stays at its peak
     /// memory. `system`: glibc's defaults.
     #[arg(long, global = true, value_name = "MODE", default_value = "retain")]
-    pub allocator: retort_model::runtime::AllocatorMode,
+    pub allocator: retort_kernels::runtime::AllocatorMode,
 }
 
 #[derive(Debug, Subcommand)]

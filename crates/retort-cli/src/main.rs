@@ -3,6 +3,8 @@
 //! clap arguments ([`cli`]) → one `commands/<verb>.rs` per subcommand → library calls. This crate
 //! is the only place that prints or reads environment variables; data goes to stdout, logs and
 //! progress to stderr.
+
+#![forbid(unsafe_code)]
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod cli;
@@ -15,12 +17,12 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
-    quiet_library_backtraces();
-    init_logging(args.global.verbose, args.global.quiet);
-    retort_model::runtime::configure_allocator(args.global.allocator);
-    if let Some(n) = args.global.threads {
-        set_threads(n);
+    if let Err(e) = process_settings(args.global.threads) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
     }
+    init_logging(args.global.verbose, args.global.quiet);
+    retort_kernels::runtime::configure_allocator(args.global.allocator);
     match commands::run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -56,22 +58,22 @@ fn init_logging(verbose: u8, quiet: bool) {
         .init();
 }
 
-/// candle sizes its thread pools from `RAYON_NUM_THREADS` when they are first used, so the variable
-/// must be set before any tensor work.
-#[allow(unsafe_code)]
-fn set_threads(n: usize) {
-    // SAFETY: called at the start of `main`, before any other thread exists.
-    unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
-}
-
-/// With `RUST_BACKTRACE=1`, candle captures a backtrace into every error it returns and prints
-/// it with the message: a bad GGUF file would answer with dozens of frames. Errors here carry
-/// their own context and hints, so library backtraces are off unless `RUST_LIB_BACKTRACE` asks
-/// for them; panics still print theirs under `RUST_BACKTRACE`.
-#[allow(unsafe_code)]
-fn quiet_library_backtraces() {
+/// Settings read or set once, before any other thread exists:
+/// - candle sizes its thread pools from `RAYON_NUM_THREADS` when they are first used, so
+///   `--threads` becomes that variable;
+/// - with `RUST_BACKTRACE=1`, candle captures a backtrace into every error it returns and prints
+///   it with the message (a bad GGUF file would answer with dozens of frames); errors here carry
+///   their own context and hints, so library backtraces are off unless `RUST_LIB_BACKTRACE` asks
+///   for them (panics still print theirs under `RUST_BACKTRACE`);
+/// - the kernel switches `RETORT_AMX` and `RETORT_Q8_KERNEL` ([`retort_kernels::cpu`]).
+fn process_settings(threads: Option<usize>) -> Result<(), String> {
+    let mut vars = Vec::new();
     if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
-        // SAFETY: called at the start of `main`, before any other thread exists.
-        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+        vars.push(("RUST_LIB_BACKTRACE", "0".to_string()));
     }
+    if let Some(n) = threads {
+        vars.push(("RAYON_NUM_THREADS", n.to_string()));
+    }
+    retort_kernels::runtime::set_env_at_start(&vars)?;
+    retort_kernels::cpu::set_switches(retort_kernels::cpu::Switches::from_env()?)
 }

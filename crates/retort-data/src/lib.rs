@@ -17,6 +17,8 @@
 //! Datasets (JSONL, JSON arrays, Parquet; OpenAI `messages`, Alpaca, ShareGPT) are read and
 //! validated by [`dataset::read`].
 
+#![forbid(unsafe_code)]
+
 mod conversation;
 pub mod dataset;
 mod error;

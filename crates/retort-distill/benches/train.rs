@@ -21,9 +21,9 @@ use retort_distill::cache::topk::{coarse_log_probs, top_k_rows};
 use retort_distill::grads::Grads;
 use retort_distill::objective::{KdTerm, MicroBatch, Objective, accumulate};
 use retort_distill::sparse::SparseTargets;
-use retort_model::kernels::MatmulPrecision;
+use retort_kernels::MatmulPrecision;
+use retort_kernels::runtime::{AllocatorMode, configure_allocator};
 use retort_model::model::evenly_spaced_layers;
-use retort_model::runtime::{AllocatorMode, configure_allocator};
 use retort_model::{WeightFormat, checkpoint};
 
 /// The value after `name` on the command line.
@@ -69,6 +69,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let allocator: AllocatorMode =
         arg_str("--allocator").map_or(AllocatorMode::Retain, |v| v.parse().unwrap());
+    retort_kernels::cpu::set_switches(retort_kernels::cpu::Switches::from_env().unwrap()).unwrap();
     configure_allocator(allocator);
     let dev = Device::Cpu;
     let ck = checkpoint::read(&path, &dev).unwrap();

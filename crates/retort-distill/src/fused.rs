@@ -12,7 +12,7 @@
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
-use retort_model::kernels::exp;
+use retort_kernels::exp;
 
 use crate::error::{Error, Result};
 

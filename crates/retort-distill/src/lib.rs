@@ -1,6 +1,10 @@
 //! Knowledge distillation for retort: token-level losses, the chunked objective that applies the
 //! LM head only where a loss is taken, and the trainer.
 
+// The one unsafe site outside retort-kernels: the logit cache maps its shard files
+// (`cache/reader.rs`, memmap2); everything else is safe code.
+#![deny(unsafe_code)]
+
 mod error;
 pub mod loss;
 

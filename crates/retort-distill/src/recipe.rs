@@ -36,7 +36,7 @@ use crate::batch::Truncation;
 use crate::error::{Error, Result};
 use crate::loss::Divergence;
 use crate::schedule::Decay;
-use retort_model::kernels::MatmulPrecision;
+use retort_kernels::MatmulPrecision;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

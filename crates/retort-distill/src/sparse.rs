@@ -13,7 +13,7 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
-use retort_model::kernels::exp;
+use retort_kernels::exp;
 
 use crate::error::{Error, Result};
 use crate::fused::{FusedLoss, row_stats, rows_in_parallel, stored_grad};

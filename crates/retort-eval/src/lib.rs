@@ -9,6 +9,8 @@
 //! - [`experiment`]: `retort experiment`, a resumable grid of train + eval runs, and
 //!   [`report`], its `report.md` and plots.
 
+#![forbid(unsafe_code)]
+
 pub mod error;
 pub mod eval;
 pub mod experiment;

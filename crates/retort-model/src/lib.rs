@@ -14,6 +14,8 @@
 //! # Ok(()) }
 //! ```
 
+#![forbid(unsafe_code)]
+
 pub mod batching;
 pub mod chat_template;
 pub mod checkpoint;
@@ -21,11 +23,9 @@ pub mod config;
 mod error;
 pub mod generation;
 pub mod gguf;
-pub mod kernels;
 pub mod kv_cache;
 pub mod model;
 pub mod rope;
-pub mod runtime;
 pub mod tokenizer;
 pub mod weights;
 

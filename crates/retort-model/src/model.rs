@@ -21,11 +21,12 @@ use candle_core::{D, DType, Device, Module, Tensor, Var};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::kernels::frozen_bf16::FrozenBf16;
-use crate::kernels::{self, MatmulPrecision, matmul_bf16};
 use crate::kv_cache::KvCache;
 use crate::rope::Rope;
 use crate::weights::{LinearWeight, WeightFormat, Weights};
+use retort_kernels::frozen_bf16::FrozenBf16;
+pub use retort_kernels::softmax::attention_mask;
+use retort_kernels::{self as kernels, MatmulPrecision, matmul_bf16};
 
 /// From 2 up to this many rows, a dense linear layer multiplies `W · xᵀ` instead of `x · Wᵀ`.
 /// Measured on the LM head (`cargo bench -p retort-model --bench model -- linear`, 2 threads):
@@ -668,40 +669,4 @@ pub fn evenly_spaced_layers(n: usize, total: usize) -> Vec<usize> {
             .map(|i| (i * (total - 1) + (n - 1) / 2) / (n - 1))
             .collect(),
     }
-}
-
-/// The additive attention mask `(B|1, 1, T, S)` with `S = pos0 + T`, or `None` when nothing
-/// needs masking (one new position and no padding).
-///
-/// Query `i` (absolute position `pos0 + i`) may see key `j` iff `j ≤ pos0 + i` and `j` is not
-/// padding. A padding query sees only itself, so its row stays finite (its output is never used).
-pub fn attention_mask(
-    b: usize,
-    t: usize,
-    pos0: usize,
-    left_pad: &[usize],
-    device: &Device,
-) -> Result<Option<Tensor>> {
-    let s = pos0 + t;
-    let padded = left_pad.iter().any(|&p| p > 0);
-    if t == 1 && !padded {
-        return Ok(None);
-    }
-    let rows = if padded { b } else { 1 };
-    let mut m = vec![0f32; rows * t * s];
-    for r in 0..rows {
-        let pad = if padded { left_pad[r] } else { 0 };
-        for i in 0..t {
-            let qpos = pos0 + i;
-            for j in 0..s {
-                let visible = j <= qpos && (j >= pad || j == qpos);
-                if !visible {
-                    m[(r * t + i) * s + j] = f32::NEG_INFINITY;
-                }
-            }
-        }
-    }
-    Ok(Some(
-        Tensor::from_vec(m, (rows, 1, t, s), device)?.to_dtype(DType::F32)?,
-    ))
 }

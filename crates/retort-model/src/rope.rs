@@ -35,7 +35,7 @@ impl Rope {
         let cos = self.cos.narrow(0, pos0, t)?; // (T, D/2)
         let sin = self.sin.narrow(0, pos0, t)?;
         Ok(if differentiable && x.device().is_cpu() {
-            crate::kernels::rope(x, &cos, &sin)?
+            retort_kernels::rope(x, &cos, &sin)?
         } else if differentiable {
             candle_nn::rotary_emb::rope_slow(x, &cos, &sin)?
         } else {

@@ -12,8 +12,8 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::kernels::frozen_bf16::FrozenBf16;
-use crate::kernels::q8_matmul::{self, PackedQ8_0};
+use retort_kernels::frozen_bf16::FrozenBf16;
+use retort_kernels::q8_matmul::{self, PackedQ8_0};
 
 /// One stored tensor.
 #[derive(Debug, Clone)]

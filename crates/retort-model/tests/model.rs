@@ -726,7 +726,7 @@ mod bad_input {
 /// CPU runs bf16 products; frozen (teacher) logits likewise.
 #[test]
 fn bf16_products_track_f32_in_loss_and_gradients() {
-    use retort_model::kernels::{MatmulPrecision, bf16_gemm};
+    use retort_kernels::{MatmulPrecision, bf16_gemm};
     if !bf16_gemm::available() {
         eprintln!("skipped: this CPU has neither AVX-512 BF16 nor AMX");
         return;
@@ -786,7 +786,7 @@ fn bf16_products_track_f32_in_loss_and_gradients() {
 /// per-call packing give, bit for bit, and every linear weight and the LM head get packed.
 #[test]
 fn prepacked_frozen_weights_give_the_bf16_logits_bit_for_bit() {
-    use retort_model::kernels::{MatmulPrecision, amx_gemm};
+    use retort_kernels::{MatmulPrecision, amx_gemm};
     if !amx_gemm::available() {
         eprintln!("skipped: this CPU has no AMX tiles");
         return;

@@ -13,6 +13,8 @@
 //!
 //! [`review`]: `retort review` (the expert-review web page) and `retort export`.
 
+#![forbid(unsafe_code)]
+
 mod api;
 pub mod review;
 mod worker;

@@ -3,6 +3,8 @@
 //! OpenAI wire types shared with `retort serve`; and the synthetic-data pipeline
 //! ([`synth`]: seeds → few-shot expansion → filters → answers, in a SQLite ledger).
 
+#![forbid(unsafe_code)]
+
 mod error;
 pub mod http;
 pub mod local;

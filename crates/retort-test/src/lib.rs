@@ -7,6 +7,7 @@
 //! assert!(path.join("model.safetensors").exists());
 //! ```
 
+#![forbid(unsafe_code)]
 // A test-support crate: a panic here is a failed test set-up, reported where it happens.
 #![allow(clippy::unwrap_used)]
 

@@ -107,7 +107,7 @@ impl CustomOp2 for RmsNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::testing::{assert_close, check_against_composition};
+    use crate::testing::{assert_close, check_against_composition};
     use candle_core::{D, Device, Tensor};
 
     fn composed(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {

@@ -56,14 +56,7 @@ pub fn available() -> bool {
 
 /// Whether this CPU runs the `vdpbf16ps` kernel of this file (AVX-512F and AVX-512 BF16).
 pub fn vdpbf16ps_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::cpu::features().avx512bf16
 }
 
 /// f32 → bf16 bits, round to nearest even (as `half::bf16::from_f32` and `vcvtne2ps2bf16`,
@@ -132,6 +125,39 @@ pub fn gemm_vdpbf16ps(
 ) {
     c.fill(0.0);
     accumulate_vdpbf16ps(m, n, k, a, b, c, threads);
+}
+
+/// The portable reference of [`gemm()`]: the same contract (operands rounded to bf16, products
+/// summed in f32, every element of `c` written) in plain scalar Rust, on any CPU. Tests hold the
+/// SIMD and AMX kernels to it; [`crate::matmul`] can run on it for the same purpose.
+pub fn gemm_scalar_uninit(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: MatRef,
+    c: &mut [MaybeUninit<f32>],
+) {
+    assert_eq!(c.len(), m * n);
+    for i in 0..m {
+        for j in 0..n {
+            let s = (0..k).fold(0f32, |s, p| {
+                round_bf16(a.at(i, p)).mul_add(round_bf16(b.at(p, j)), s)
+            });
+            c[i * n + j] = MaybeUninit::new(s);
+        }
+    }
+}
+
+/// [`gemm_scalar_uninit`] into initialised memory (the signature of [`gemm()`]; one thread).
+pub fn gemm_scalar(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32], _: usize) {
+    for (i, row) in c.chunks_mut(n.max(1)).enumerate().take(m) {
+        for (j, out) in row.iter_mut().enumerate() {
+            *out = (0..k).fold(0f32, |s, p| {
+                round_bf16(a.at(i, p)).mul_add(round_bf16(b.at(p, j)), s)
+            });
+        }
+    }
 }
 
 /// `C += A · B` on AVX-512 BF16.
@@ -334,22 +360,6 @@ mod tests {
 
     type Gemm = fn(usize, usize, usize, MatRef, MatRef, &mut [f32], usize);
 
-    /// The implementations this CPU runs: `vdpbf16ps` and AMX tiles (each where available).
-    fn kernels() -> Vec<(&'static str, Gemm)> {
-        let mut v: Vec<(&'static str, Gemm)> = Vec::new();
-        if vdpbf16ps_available() {
-            v.push(("vdpbf16ps", gemm_vdpbf16ps));
-        }
-        if super::super::amx_gemm::available() {
-            // `gemm` runs on the tiles wherever they are available.
-            v.push(("amx", gemm));
-        }
-        if v.is_empty() {
-            eprintln!("skipped: this CPU has neither AVX-512 BF16 nor AMX");
-        }
-        v
-    }
-
     fn values(len: usize, seed: u64) -> Vec<f32> {
         let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
         (0..len)
@@ -380,14 +390,12 @@ mod tests {
     /// A `B` packed once ([`amx_gemm::PackedB`]) gives the per-call GEMM's results bit for bit,
     /// whichever operand is the one packed whole and across k blocks.
     ///
-    /// [`amx_gemm::PackedB`]: super::super::amx_gemm::PackedB
+    /// [`amx_gemm::PackedB`]: crate::amx_gemm::PackedB
     #[test]
+    #[cfg_attr(not(retort_cpu_amx), ignore = "this CPU has no AMX tiles")]
     fn amx_prepacked_b_equals_per_call_packing() {
-        use super::super::amx_gemm;
-        if !amx_gemm::available() {
-            eprintln!("skipped: this CPU has no AMX tiles");
-            return;
-        }
+        use crate::amx_gemm;
+        crate::testing::require(amx_gemm::available(), "AMX tiles");
         for &(m, n, k) in &[
             (5, 63, 3),
             (64, 96, 2 * 1024 + 33),
@@ -424,9 +432,7 @@ mod tests {
 
     /// Small integers are exact in bf16 and their products and sums exact in f32, so the kernel
     /// must match the reference bit for bit, at every edge case of the blocking.
-    #[test]
-    fn exact_on_integers_at_all_edges() {
-        let kernels = kernels();
+    fn exact_on_integers_at_all_edges(name: &str, gemm: Gemm) {
         for &(m, n, k) in &[
             (1, 1, 1),
             (5, 63, 3),
@@ -457,12 +463,10 @@ mod tests {
                 },
             );
             let want = reference(m, n, k, ar, br);
-            for &(name, gemm) in &kernels {
-                for threads in [1, 2, 3] {
-                    let mut c = vec![f32::NAN; m * n];
-                    gemm(m, n, k, ar, br, &mut c, threads);
-                    assert_eq!(c, want, "{name} m={m} n={n} k={k} threads={threads}");
-                }
+            for threads in [1, 2, 3] {
+                let mut c = vec![f32::NAN; m * n];
+                gemm(m, n, k, ar, br, &mut c, threads);
+                assert_eq!(c, want, "{name} m={m} n={n} k={k} threads={threads}");
             }
         }
     }
@@ -470,9 +474,7 @@ mod tests {
     /// Transposed and offset views (how a linear layer's backward reads them) give the same
     /// result as contiguous copies, and random values stay within f32 accumulation error of the
     /// f64 reference on the same bf16-rounded inputs.
-    #[test]
-    fn strided_views_match_the_reference() {
-        let kernels = kernels();
+    fn strided_views_match_the_reference(name: &str, gemm: Gemm) {
         for (m, n, k) in [(37, 75, 300), (75, 37, 1100)] {
             // A stored transposed (k, m) after 5 leading values; B stored as (n, k) = Bᵀ;
             // and both again with neither stride 1 (every other value of a wider array).
@@ -512,17 +514,62 @@ mod tests {
             ];
             for (a, b) in cases {
                 let want = reference(m, n, k, a, b);
-                for &(name, gemm) in &kernels {
-                    let mut c = vec![0f32; m * n];
-                    gemm(m, n, k, a, b, &mut c, 2);
-                    for (x, y) in c.iter().zip(&want) {
-                        assert!(
-                            (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
-                            "{name}: {x} vs {y}"
-                        );
-                    }
+                let mut c = vec![0f32; m * n];
+                gemm(m, n, k, a, b, &mut c, 2);
+                for (x, y) in c.iter().zip(&want) {
+                    assert!(
+                        (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                        "{name}: {x} vs {y}"
+                    );
                 }
             }
         }
+    }
+
+    /// The portable reference, on any CPU.
+    #[test]
+    fn scalar_is_exact_on_integers_and_reads_strided_views() {
+        exact_on_integers_at_all_edges("scalar", gemm_scalar);
+        strided_views_match_the_reference("scalar", gemm_scalar);
+        let (m, n, k) = (7, 65, 257);
+        let (a, b) = (values(m * k, 5), values(k * n, 6));
+        let (ar, br) = (
+            MatRef {
+                data: &a,
+                offset: 0,
+                rs: k,
+                cs: 1,
+            },
+            MatRef {
+                data: &b,
+                offset: 0,
+                rs: n,
+                cs: 1,
+            },
+        );
+        let mut want = vec![0f32; m * n];
+        gemm_scalar(m, n, k, ar, br, &mut want, 1);
+        let mut got = vec![MaybeUninit::new(f32::NAN); m * n];
+        gemm_scalar_uninit(m, n, k, ar, br, &mut got);
+        // SAFETY: initialised above and overwritten.
+        let got: Vec<f32> = got.iter().map(|v| unsafe { v.assume_init() }).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    #[cfg_attr(not(retort_cpu_avx512bf16), ignore = "this CPU has no AVX-512 BF16")]
+    fn vdpbf16ps_is_exact_on_integers_and_reads_strided_views() {
+        crate::testing::require(vdpbf16ps_available(), "AVX-512 BF16");
+        exact_on_integers_at_all_edges("vdpbf16ps", gemm_vdpbf16ps);
+        strided_views_match_the_reference("vdpbf16ps", gemm_vdpbf16ps);
+    }
+
+    #[test]
+    #[cfg_attr(not(retort_cpu_amx), ignore = "this CPU has no AMX tiles")]
+    fn amx_is_exact_on_integers_and_reads_strided_views() {
+        crate::testing::require(crate::amx_gemm::available(), "AMX tiles");
+        // `gemm` runs on the tiles wherever they are available.
+        exact_on_integers_at_all_edges("amx", gemm);
+        strided_views_match_the_reference("amx", gemm);
     }
 }

@@ -2,7 +2,6 @@
 //! gradients of `Σ out ⊙ R` (R fixed and random) with respect to every input.
 
 use candle_core::{Tensor, Var};
-use retort_test::max_abs_diff;
 
 /// Max |a − b| ≤ tol · (1 + max |b|).
 pub fn assert_close(a: &Tensor, b: &Tensor, tol: f32) {
@@ -40,4 +39,19 @@ pub fn check_against_composition(
             _ => panic!("input {i}: gradient present in one version only"),
         }
     }
+}
+
+/// max |a − b| over all elements (f32).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let d = (a - b).and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>());
+    d.expect("max_abs_diff of two f32 tensors of one shape")
+}
+
+/// A test marked `#[cfg_attr(not(retort_cpu_…), ignore = …)]` runs only where the build host had
+/// the feature; if the binary then runs on a CPU without it, fail loudly rather than pass.
+pub fn require(has: bool, what: &str) {
+    assert!(
+        has,
+        "this test needs {what}: the build host had it, this CPU has not (rebuild the tests here)"
+    );
 }

@@ -17,14 +17,13 @@
 //! each two contiguous 1 KB tiles (`Panel::index`), zero past every edge.
 //!
 //! Linux only grants the tile state on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), once per
-//! process; [`available`] asks. `RETORT_AMX=0` turns the path off (to compare with
-//! `vdpbf16ps`).
+//! process; [`crate::cpu::features`] asks. The `amx` switch (`RETORT_AMX=0` for the CLI) turns
+//! the path off (to compare with `vdpbf16ps`).
 
 // Tile instructions are inline assembly on raw pointers; each unsafe block states its invariant.
 #![allow(unsafe_code)]
 
 use std::mem::MaybeUninit;
-use std::sync::OnceLock;
 
 use super::bf16_gemm::{CPtr, MatRef, pair};
 
@@ -33,44 +32,10 @@ const LINES: usize = 32;
 /// k values per block (512 pairs): a packed 32-line panel is 64 KB.
 const KC: usize = 1024;
 
-/// Whether this CPU and kernel run AMX bf16 tiles here (asks Linux for the tile state once).
+/// Whether the bf16 GEMM runs on AMX tiles here: the CPU has them, Linux granted the tile
+/// state, and the `amx` switch is on ([`crate::cpu`]).
 pub fn available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        if std::env::var("RETORT_AMX").is_ok_and(|v| v == "0") {
-            return false;
-        }
-        detect()
-    })
-}
-
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-fn detect() -> bool {
-    // CPUID.(EAX=7, ECX=0):EDX bit 22 = AMX-BF16, bit 24 = AMX-TILE.
-    let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
-    if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
-        return false;
-    }
-    // The packers convert with AVX-512 BF16 (every AMX CPU so far has it).
-    if !std::is_x86_feature_detected!("avx512f") || !std::is_x86_feature_detected!("avx512bf16") {
-        return false;
-    }
-    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-    const XFEATURE_XTILEDATA: libc::c_long = 18;
-    // SAFETY: a plain system call with integer arguments; on failure it returns -1.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_arch_prctl,
-            ARCH_REQ_XCOMP_PERM,
-            XFEATURE_XTILEDATA,
-        )
-    };
-    r == 0
-}
-
-#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-fn detect() -> bool {
-    false
+    crate::cpu::amx()
 }
 
 /// `C (m×n, row-major) = A · B` into memory that need not be initialised (the contract of

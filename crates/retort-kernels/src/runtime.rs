@@ -62,3 +62,33 @@ pub fn configure_allocator(mode: AllocatorMode) -> bool {
         false
     }
 }
+
+/// Sets environment variables the process's libraries read when they start (candle's and rayon's
+/// thread count, `RAYON_NUM_THREADS`; std's library backtraces, `RUST_LIB_BACKTRACE`). Changing
+/// the environment is only sound while no other thread exists, so this checks that first (on
+/// Linux, from `/proc/self/status`) and refuses otherwise: call it first thing in `main`.
+pub fn set_env_at_start(vars: &[(&str, String)]) -> Result<(), String> {
+    #[cfg(target_os = "linux")]
+    {
+        let status = fs_err::read("/proc/self/status").map_err(|e| e.to_string())?;
+        let status = String::from_utf8_lossy(&status);
+        let threads = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .and_then(|n| n.trim().parse::<usize>().ok());
+        if threads != Some(1) {
+            return Err(format!(
+                "environment changed with {threads:?} threads running; call set_env_at_start first in main"
+            ));
+        }
+    }
+    for (var, value) in vars {
+        // SAFETY: no other thread exists (checked above on Linux; elsewhere the caller's contract),
+        // so nothing reads the environment concurrently.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::env::set_var(var, value)
+        };
+    }
+    Ok(())
+}

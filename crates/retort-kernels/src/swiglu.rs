@@ -95,7 +95,7 @@ impl CustomOp2 for SwiGlu {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::testing::check_against_composition;
+    use crate::testing::check_against_composition;
     use candle_core::Device;
 
     #[test]

@@ -1,4 +1,4 @@
-//! Kernels candle 0.11 does not have on the CPU, each with a measured reason (see
+//! retort's CPU kernels: the ones candle 0.11 does not have on the CPU, each with a measured reason (see
 //! `docs/performance.md`) and tests against the plain composition it replaces (values and
 //! gradients).
 //!
@@ -11,12 +11,23 @@
 //!   gradient, and the compositions allocate a tensor per step.
 //! - [`q8_matmul`]: Q8_0 weights × f32 activations for decoding on AVX-512 VNNI, activations
 //!   quantized in blocks of 32; candle's kernel needs input widths that are multiples of 256.
+//! - [`cpu`]: the CPU's features, detected once, and the switches that turn these kernels off
+//!   (set by binaries, never read from the environment by a library); [`runtime`]: the
+//!   process settings they run under (allocator, environment at start).
+//!
+//! Every kernel has a portable path or reference that its tests run on any machine; a test of an
+//! instruction set this CPU lacks is reported as ignored with the reason (see `build.rs`).
+//! This is the one crate of retort with `unsafe` code (intrinsics, inline assembly, raw
+//! pointers shared by threads); each block states its invariant.
+//!
 //! - [`mod@decode_attention`]: attention for one new position per row (generation), reading the
 //!   key/value cache in place and skipping each row's left padding; no backward.
 
 pub mod amx_gemm;
 pub mod bf16_gemm;
+pub mod cpu;
 pub mod decode_attention;
+mod detect;
 pub mod exp;
 pub mod frozen_bf16;
 pub mod matmul;
@@ -24,10 +35,11 @@ mod par;
 pub mod q8_matmul;
 pub mod rms_norm;
 pub mod rope;
+pub mod runtime;
 pub mod softmax;
 pub mod swiglu;
 #[cfg(test)]
-pub(crate) mod testing;
+mod testing;
 
 pub use decode_attention::decode_attention;
 pub use matmul::{MatmulPrecision, matmul_bf16};

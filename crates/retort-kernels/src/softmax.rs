@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
 
 use super::rms_norm::{slice, values};
 use super::{exp, par};
@@ -101,11 +101,44 @@ impl CustomOp1 for MaskedSoftmax {
     }
 }
 
+/// The additive attention mask `(B|1, 1, T, S)` with `S = pos0 + T`, or `None` when nothing
+/// needs masking (one new position and no padding).
+///
+/// Query `i` (absolute position `pos0 + i`) may see key `j` iff `j ≤ pos0 + i` and `j` is not
+/// padding. A padding query sees only itself, so its row stays finite (its output is never used).
+pub fn attention_mask(
+    b: usize,
+    t: usize,
+    pos0: usize,
+    left_pad: &[usize],
+    device: &Device,
+) -> candle_core::Result<Option<Tensor>> {
+    let s = pos0 + t;
+    let padded = left_pad.iter().any(|&p| p > 0);
+    if t == 1 && !padded {
+        return Ok(None);
+    }
+    let rows = if padded { b } else { 1 };
+    let mut m = vec![0f32; rows * t * s];
+    for r in 0..rows {
+        let pad = if padded { left_pad[r] } else { 0 };
+        for i in 0..t {
+            let qpos = pos0 + i;
+            for j in 0..s {
+                let visible = j <= qpos && (j >= pad || j == qpos);
+                if !visible {
+                    m[(r * t + i) * s + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    Ok(Some(Tensor::from_vec(m, (rows, 1, t, s), device)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::testing::check_against_composition;
-    use crate::model::attention_mask;
+    use crate::testing::check_against_composition;
     use candle_core::Device;
 
     /// The composition `model::Attention` used: scale, add the mask per group, softmax.

@@ -21,8 +21,6 @@
 
 #![allow(unsafe_code)] // AVX-512 VNNI intrinsics; every entry checks `available()` first
 
-use std::sync::OnceLock;
-
 use candle_core::backend::BackendStorage;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
@@ -36,28 +34,11 @@ const BLOCK_BYTES: usize = 2 + BLOCK;
 /// Activation rows per kernel call (each row keeps two integer and one float accumulator).
 const MAX_ROWS: usize = 4;
 
-/// Whether this CPU runs the kernel (AVX-512 with VNNI); `RETORT_Q8_KERNEL=0` turns it off, and
-/// the model then uses candle's quantized matmul with padded weights.
+/// Whether this CPU runs the kernel (AVX-512 with VNNI) and the `q8_kernel` switch is on
+/// ([`crate::cpu`]; `RETORT_Q8_KERNEL=0` for the CLI); otherwise the model uses candle's quantized
+/// matmul with padded weights.
 pub fn available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        if std::env::var("RETORT_Q8_KERNEL").is_ok_and(|v| v == "0") {
-            return false;
-        }
-        detect()
-    })
-}
-
-#[cfg(target_arch = "x86_64")]
-fn detect() -> bool {
-    std::is_x86_feature_detected!("avx512f")
-        && std::is_x86_feature_detected!("avx512bw")
-        && std::is_x86_feature_detected!("avx512vnni")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn detect() -> bool {
-    false
+    crate::cpu::q8_kernel()
 }
 
 /// 64 bytes: one `vpdpbusd` operand.
@@ -164,6 +145,43 @@ impl PackedQ8_0 {
         y
     }
 
+    /// The portable reference of [`Self::matmul`]: the same packed weights and the same
+    /// arithmetic (activations quantized per block of 32, exact integer dot products with the
+    /// `+128` correction, one fused multiply-add per block in block order), in plain scalar Rust
+    /// on any CPU. [`Self::matmul`] must match it bit for bit.
+    pub fn matmul_scalar(&self, x: &[f32], m: usize) -> Vec<f32> {
+        assert!(
+            x.len() >= m * self.k,
+            "q8_0-matmul: {} inputs for {m} rows of {}",
+            x.len(),
+            self.k
+        );
+        let kb = self.k / BLOCK;
+        let mut y = vec![0f32; m * self.n];
+        let (mut q, mut scale, mut offset) = ([0i8; BLOCK], 0f32, 0i32);
+        for i in 0..m {
+            let row = &mut y[i * self.n..][..self.n];
+            for b in 0..kb {
+                quantize_block_scalar(
+                    &x[i * self.k + b * BLOCK..][..BLOCK],
+                    &mut q,
+                    &mut scale,
+                    &mut offset,
+                );
+                for (j, out) in row.iter_mut().enumerate() {
+                    let (t, r) = (j / TILE, j % TILE);
+                    let lanes = &self.lanes[(t * kb + b) * (BLOCK / 4)..][..BLOCK / 4];
+                    let dot: i32 = (0..BLOCK)
+                        .map(|p| lanes[p / 4].0[r * 4 + p % 4] as i32 * q[p] as i32)
+                        .sum();
+                    let ws = half::f16::from_bits(self.scales[(t * kb + b) * TILE + r]).to_f32();
+                    *out = ((dot - offset) as f32).mul_add(ws * scale, *out);
+                }
+            }
+        }
+        y
+    }
+
     #[cfg(target_arch = "x86_64")]
     unsafe fn unit(&self, a: &Activations, t: usize, m0: usize, rows: usize, y: *mut f32) {
         // SAFETY: forwarded from `matmul`.
@@ -224,7 +242,6 @@ impl Activations {
 }
 
 /// The activation rounding, in plain Rust (the reference for the AVX-512 version).
-#[cfg_attr(target_arch = "x86_64", allow(dead_code))]
 fn quantize_block_scalar(src: &[f32], q: &mut [i8], scale: &mut f32, offset: &mut i32) {
     let amax = src.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
@@ -370,11 +387,39 @@ mod tests {
     use candle_core::quantized::QMatMul;
     use candle_core::{Device, Module, Tensor};
 
-    fn runs_here() -> bool {
-        if !available() {
-            eprintln!("skipped: no AVX-512 VNNI (or RETORT_Q8_KERNEL=0)");
+    type Matmul = fn(&PackedQ8_0, &[f32], usize) -> Vec<f32>;
+
+    /// The portable reference runs everywhere; the AVX-512 VNNI kernel where the CPU has it.
+    const SCALAR: Matmul = PackedQ8_0::matmul_scalar;
+
+    fn native() -> Matmul {
+        crate::testing::require(available(), "AVX-512 VNNI");
+        PackedQ8_0::matmul
+    }
+
+    #[test]
+    fn scalar_reference_is_exact_and_matches_the_f64_arithmetic() {
+        exact_on_integers_at_every_row_count_and_width(SCALAR);
+        matches_the_reference_arithmetic_on_real_values(SCALAR);
+        each_row_is_computed_alone(SCALAR);
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(all(retort_cpu_avx512vnni, retort_cpu_avx512bw)),
+        ignore = "this CPU has no AVX-512 VNNI"
+    )]
+    fn vnni_kernel_is_exact_and_matches_the_scalar_reference_bit_for_bit() {
+        let native = native();
+        exact_on_integers_at_every_row_count_and_width(native);
+        matches_the_reference_arithmetic_on_real_values(native);
+        each_row_is_computed_alone(native);
+        let (n, k) = (64, 576);
+        let packed = PackedQ8_0::new(&q8(&uniform(n * k, 21, 0.7), n, k)).unwrap();
+        for m in [1, 3, 4, 6] {
+            let x = uniform(m * k, 22 + m as u64, 2.0);
+            assert_eq!(native(&packed, &x, m), packed.matmul_scalar(&x, m), "m {m}");
         }
-        available()
     }
 
     /// f64 reference of the kernel's arithmetic: the weights dequantized, the activations
@@ -440,18 +485,14 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn exact_on_integers_at_every_row_count_and_width() {
-        if !runs_here() {
-            return;
-        }
+    fn exact_on_integers_at_every_row_count_and_width(matmul: Matmul) {
         // k = 576 is SmolLM2's width (not a multiple of 256); 32 is one block; n = 16 one tile.
         for &(n, k) in &[(16, 32), (48, 576), (32, 96), (192, 1536)] {
             let w = exact_values(n * k, 3);
             let packed = PackedQ8_0::new(&q8(&w, n, k)).unwrap();
             for m in [1, 2, 3, 4, 5, 8, 9] {
                 let x = exact_values(m * k, 11 + m as u64);
-                let y = packed.matmul(&x, m);
+                let y = matmul(&packed, &x, m);
                 for i in 0..m {
                     for j in 0..n {
                         let want: f64 = (0..k)
@@ -464,11 +505,7 @@ mod tests {
         }
     }
 
-    #[test]
-    fn matches_the_reference_arithmetic_on_real_values() {
-        if !runs_here() {
-            return;
-        }
+    fn matches_the_reference_arithmetic_on_real_values(matmul: Matmul) {
         let (n, k) = (64, 576);
         let wq = q8(&uniform(n * k, 1, 0.5), n, k);
         let packed = PackedQ8_0::new(&wq).unwrap();
@@ -476,7 +513,7 @@ mod tests {
             let mut x = uniform(m * k, 2, 3.0);
             // An all-zero block (scale 0) in the last row.
             x[(m - 1) * k..][..BLOCK].iter_mut().for_each(|v| *v = 0.0);
-            let y = packed.matmul(&x, m);
+            let y = matmul(&packed, &x, m);
             let want = reference(&wq, &x, m);
             for (i, (&got, &want)) in y.iter().zip(&want).enumerate() {
                 assert!(
@@ -487,29 +524,27 @@ mod tests {
         }
     }
 
-    #[test]
-    fn each_row_is_computed_alone() {
+    fn each_row_is_computed_alone(matmul: Matmul) {
         // Batched decoding must give a row the same bits as decoding it alone: no row's
         // quantization or summation order may depend on the other rows of the call.
-        if !runs_here() {
-            return;
-        }
         let (n, k) = (32, 576);
         let packed = PackedQ8_0::new(&q8(&uniform(n * k, 8, 1.0), n, k)).unwrap();
         let m = 7;
         let x = uniform(m * k, 9, 2.0);
-        let all = packed.matmul(&x, m);
+        let all = matmul(&packed, &x, m);
         for i in 0..m {
-            let alone = packed.matmul(&x[i * k..][..k], 1);
+            let alone = matmul(&packed, &x[i * k..][..k], 1);
             assert_eq!(&all[i * n..][..n], &alone[..], "row {i}");
         }
     }
 
     #[test]
+    #[cfg_attr(
+        not(all(retort_cpu_avx512vnni, retort_cpu_avx512bw)),
+        ignore = "this CPU has no AVX-512 VNNI"
+    )]
     fn as_an_op_it_tracks_candle_quantized_matmul() {
-        if !runs_here() {
-            return;
-        }
+        native();
         // candle quantizes the activations in blocks of 256, we in blocks of 32: both are close
         // to the f32 product with the dequantized weights, not equal to each other.
         let (n, k) = (32, 512);

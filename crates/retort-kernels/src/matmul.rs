@@ -5,6 +5,8 @@
 //! [`MatmulPrecision`] is the user-facing switch; `F32` keeps candle's f32 GEMM, and `Bf16` falls
 //! back to it where the kernel cannot run (no AVX-512 BF16, a GPU device, decoding-size inputs).
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -46,10 +48,36 @@ impl std::str::FromStr for MatmulPrecision {
 /// stride (any layout a transpose of the last two dims or a reshape of contiguous data has);
 /// the last two dims may have any strides. Needs [`bf16_gemm::available`].
 pub fn matmul_bf16(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    a.apply_op2(b, Bf16MatMul)
+    a.apply_op2(b, Bf16MatMul { scalar: false })
 }
 
-struct Bf16MatMul;
+/// [`matmul_bf16`] on the portable scalar GEMM ([`bf16_gemm::gemm_scalar_uninit`]): the same op
+/// (views, batches, backward) on any CPU, slowly; the reference its tests run everywhere.
+pub fn matmul_bf16_scalar(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    a.apply_op2(b, Bf16MatMul { scalar: true })
+}
+
+struct Bf16MatMul {
+    /// On [`bf16_gemm::gemm_scalar_uninit`] instead of this CPU's kernel.
+    scalar: bool,
+}
+
+impl Bf16MatMul {
+    fn gemm(
+        &self,
+        (m, n, k): (usize, usize, usize),
+        a: MatRef,
+        b: MatRef,
+        c: &mut [MaybeUninit<f32>],
+        threads: usize,
+    ) {
+        if self.scalar {
+            bf16_gemm::gemm_scalar_uninit(m, n, k, a, b, c);
+        } else {
+            bf16_gemm::gemm_uninit(m, n, k, a, b, c, threads);
+        }
+    }
+}
 
 /// An operand as `batch` matrices of `rows × cols`, the i-th starting `i · batch_stride` after
 /// the first.
@@ -135,8 +163,8 @@ impl CustomOp2 for Bf16MatMul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        if !bf16_gemm::available() {
-            candle_core::bail!("bf16 matmul: this CPU has no AVX-512 BF16");
+        if !self.scalar && !bf16_gemm::available() {
+            candle_core::bail!("bf16 matmul: this CPU has neither AVX-512 BF16 nor AMX");
         }
         let (a, b) = (view(s1, l1, "lhs")?, view(s2, l2, "rhs")?);
         let (m, k, n) = (a.rows, a.cols, b.cols);
@@ -153,7 +181,7 @@ impl CustomOp2 for Bf16MatMul {
         let mut c: Vec<f32> = Vec::with_capacity(len);
         let out = &mut c.spare_capacity_mut()[..len];
         if a.batch == 1 {
-            bf16_gemm::gemm_uninit(m, n, k, a.mat, b.mat, out, threads);
+            self.gemm((m, n, k), a.mat, b.mat, out, threads);
         } else if m * n > 0 {
             // Batches (attention heads) split over the threads, one thread per product.
             let per = a.batch.div_ceil(threads.clamp(1, a.batch));
@@ -163,7 +191,7 @@ impl CustomOp2 for Bf16MatMul {
                     s.spawn(move |_| {
                         for (j, ci) in part.chunks_mut(m * n).enumerate() {
                             let i = t * per + j;
-                            bf16_gemm::gemm_uninit(m, n, k, a.at(i), b.at(i), ci, 1);
+                            self.gemm((m, n, k), a.at(i), b.at(i), ci, 1);
                         }
                     });
                 }
@@ -186,11 +214,19 @@ impl CustomOp2 for Bf16MatMul {
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let ga = matmul_bf16(g, &b.t()?)?; // (m, n)·(n, k)
+        let mm = |x: &Tensor, y: &Tensor| {
+            x.apply_op2(
+                y,
+                Bf16MatMul {
+                    scalar: self.scalar,
+                },
+            )
+        };
+        let ga = mm(g, &b.t()?)?; // (m, n)·(n, k)
         // (Computing a transposed b's gradient as (gᵀ·a)ᵀ, so that a linear layer's weight
         // gradient arrives in the weight's own layout, measured slower: 447–467 → 387–394 tok/s
         // on the train bench, AMX host.)
-        let gb = matmul_bf16(&a.t()?, g)?; // (k, m)·(m, n)
+        let gb = mm(&a.t()?, g)?; // (k, m)·(m, n)
         Ok((Some(ga), Some(gb)))
     }
 }
@@ -207,14 +243,37 @@ mod tests {
         Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
     }
 
+    type MatMul = fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>;
+
+    /// Each check on the portable scalar GEMM (any CPU), then on this CPU's bf16 kernel.
+    const SCALAR: MatMul = matmul_bf16_scalar;
+
+    fn native() -> MatMul {
+        crate::testing::require(bf16_gemm::available(), "AVX-512 BF16 or AMX");
+        matmul_bf16
+    }
+
+    #[test]
+    fn scalar_equals_the_f32_matmul_on_exact_inputs() {
+        values_and_gradients_equal_the_f32_matmul_on_exact_inputs(SCALAR);
+        batched_equals_the_f32_matmul_on_exact_inputs(SCALAR);
+        close_to_f32_on_real_values(SCALAR);
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(any(retort_cpu_avx512bf16, retort_cpu_amx)),
+        ignore = "this CPU has neither AVX-512 BF16 nor AMX"
+    )]
+    fn native_equals_the_f32_matmul_on_exact_inputs() {
+        values_and_gradients_equal_the_f32_matmul_on_exact_inputs(native());
+        batched_equals_the_f32_matmul_on_exact_inputs(native());
+        close_to_f32_on_real_values(native());
+    }
+
     /// On integer inputs (exact in bf16) values and both gradients equal candle's f32 matmul
     /// exactly, including through a transposed operand as a linear layer uses it.
-    #[test]
-    fn values_and_gradients_equal_the_f32_matmul_on_exact_inputs() {
-        if !bf16_gemm::available() {
-            eprintln!("skipped: this CPU has no AVX-512 BF16");
-            return;
-        }
+    fn values_and_gradients_equal_the_f32_matmul_on_exact_inputs(matmul_bf16: MatMul) {
         let x = Var::from_tensor(&ints(19, 70, 1)).unwrap(); // (rows, in)
         let up = ints(19, 33, 3); // a fixed upstream gradient, via Σ y ⊙ up
         // b as a linear layer passes it (Wᵀ, a transposed view of W (out, in)), and plain.
@@ -248,12 +307,7 @@ mod tests {
     /// Batched (attention's shapes: (B, H, rows, k) · (B, H, S, k)ᵀ, then · (B, H, S, d)) on
     /// integer inputs: values and gradients equal candle's batched f32 matmul (the batches
     /// split over candle's threads).
-    #[test]
-    fn batched_equals_the_f32_matmul_on_exact_inputs() {
-        if !bf16_gemm::available() {
-            eprintln!("skipped: this CPU has no AVX-512 BF16");
-            return;
-        }
+    fn batched_equals_the_f32_matmul_on_exact_inputs(matmul_bf16: MatMul) {
         // Values in {-1, 0, 1}, so that the intermediate products (|scores| ≤ 40, their
         // gradients ≤ 17) are integers bf16 holds exactly when they feed the next product.
         let ints4 = |dims: (usize, usize, usize, usize), seed: usize| {
@@ -293,12 +347,7 @@ mod tests {
     }
 
     /// On real-valued inputs the result stays within bf16 rounding of the f32 product.
-    #[test]
-    fn close_to_f32_on_real_values() {
-        if !bf16_gemm::available() {
-            eprintln!("skipped: this CPU has no AVX-512 BF16");
-            return;
-        }
+    fn close_to_f32_on_real_values(matmul_bf16: MatMul) {
         let dev = Device::Cpu;
         let a = Tensor::randn(0f32, 1.0, (64, 576), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, (576, 100), &dev).unwrap();

@@ -163,14 +163,14 @@ impl CustomOp3 for DecodeAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::testing::assert_close;
+    use crate::testing::assert_close;
     use candle_core::Device;
 
     /// The composed path of `model::Attention`: two products around the masked softmax.
     fn composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, pad: &[usize]) -> Tensor {
         let s = k.dim(2).unwrap();
         let scores = q.matmul(&k.t().unwrap()).unwrap();
-        let p = crate::kernels::masked_softmax(&scores, scale, 1, s - 1, pad).unwrap();
+        let p = crate::masked_softmax(&scores, scale, 1, s - 1, pad).unwrap();
         p.matmul(&v.contiguous().unwrap()).unwrap()
     }
 

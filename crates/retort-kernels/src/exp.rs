@@ -117,14 +117,7 @@ fn max_avx512(x: &[f32]) -> f32 {
 
 #[inline]
 fn avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::cpu::features().avx512f
 }
 
 /// `out[i] = exp(x[i]·k − shift)`.
@@ -208,5 +201,31 @@ mod tests {
         exp_scaled(&xs, 0.5, 3.0, &mut b);
         assert_eq!(a, b);
         assert_eq!(s, sum_exp(&xs, 0.5, 3.0));
+    }
+
+    /// The AVX-512 builds are the portable bodies compiled for wider registers: same bits.
+    #[test]
+    #[cfg_attr(not(retort_cpu_avx512f), ignore = "this CPU has no AVX-512F")]
+    fn avx512_builds_equal_the_portable_bodies() {
+        crate::testing::require(avx512(), "AVX-512F");
+        let xs: Vec<f32> = (0..1003)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 3.0)
+            .collect();
+        let (mut a, mut b) = (vec![0f32; xs.len()], vec![0f32; xs.len()]);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX-512F (required above).
+        unsafe {
+            exp_scaled_avx512(&xs, 0.7, 1.5, &mut a);
+            assert_eq!(sum_exp_avx512(&xs, 0.7, 1.5), sum_exp_body(&xs, 0.7, 1.5));
+            assert_eq!(max_avx512(&xs), max_body(&xs));
+            let mut c = vec![0f32; xs.len()];
+            assert_eq!(
+                exp_scaled_sum_avx512(&xs, 0.7, 1.5, &mut c),
+                exp_scaled_sum_body(&xs, 0.7, 1.5, &mut b)
+            );
+            assert_eq!(c, b);
+        }
+        exp_scaled_body(&xs, 0.7, 1.5, &mut b);
+        assert_eq!(a, b);
     }
 }

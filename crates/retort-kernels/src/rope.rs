@@ -88,7 +88,7 @@ impl CustomOp1 for Rope {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::testing::check_against_composition;
+    use crate::testing::check_against_composition;
     use candle_core::Device;
 
     #[test]
