@@ -12,6 +12,7 @@ fn main() {
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-changed=src/detect.rs");
     let f = detect::detect();
+    let mut present = Vec::new();
     for (name, has) in [
         ("avx512f", f.avx512f),
         ("avx512bw", f.avx512bw),
@@ -22,6 +23,9 @@ fn main() {
         println!("cargo::rustc-check-cfg=cfg(retort_cpu_{name})");
         if has {
             println!("cargo::rustc-cfg=retort_cpu_{name}");
+            present.push(name);
         }
     }
+    // For dependents' build scripts (`retort-model/build.rs`): DEP_RETORT_KERNELS_CPU.
+    println!("cargo::metadata=cpu={}", present.join(","));
 }

@@ -31,6 +31,11 @@ pub struct GlobalArgs {
     /// memory. `system`: glibc's defaults.
     #[arg(long, global = true, value_name = "MODE", default_value = "retain")]
     pub allocator: retort_kernels::runtime::AllocatorMode,
+    /// Where tensors live: `cpu` (default), `cuda[:N]`, or `auto` (CUDA where this build and
+    /// machine have it, else the CPU). This build runs on the CPU; training and KD from a logit
+    /// cache are CPU-only and say so.
+    #[arg(long, global = true, value_name = "DEVICE", default_value = "cpu")]
+    pub device: retort_model::device::DeviceChoice,
 }
 
 #[derive(Debug, Subcommand)]
@@ -256,8 +261,8 @@ pub struct LabelArgs {
     #[arg(long, default_value_t = 512, value_name = "TOKENS")]
     pub max_len: usize,
     /// What to do with longer conversations (as the recipe's `train.truncation`).
-    #[arg(long, default_value = "right", value_parser = ["right", "drop"])]
-    pub truncation: String,
+    #[arg(long, default_value = "right", value_name = "right|drop")]
+    pub truncation: retort_distill::batch::Truncation,
     /// Sequences per teacher forward.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,

@@ -577,9 +577,9 @@ fn synth_killed_with_sigkill_resumes_with_every_item_exactly_once() {
 
 /// A ledger with decisions: 0 accepted as is, 1 edited, 2 rejected, 3 an own answer.
 fn reviewed_ledger(dir: &Path) -> PathBuf {
-    use retort_server::review::{Action, NewDecision, Store};
+    use retort_teacher::synth::{Action, NewDecision, Store};
     let db = dir.join("ledger.sqlite");
-    retort_server::review::testing::ledger_with_items(&db, 5, |i| format!("answer {i}"));
+    retort_teacher::synth::testing::ledger_with_items(&db, 5, |i| format!("answer {i}"));
     let mut s = Store::open(&db).unwrap();
     for (i, action, answer, human) in [
         (0, Action::Accept, "answer 0", false),
@@ -713,14 +713,14 @@ fn review_serves_the_queue_and_a_decision_survives_sigkill() {
     assert!(response.starts_with("HTTP/1.1 303"), "{response}");
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    let s = retort_server::review::Store::open(&db).unwrap();
+    let s = retort_teacher::synth::Store::open(&db).unwrap();
     let log = s.history(&item).unwrap();
     let last = log.last().unwrap();
     assert_eq!(last.reason.as_deref(), Some("off topic"));
     assert_eq!(last.reviewer, "ana");
     assert_eq!(
         s.item(&item).unwrap().unwrap().status,
-        retort_server::review::Status::Rejected
+        retort_teacher::synth::Status::Rejected
     );
 }
 

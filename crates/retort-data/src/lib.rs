@@ -22,6 +22,7 @@
 mod conversation;
 pub mod dataset;
 mod error;
+pub mod files;
 pub mod formats;
 mod parquet;
 pub mod rouge;

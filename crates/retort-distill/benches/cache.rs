@@ -17,13 +17,13 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::Device;
+use retort_data::files::write_atomic;
 use retort_distill::Divergence;
 use retort_distill::adamw::{AdamW, AdamWParams};
 use retort_distill::batch::{self, Sample, Truncation};
 use retort_distill::cache::label::label_batch;
 use retort_distill::cache::manifest::{
     DatasetInfo, Encoding, FORMAT_NAME, FORMAT_VERSION, Manifest, ShardInfo, TeacherInfo,
-    write_atomic,
 };
 use retort_distill::cache::shard::{ShardBuilder, sample_key, shard_name};
 use retort_distill::cache::{Codec, Reader};

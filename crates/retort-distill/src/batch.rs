@@ -68,6 +68,17 @@ pub enum Truncation {
     Drop,
 }
 
+impl std::str::FromStr for Truncation {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "right" => Ok(Self::Right),
+            "drop" => Ok(Self::Drop),
+            _ => Err(format!("unknown truncation `{s}` (expected right or drop)")),
+        }
+    }
+}
+
 /// What tokenization did to a dataset.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct TokenizeReport {

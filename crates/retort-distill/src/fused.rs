@@ -9,12 +9,13 @@
 //! With z the student logits, s = z/T, q = softmax(s), p = softmax(t/T), σ = softmax(z):
 //! ∂/∂z [(1 − α)·CE(z, y) + α·T²·KL(p‖q)] = (1 − α)(σ − onehot(y)) + α·T·(q − p).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use retort_kernels::exp;
 
 use crate::error::{Error, Result};
+use crate::loss::KdMix;
 
 /// Per-row sums of the two terms, and the loss tensor (scalar, with gradient to the student).
 pub struct FusedLoss {
@@ -32,11 +33,81 @@ struct Op {
     rows: usize,
     vocab: usize,
     inv_t: f32,
-    alpha: f32,
-    scale: f32,
+    state: RowLoss,
+}
+
+/// What the fused ops (this one and [`crate::sparse`]'s) share: the mix and scale, and the
+/// gradient and sums their forward pass computes for backward and the caller.
+pub(crate) struct RowLoss {
+    pub mix: KdMix,
+    pub scale: f32,
     /// Gradient of the scaled loss w.r.t. the student logits, computed in the forward pass.
     grad: Mutex<Option<Vec<f32>>>,
-    sums: std::sync::Arc<Mutex<(f64, f64)>>,
+    /// (Σ CE, Σ T²·KD) over rows, for the caller.
+    sums: Arc<Mutex<(f64, f64)>>,
+}
+
+impl RowLoss {
+    pub fn new(mix: KdMix, scale: f64) -> Self {
+        Self {
+            mix,
+            scale: scale as f32,
+            grad: Mutex::new(None),
+            sums: Arc::new(Mutex::new((0.0, 0.0))),
+        }
+    }
+
+    /// The op's forward: every row of the contiguous f32 logits `(rows, vocab)` through
+    /// [`rows_in_parallel`]; keeps the gradient and sums, returns `scale · mix(ΣCE, ΣT²KD)`.
+    pub fn forward<F>(
+        &self,
+        what: &str,
+        (storage, layout): (&CpuStorage, &Layout),
+        (rows, vocab): (usize, usize),
+        row: F,
+    ) -> candle_core::Result<(CpuStorage, Shape)>
+    where
+        F: Fn(usize, &[f32], &mut [f32], &mut [bool]) -> (f64, f64) + Sync,
+    {
+        let CpuStorage::F32(z) = storage else {
+            candle_core::bail!("{what}: student logits must be f32");
+        };
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("{what}: student logits must be contiguous");
+        };
+        let (grad, ce, kd) = rows_in_parallel(&z[a..b], rows, vocab, row);
+        let loss = self.mix.loss(ce, kd) * self.scale as f64;
+        if let Ok(mut g) = self.grad.lock() {
+            *g = Some(grad);
+        }
+        if let Ok(mut s) = self.sums.lock() {
+            *s = (ce, kd);
+        }
+        Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
+    }
+
+    /// The op's backward: the gradient kept by [`Self::forward`].
+    pub fn backward(&self, arg: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        stored_grad(&self.grad, arg, grad_res)
+    }
+}
+
+/// Apply a fused loss op to the student logits and read its sums.
+pub(crate) fn apply<O: CustomOp1 + Send + Sync + 'static>(
+    student: &Tensor,
+    op: O,
+    state: impl Fn(&O) -> &RowLoss,
+) -> Result<FusedLoss> {
+    let sums = state(&op).sums.clone();
+    let loss = student.contiguous()?.apply_op1(op)?;
+    let (ce_sum, kd_sum) = *sums
+        .lock()
+        .map_err(|_| Error::invalid("fused loss: poisoned", "this is a bug in retort"))?;
+    Ok(FusedLoss {
+        loss,
+        ce_sum,
+        kd_sum,
+    })
 }
 
 /// log Σ exp(x·k) computed stably, returning (max·k, lse) so that log softmax = x·k − max − lse.
@@ -58,23 +129,22 @@ impl Op {
     /// Each softmax takes one `exp` per value: `exp(x·k − max·k)` is written out and summed in
     /// one pass, and the last pass divides by the sum (the log-normaliser is `max·k + ln Σ`).
     fn row(&self, z: &[f32], t: Option<&[f32]>, y: u32, g: &mut [f32]) -> (f64, f64) {
-        let (inv_t, alpha) = (self.inv_t, self.alpha);
-        let temp = 1.0 / inv_t;
+        let scale = self.state.scale;
         let z_max = exp::max(z);
         let Some(t) = t else {
             let sum = exp::exp_scaled_sum(z, 1.0, z_max, g);
             let ce = (z_max + sum.ln() - z[y as usize]) as f64;
-            let k = self.scale / sum;
+            let k = scale / sum;
             for gi in g.iter_mut() {
                 *gi *= k;
             }
-            g[y as usize] -= self.scale;
+            g[y as usize] -= scale;
             return (ce, 0.0);
         };
         let t_max = exp::max(t);
         let mut kl = 0f64;
-        let ce_w = 1.0 - alpha;
-        let kd_w = alpha * temp; // α·T² · (1/T)
+        let inv_t = self.inv_t;
+        let (ce_w, kd_w) = self.state.mix.grad_weights();
         // Unnormalised q into g, p (and σ when T ≠ 1) into per-thread buffers, then one
         // arithmetic pass.
         let ce = SCRATCH.with_borrow_mut(|(p, sigma)| {
@@ -101,7 +171,7 @@ impl Op {
                 inv_sum_s: 1.0 / sum_s,
                 ce_w,
                 kd_w,
-                scale: self.scale,
+                scale,
             };
             let sig: &[f32] = if inv_t == 1.0 { &[] } else { sigma };
             let n = z.len();
@@ -135,7 +205,8 @@ impl Op {
             }
             (norm_s - z[y as usize]) as f64
         });
-        g[y as usize] -= ce_w * self.scale;
+        g[y as usize] -= ce_w * scale;
+        let temp = 1.0 / inv_t;
         (ce, kl * (temp * temp) as f64)
     }
 }
@@ -198,27 +269,16 @@ impl CustomOp1 for Op {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(z) = storage else {
-            candle_core::bail!("fused loss: student logits must be f32");
-        };
-        let Some((a, b)) = layout.contiguous_offsets() else {
-            candle_core::bail!("fused loss: student logits must be contiguous");
-        };
-        let z = &z[a..b];
         let v = self.vocab;
-        let (grad, ce, kd) = rows_in_parallel(z, self.rows, v, |r, zr, gr, _| {
-            let t = self.teacher.as_ref().map(|t| &t[r * v..(r + 1) * v]);
-            self.row(zr, t, self.targets[r], gr)
-        });
-        let alpha = self.alpha as f64;
-        let loss = ((1.0 - alpha) * ce + alpha * kd) * self.scale as f64;
-        if let Ok(mut g) = self.grad.lock() {
-            *g = Some(grad);
-        }
-        if let Ok(mut s) = self.sums.lock() {
-            *s = (ce, kd);
-        }
-        Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
+        self.state.forward(
+            "fused loss",
+            (storage, layout),
+            (self.rows, v),
+            |r, zr, gr, _| {
+                let t = self.teacher.as_ref().map(|t| &t[r * v..(r + 1) * v]);
+                self.row(zr, t, self.targets[r], gr)
+            },
+        )
     }
 
     fn bwd(
@@ -227,7 +287,7 @@ impl CustomOp1 for Op {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        stored_grad(&self.grad, arg, grad_res)
+        self.state.backward(arg, grad_res)
     }
 }
 
@@ -318,7 +378,10 @@ pub fn forward_kl_ce(
             "this is a bug in retort: shapes must agree",
         ));
     }
-    let sums = std::sync::Arc::new(Mutex::new((0.0, 0.0)));
+    let mix = KdMix {
+        alpha: if teacher.is_some() { alpha } else { 0.0 },
+        temperature,
+    };
     let op = Op {
         teacher: match teacher {
             Some(t) => Some(t.detach().contiguous()?.flatten_all()?.to_vec1::<f32>()?),
@@ -327,21 +390,10 @@ pub fn forward_kl_ce(
         targets: targets.to_vec1::<u32>()?,
         rows,
         vocab,
-        inv_t: (1.0 / temperature) as f32,
-        alpha: if teacher.is_some() { alpha as f32 } else { 0.0 },
-        scale: scale as f32,
-        grad: Mutex::new(None),
-        sums: sums.clone(),
+        inv_t: mix.inv_t(),
+        state: RowLoss::new(mix, scale),
     };
-    let loss = student.contiguous()?.apply_op1(op)?;
-    let (ce_sum, kd_sum) = *sums
-        .lock()
-        .map_err(|_| Error::invalid("fused loss: poisoned", "this is a bug in retort"))?;
-    Ok(FusedLoss {
-        loss,
-        ce_sum,
-        kd_sum,
-    })
+    apply(student, op, |op| &op.state)
 }
 
 #[cfg(test)]

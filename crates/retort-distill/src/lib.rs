@@ -11,7 +11,6 @@ pub mod loss;
 pub use error::{Error, Result};
 pub use loss::Divergence;
 pub mod adamw;
-pub mod atomic;
 pub mod batch;
 pub mod cache;
 pub mod fused;

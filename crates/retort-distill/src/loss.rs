@@ -81,6 +81,23 @@ impl Divergence {
     }
 }
 
+/// Serde for a divergence written as its name (`"jsd:0.5"`), as recipes write it: parsed and
+/// range-checked once, where the recipe is read (`#[serde(with = "crate::loss::by_name")]`).
+pub mod by_name {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    use super::Divergence;
+
+    pub fn serialize<S: Serializer>(d: &Divergence, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(d)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Divergence, D::Error> {
+        let name = String::deserialize(d)?;
+        Divergence::parse(&name).map_err(D::Error::custom)
+    }
+}
+
 impl std::fmt::Display for Divergence {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -91,6 +108,49 @@ impl std::fmt::Display for Divergence {
             Divergence::SkewReverseKl { alpha } => write!(f, "skew_reverse_kl:{alpha}"),
             Divergence::Tvd => write!(f, "tvd"),
         }
+    }
+}
+
+/// The KD objective's mix of cross-entropy and divergence, written once:
+/// `(1 − α)·CE + α·T²·KD(p_teacher/T ‖ q_student/T)` (Hinton et al.'s T² keeps the KD gradient's
+/// scale independent of T). Every path — the composed ops, the fused and sparse ones, the
+/// objective's reported means — combines its terms through this type.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KdMix {
+    /// Weight of the KD term, in [0, 1]; 0 is SFT.
+    pub alpha: f64,
+    /// Softmax temperature T of both distributions in the KD term.
+    pub temperature: f64,
+}
+
+impl KdMix {
+    /// SFT: cross-entropy alone.
+    pub const SFT: KdMix = KdMix {
+        alpha: 0.0,
+        temperature: 1.0,
+    };
+
+    /// The loss from CE and a KD term already multiplied by T² (as every path sums it).
+    pub fn loss(self, ce: f64, kd_t2: f64) -> f64 {
+        (1.0 - self.alpha) * ce + self.alpha * kd_t2
+    }
+
+    /// [`Self::loss`] on tensors (the composed path).
+    pub fn loss_tensors(self, ce: &Tensor, kd_t2: &Tensor) -> Result<Tensor> {
+        (ce * (1.0 - self.alpha))? + (kd_t2 * self.alpha)?
+    }
+
+    /// A fused row's gradient weights on the student logits z, in the f32 the kernels use: CE's
+    /// `1 − α`, and KD's `α·T²·∂(z/T)/∂z = α·T` (T as `1 / (1/T)` in f32, as the rows see it).
+    pub fn grad_weights(self) -> (f32, f32) {
+        let alpha = self.alpha as f32;
+        let temp = 1.0 / self.inv_t();
+        (1.0 - alpha, alpha * temp)
+    }
+
+    /// `1/T` in f32.
+    pub fn inv_t(self) -> f32 {
+        (1.0 / self.temperature) as f32
     }
 }
 

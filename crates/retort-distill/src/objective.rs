@@ -16,7 +16,7 @@ use retort_model::Model;
 use crate::error::{Error, Result};
 use crate::fused;
 use crate::grads::Grads;
-use crate::loss::{Divergence, cross_entropy_sum, divergence_sum};
+use crate::loss::{Divergence, KdMix, cross_entropy_sum, divergence_sum};
 use crate::sparse::{self, SparseTargets};
 
 /// The KD term of the objective.
@@ -24,8 +24,17 @@ use crate::sparse::{self, SparseTargets};
 pub struct KdTerm {
     pub divergence: Divergence,
     pub temperature: f64,
-    /// Weight of KD in `(1 − α)·CE + α·KD`.
+    /// Weight of KD in `(1 − α)·CE + α·T²·KD` ([`KdMix`]).
     pub alpha: f64,
+}
+
+impl KdTerm {
+    pub fn mix(&self) -> KdMix {
+        KdMix {
+            alpha: self.alpha,
+            temperature: self.temperature,
+        }
+    }
 }
 
 /// What one micro-batch is trained on.
@@ -86,7 +95,7 @@ impl LossSums {
         let n = self.tokens.max(1) as f64;
         match kd {
             None => self.ce / n,
-            Some(k) => (1.0 - k.alpha) * self.ce / n + k.alpha * self.kd_mean().unwrap_or(0.0),
+            Some(k) => k.mix().loss(self.ce / n, self.kd_mean().unwrap_or(0.0)),
         }
     }
 }
@@ -247,7 +256,7 @@ fn run(
                         narrow_vocab(t.lm_head(&th.narrow(0, start, len)?)?, obj.vocab_limit)?;
                     let kd = divergence_sum(&s_logits, &t_logits, k.divergence, k.temperature)?;
                     sums.kd += scalar(&kd)?;
-                    ((ce * (1.0 - k.alpha))? + (kd * k.alpha)?)?
+                    k.mix().loss_tensors(&ce, &kd)?
                 }
                 _ => ce,
             };

@@ -164,8 +164,8 @@ pub struct Stage {
     pub skip_invalid: bool,
     pub method: Method,
     /// KD divergence (`forward_kl`, `reverse_kl`, `jsd:β`, `skew_forward_kl:α`, `skew_reverse_kl:α`, `tvd`).
-    #[serde(default = "default_loss")]
-    pub loss: String,
+    #[serde(default = "default_loss", with = "crate::loss::by_name")]
+    pub loss: Divergence,
     /// Weight of KD in `(1 − α)·CE + α·KD`.
     #[serde(default = "one")]
     pub alpha: f64,
@@ -180,8 +180,8 @@ pub struct Stage {
     pub lr: f64,
 }
 
-fn default_loss() -> String {
-    "forward_kl".into()
+fn default_loss() -> Divergence {
+    Divergence::ForwardKl
 }
 fn one() -> f64 {
     1.0
@@ -191,12 +191,6 @@ fn one_usize() -> usize {
 }
 fn default_lr() -> f64 {
     1e-4
-}
-
-impl Stage {
-    pub fn divergence(&self) -> std::result::Result<Divergence, String> {
-        Divergence::parse(&self.loss)
-    }
 }
 
 /// Where a recipe number must lie.
@@ -551,27 +545,25 @@ impl Recipe {
         }
         for (i, st) in self.stages.iter().enumerate() {
             let at = format!("stages[{i}] ({})", st.name);
-            if st.method == Method::Kd {
-                if self.teacher.is_none() {
-                    return err(
-                        format!("{at} uses method = \"kd\" but there is no [teacher]"),
-                        "add [teacher] path = …, or use method = \"sft\"",
-                    );
-                }
-                if let Err(e) = st.divergence() {
-                    return err(
-                        format!("{at}: {e}"),
-                        "see the loss names in recipes/README.md",
-                    );
-                }
+            if st.method == Method::Kd && self.teacher.is_none() {
+                return err(
+                    format!("{at} uses method = \"kd\" but there is no [teacher]"),
+                    "add [teacher] path = …, or use method = \"sft\"",
+                );
             }
         }
         Ok(())
     }
 
-    /// The resolved recipe as TOML (written into the run directory).
-    pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_default()
+    /// The resolved recipe as TOML (written into the run directory; its hash decides whether a
+    /// run may resume, so a recipe that cannot be written is an error, never an empty string).
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self).map_err(|e| {
+            Error::invalid(
+                format!("the recipe cannot be written as TOML: {e}"),
+                "this is a bug in retort; please report it with the recipe",
+            )
+        })
     }
 }
 
@@ -619,10 +611,10 @@ method = "sft"
         assert_eq!(r.train.batch_size, 8);
         assert_eq!(r.train.max_len, 512);
         assert_eq!(r.stages[1].lr, 2e-5);
-        assert_eq!(r.stages[0].divergence().unwrap(), Divergence::Tvd);
+        assert_eq!(r.stages[0].loss, Divergence::Tvd);
         assert_eq!(r.stages[0].alpha, 1.0);
         // The resolved TOML parses back to the same recipe.
-        let (_d2, p2) = write(&r.to_toml());
+        let (_d2, p2) = write(&r.to_toml().unwrap());
         assert_eq!(Recipe::load(&p2, &[]).unwrap(), r);
     }
 
@@ -695,8 +687,9 @@ method = "sft"
         let e = Recipe::load(&p, &["stages.0.loss=mse".into()])
             .unwrap_err()
             .to_string();
+        // Parsed where the recipe is read: the error names the field and the override.
         assert!(
-            e.contains("stages[0] (kd)") && e.contains("unknown loss"),
+            e.contains("stages[0].loss") && e.contains("unknown loss"),
             "{e}"
         );
         let e = Recipe::load(&p, &["stages.5.lr=1".into()])

@@ -12,7 +12,6 @@ use retort_data::{ReadOptions, dataset};
 use retort_model::model::evenly_spaced_layers;
 use retort_model::{Model, Tokenizer, WeightFormat, checkpoint};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use crate::batch::{self, Sample, TokenizeReport};
 use crate::cache::Reader;
@@ -85,19 +84,6 @@ pub struct MemoryEstimate {
     pub activations: u64,
     pub logits_chunk: u64,
     pub total: u64,
-}
-
-/// SHA-256 of a model's weights: the GGUF file, or `model.safetensors` in an HF dir.
-pub fn weights_sha256(path: &Path) -> Result<String> {
-    let file = if path.is_dir() {
-        path.join("model.safetensors")
-    } else {
-        path.to_path_buf()
-    };
-    let mut f = fs_err::File::open(&file)?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h)?;
-    Ok(hex::encode(h.finalize()))
 }
 
 fn estimate_memory(student: &Model, teacher: Option<&Model>, recipe: &Recipe) -> MemoryEstimate {
@@ -217,6 +203,8 @@ fn split_eval(samples: Vec<Sample>, fraction: f64, seed: u64) -> (Vec<Sample>, V
 
 /// Load models and prepare every stage (all data validated before any compute).
 pub fn prepare(recipe: Recipe, device: &Device) -> Result<Plan> {
+    // The in-place AdamW and the fused losses are CPU storage ops.
+    retort_model::device::require_cpu(device, "training")?;
     let teacher_ck = match recipe.teacher.as_ref().and_then(|t| t.path.as_ref()) {
         Some(p) => Some(checkpoint::read(p, device)?),
         None => None,
@@ -245,7 +233,7 @@ pub fn prepare(recipe: Recipe, device: &Device) -> Result<Plan> {
             let limit = shared_vocab(&student, &tokenizer, &t, &ck.tokenizer, &ck.path)?;
             let id = TeacherId {
                 path: ck.path.clone(),
-                sha256: weights_sha256(&ck.path)?,
+                sha256: retort_model::checkpoint::weights_sha256(&ck.path)?,
                 arch: format!("{:?}", ck.config.arch).to_lowercase(),
                 tokenizer_fingerprint: ck.tokenizer.fingerprint(),
             };
@@ -305,9 +293,7 @@ pub fn prepare(recipe: Recipe, device: &Device) -> Result<Plan> {
         let kd = match stage.method {
             Method::Sft => None,
             Method::Kd => Some(KdTerm {
-                divergence: stage
-                    .divergence()
-                    .map_err(|e| Error::invalid(e, "fix the stage's `loss`"))?,
+                divergence: stage.loss,
                 temperature: stage.temperature,
                 alpha: stage.alpha,
             }),

@@ -10,14 +10,12 @@
 //! `(1 − α)·CE(z, y) + α·T²·L`, as in [`crate::fused`] and [`crate::loss`]; with `k = V` every
 //! loss equals the dense one (tested).
 
-use std::sync::{Arc, Mutex};
-
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use retort_kernels::exp;
 
 use crate::error::{Error, Result};
-use crate::fused::{FusedLoss, row_stats, rows_in_parallel, stored_grad};
-use crate::loss::Divergence;
+use crate::fused::{self, FusedLoss, RowLoss, row_stats};
+use crate::loss::{Divergence, KdMix};
 
 /// Teacher targets of `N` rows: `ids (N, k)` and normalised coarse log-probs `(N, k + 1)` at the
 /// training temperature (the last column is the tail bucket).
@@ -99,10 +97,7 @@ struct Op {
     rows: usize,
     vocab: usize,
     inv_t: f32,
-    alpha: f32,
-    scale: f32,
-    grad: Mutex<Option<Vec<f32>>>,
-    sums: Arc<Mutex<(f64, f64)>>,
+    state: RowLoss,
 }
 
 impl Op {
@@ -112,7 +107,7 @@ impl Op {
         let ids = &self.t.ids[r * k..(r + 1) * k];
         let lp = &self.t.logp[r * (k + 1)..(r + 1) * (k + 1)];
         let y = self.targets[r] as usize;
-        let (inv_t, alpha, scale) = (self.inv_t, self.alpha, self.scale);
+        let (inv_t, scale) = (self.inv_t, self.state.scale);
         let temp = 1.0 / inv_t;
         let (m1, l1) = row_stats(z, 1.0);
         let ce = (m1 + l1 - z[y]) as f64;
@@ -155,8 +150,8 @@ impl Op {
             gc[c] = if q > 0.0 { gcc } else { 0.0 };
             h += q * gc[c];
         }
-        let kd_w = (alpha * temp) as f64; // α·T² · ∂(z/T)/∂z
-        let ce_w = 1.0 - alpha;
+        let (ce_w, kd_w) = self.state.mix.grad_weights(); // α·T² · ∂(z/T)/∂z = α·T
+        let kd_w = kd_w as f64;
         let exact_ce = inv_t != 1.0 && ce_w != 0.0;
         for (gv, &zv) in g.iter_mut().zip(z) {
             let qv = *gv as f64;
@@ -189,25 +184,12 @@ impl CustomOp1 for Op {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(z) = storage else {
-            candle_core::bail!("sparse loss: student logits must be f32");
-        };
-        let Some((a, b)) = layout.contiguous_offsets() else {
-            candle_core::bail!("sparse loss: student logits must be contiguous");
-        };
-        let z = &z[a..b];
-        let (grad, ce, kd) = rows_in_parallel(z, self.rows, self.vocab, |r, zr, gr, in_top| {
-            self.row(r, zr, gr, in_top)
-        });
-        let alpha = self.alpha as f64;
-        let loss = ((1.0 - alpha) * ce + alpha * kd) * self.scale as f64;
-        if let Ok(mut g) = self.grad.lock() {
-            *g = Some(grad);
-        }
-        if let Ok(mut s) = self.sums.lock() {
-            *s = (ce, kd);
-        }
-        Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
+        self.state.forward(
+            "sparse loss",
+            (storage, layout),
+            (self.rows, self.vocab),
+            |r, zr, gr, in_top| self.row(r, zr, gr, in_top),
+        )
     }
 
     fn bwd(
@@ -216,7 +198,7 @@ impl CustomOp1 for Op {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        stored_grad(&self.grad, arg, grad_res)
+        self.state.backward(arg, grad_res)
     }
 }
 
@@ -249,26 +231,15 @@ pub fn sparse_kd_ce(
              relabel the data with the student's teacher",
         ));
     }
-    let sums = Arc::new(Mutex::new((0.0, 0.0)));
+    let mix = KdMix { alpha, temperature };
     let op = Op {
         t: teacher.clone(),
         targets: targets.to_vec1::<u32>()?,
         div,
         rows,
         vocab,
-        inv_t: (1.0 / temperature) as f32,
-        alpha: alpha as f32,
-        scale: scale as f32,
-        grad: Mutex::new(None),
-        sums: sums.clone(),
+        inv_t: mix.inv_t(),
+        state: RowLoss::new(mix, scale),
     };
-    let loss = student.contiguous()?.apply_op1(op)?;
-    let (ce_sum, kd_sum) = *sums
-        .lock()
-        .map_err(|_| Error::invalid("sparse loss: poisoned", "this is a bug in retort"))?;
-    Ok(FusedLoss {
-        loss,
-        ce_sum,
-        kd_sum,
-    })
+    fused::apply(student, op, |op| &op.state)
 }

@@ -25,10 +25,8 @@ use std::time::Instant;
 
 use retort_model::checkpoint;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::adamw::AdamW;
-use crate::atomic::write_atomic;
 use crate::batch::{self, Sample};
 use crate::error::{Error, Result};
 use crate::grads::Grads;
@@ -36,6 +34,7 @@ use crate::objective::{self, LossSums, MicroBatch};
 use crate::schedule::Schedule;
 use crate::setup::{Plan, StagePlan, TeacherId};
 use crate::targets;
+use retort_data::files::write_atomic;
 
 const STATE_FORMAT_VERSION: u32 = 1;
 
@@ -138,10 +137,6 @@ pub enum Outcome {
     Interrupted(PathBuf),
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
-
 /// An eval micro-batch with the teacher's hidden states at its loss positions (KD stages).
 type EvalBatch = (MicroBatch, Option<candle_core::Tensor>);
 
@@ -163,13 +158,13 @@ struct Run<'a> {
 pub fn run(plan: &Plan, opts: &RunOptions, obs: &mut dyn Observer) -> Result<Outcome> {
     fs_err::create_dir_all(&opts.out)?;
     let ckdir = opts.out.join("checkpoints");
-    let recipe_toml = plan.recipe.to_toml();
-    let recipe_sha256 = sha256_hex(recipe_toml.as_bytes());
+    let recipe_toml = plan.recipe.to_toml()?;
+    let recipe_sha256 = retort_data::files::sha256_hex(recipe_toml.as_bytes());
     let latest_file = ckdir.join("latest");
     let metrics_path = opts.out.join("metrics.jsonl");
 
     // Temp files and directories of a run killed mid-write (kill -9): never referenced.
-    let removed = crate::atomic::remove_partials(&ckdir)?;
+    let removed = retort_data::files::remove_partials(&ckdir)?;
     if removed > 0 {
         tracing::info!(
             "removed {removed} half-written file(s) of an interrupted run from `{}`",

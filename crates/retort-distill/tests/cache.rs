@@ -68,6 +68,7 @@ fn fixture() -> Fx {
 
 fn opts(fx: &Fx, out: &str, k: usize, codec: Codec) -> LabelOptions {
     LabelOptions {
+        device: candle_core::Device::Cpu,
         teacher: fx.teacher.clone(),
         data: fx.data.clone(),
         read: ReadOptions::default(),

@@ -11,7 +11,7 @@
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use retort_data::{Dataset, Role, rouge};
 use retort_distill::batch::{self, Sample, Truncation};
 use retort_model::generation::{self, SamplingParams};
@@ -169,7 +169,7 @@ pub fn score(
     progress(Phase::Score, 0, total);
     for chunk in order.chunks(opts.batch_size.max(1)) {
         let rows: Vec<&Sample> = chunk.iter().map(|&i| &samples[i]).collect();
-        let mb = batch::collate(&rows, pad, &Device::Cpu)?;
+        let mb = batch::collate(&rows, pad, model.device())?;
         if mb.loss_tokens == 0 {
             continue;
         }
@@ -361,6 +361,7 @@ pub fn markdown(reports: &[EvalReport]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
     use retort_data::dataset::read;
     use retort_model::Arch;
 

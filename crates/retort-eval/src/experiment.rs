@@ -259,7 +259,7 @@ pub fn write_subset(pool: &Path, n: usize, seed: u64, out: &Path) -> Result<Path
     }
     fs_err::create_dir_all(out)?;
     let path = out.join(format!("train-n{n}-s{seed}.jsonl"));
-    retort_distill::atomic::write_atomic(&path, body.as_bytes())?;
+    retort_data::files::write_atomic(&path, body.as_bytes())?;
     Ok(path)
 }
 
@@ -276,6 +276,7 @@ fn eval_options(spec: &EvalSpec) -> EvalOptions {
 fn evaluate_model(
     model_path: &Path,
     exp: &Experiment,
+    device: &Device,
     obs: &mut dyn ExperimentObserver,
 ) -> Result<EvalReport> {
     let ds = dataset::read(&exp.data.eval, &Default::default()).map_err(|e| {
@@ -284,9 +285,9 @@ fn evaluate_model(
             "fix [data] eval",
         )
     })?;
-    let (model, tok) = checkpoint::load(model_path, WeightFormat::F32, &Device::Cpu)?;
+    let (model, tok) = checkpoint::load(model_path, WeightFormat::F32, device)?;
     let teacher = match &exp.eval.teacher {
-        Some(t) => Some(checkpoint::load(t, WeightFormat::F32, &Device::Cpu)?.0),
+        Some(t) => Some(checkpoint::load(t, WeightFormat::F32, device)?.0),
         None => None,
     };
     let mut r = eval::evaluate(
@@ -306,6 +307,7 @@ fn evaluate_model(
 pub fn run(
     exp: &Experiment,
     out: &Path,
+    device: &Device,
     stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
     obs: &mut dyn ExperimentObserver,
 ) -> Result<(Vec<CellResult>, Vec<BaselineResult>)> {
@@ -321,7 +323,7 @@ pub fn run(
             baselines.push(r);
             continue;
         }
-        let r = evaluate_model(&b.model, exp, obs)?;
+        let r = evaluate_model(&b.model, exp, device, obs)?;
         let res = BaselineResult {
             name: b.name.clone(),
             model: b.model.display().to_string(),
@@ -329,7 +331,7 @@ pub fn run(
             rouge_l: r.generation.as_ref().map(|g| g.rouge_l),
         };
         fs_err::create_dir_all(out.join("baselines"))?;
-        retort_distill::atomic::write_atomic(
+        retort_data::files::write_atomic(
             &path,
             serde_json::to_string_pretty(&res)
                 .unwrap_or_default()
@@ -364,7 +366,7 @@ pub fn run(
         sets.push(format!("train.seed={seed}"));
         let recipe_path = arm.recipe.as_ref().unwrap_or(&exp.recipe);
         let recipe = Recipe::load(recipe_path, &sets)?;
-        let plan = setup::prepare(recipe, &Device::Cpu)?;
+        let plan = setup::prepare(recipe, device)?;
         let resume = dir.join("checkpoints").join("latest").exists();
         let opts = RunOptions {
             out: dir.clone(),
@@ -379,7 +381,7 @@ pub fn run(
         };
         let train_seconds = t0.elapsed().as_secs_f64();
         drop(plan);
-        let r = evaluate_model(&model_dir, exp, obs)?;
+        let r = evaluate_model(&model_dir, exp, device, obs)?;
         let res = CellResult {
             id: id.clone(),
             arm: arm.name.clone(),
@@ -391,7 +393,7 @@ pub fn run(
             rouge_l: r.generation.as_ref().map(|g| g.rouge_l),
             eval: serde_json::to_value(&r).unwrap_or_default(),
         };
-        retort_distill::atomic::write_atomic(
+        retort_data::files::write_atomic(
             &result_path,
             serde_json::to_string_pretty(&res)
                 .unwrap_or_default()

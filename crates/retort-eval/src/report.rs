@@ -420,7 +420,7 @@ pub fn write(
         .collect();
     let md = markdown(exp, &cells, baselines, command);
     let path = out.join(REPORT);
-    retort_distill::atomic::write_atomic(&path, md.as_bytes())?;
+    retort_data::files::write_atomic(&path, md.as_bytes())?;
     Ok(path)
 }
 

@@ -105,17 +105,7 @@ fn read_hf_dir(dir: &Path, device: &Device) -> Result<Checkpoint> {
     let mut eos = config.eos_token_id.clone();
     let gen_path = dir.join("generation_config.json");
     if gen_path.exists() {
-        let g: serde_json::Value =
-            serde_json::from_str(&fs_err::read_to_string(&gen_path)?).unwrap_or_default();
-        let ids: Vec<u32> = match &g["eos_token_id"] {
-            serde_json::Value::Number(n) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-            serde_json::Value::Array(a) => a
-                .iter()
-                .filter_map(|v| v.as_u64())
-                .map(|v| v as u32)
-                .collect(),
-            _ => vec![],
-        };
+        let ids = generation_eos(&gen_path)?;
         for id in ids {
             if !eos.contains(&id) {
                 eos.push(id);
@@ -219,4 +209,69 @@ fn write_dir(model: &Model, tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
         serde_json::to_string_pretty(&generation).unwrap_or_default(),
     )?;
     Ok(())
+}
+
+/// Hex SHA-256 of a checkpoint's weights: `model.safetensors` of an HF directory, or the GGUF or
+/// safetensors file itself (the teacher's fingerprint in caches and run manifests).
+pub fn weights_sha256(path: &Path) -> Result<String> {
+    let file = if path.is_dir() {
+        path.join("model.safetensors")
+    } else {
+        path.to_path_buf()
+    };
+    Ok(retort_data::files::sha256_file(&file)?)
+}
+
+/// The end-of-sequence ids of a `generation_config.json` (`eos_token_id`: one id, a list, or
+/// absent). A file that does not parse, or ids that are not token ids, are errors: ignoring them
+/// would stop generation at the wrong token, silently.
+fn generation_eos(path: &Path) -> Result<Vec<u32>> {
+    let bad = |what: String| {
+        Error::invalid(
+            format!("{}: {what}", path.display()),
+            "fix or delete generation_config.json (it only adds end-of-sequence ids to config.json's)",
+        )
+    };
+    let g: serde_json::Value = serde_json::from_str(&fs_err::read_to_string(path)?)
+        .map_err(|e| bad(format!("not JSON: {e}")))?;
+    let id = |v: &serde_json::Value| {
+        v.as_u64()
+            .and_then(|i| u32::try_from(i).ok())
+            .ok_or_else(|| bad(format!("`eos_token_id` holds {v}, not a token id")))
+    };
+    match g.get("eos_token_id") {
+        None | Some(serde_json::Value::Null) => Ok(vec![]),
+        Some(serde_json::Value::Array(a)) => a.iter().map(id).collect(),
+        Some(v) => Ok(vec![id(v)?]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generation_config_eos_ids_are_read_or_refused_with_the_file_named() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("generation_config.json");
+        let eos = |text: &str| {
+            fs_err::write(&p, text).unwrap();
+            generation_eos(&p)
+        };
+        assert_eq!(eos(r#"{"eos_token_id": 2}"#).unwrap(), [2]);
+        assert_eq!(eos(r#"{"eos_token_id": [2, 7]}"#).unwrap(), [2, 7]);
+        assert_eq!(eos(r#"{"do_sample": true}"#).unwrap(), Vec::<u32>::new());
+        for bad in [
+            r#"{"eos_token_id": 2"#,
+            r#"{"eos_token_id": "2"}"#,
+            r#"{"eos_token_id": [2, -1]}"#,
+            r#"{"eos_token_id": 5000000000}"#,
+        ] {
+            let e = eos(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("generation_config.json") && e.contains("hint:"),
+                "{bad}: {e}"
+            );
+        }
+    }
 }

@@ -20,6 +20,7 @@ pub mod batching;
 pub mod chat_template;
 pub mod checkpoint;
 pub mod config;
+pub mod device;
 mod error;
 pub mod generation;
 pub mod gguf;

@@ -725,12 +725,16 @@ mod bad_input {
 /// bf16 rounding of f32 in the loss and every gradient, and really changes something where the
 /// CPU runs bf16 products; frozen (teacher) logits likewise.
 #[test]
+#[cfg_attr(
+    not(any(retort_cpu_avx512bf16, retort_cpu_amx)),
+    ignore = "this CPU has neither AVX-512 BF16 nor AMX"
+)]
 fn bf16_products_track_f32_in_loss_and_gradients() {
     use retort_kernels::{MatmulPrecision, bf16_gemm};
-    if !bf16_gemm::available() {
-        eprintln!("skipped: this CPU has neither AVX-512 BF16 nor AMX");
-        return;
-    }
+    assert!(
+        bf16_gemm::available(),
+        "built on a CPU with bf16 products, running on one without"
+    );
     let cfg = tiny_config(Arch::Llama);
     let x = ids(&[
         &[1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 2],
@@ -785,12 +789,13 @@ fn bf16_products_track_f32_in_loss_and_gradients() {
 /// A frozen model's weights packed once (`prepack_bf16`) give the logits that bf16 products with
 /// per-call packing give, bit for bit, and every linear weight and the LM head get packed.
 #[test]
+#[cfg_attr(not(retort_cpu_amx), ignore = "this CPU has no AMX tiles")]
 fn prepacked_frozen_weights_give_the_bf16_logits_bit_for_bit() {
     use retort_kernels::{MatmulPrecision, amx_gemm};
-    if !amx_gemm::available() {
-        eprintln!("skipped: this CPU has no AMX tiles");
-        return;
-    }
+    assert!(
+        amx_gemm::available(),
+        "built on a CPU with AMX tiles, running on one without"
+    );
     let cfg = tiny_config(Arch::Llama);
     // 2 × 12 = 24 rows: above the 8 rows under which unpacked bf16 falls back to f32.
     let x = ids(&[

@@ -11,8 +11,8 @@
 use std::sync::mpsc;
 use std::time::Instant;
 
-use retort_server::review::testing::ledger_with;
 use retort_server::review::{ReviewOptions, serve};
+use retort_teacher::synth::testing::ledger_with;
 
 fn arg(args: &[String], name: &str, default: &str) -> String {
     args.iter()

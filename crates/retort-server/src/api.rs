@@ -47,6 +47,8 @@ pub const MAX_LOGPROB_ENTRIES: usize = 1 << 21;
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub model: PathBuf,
+    /// Where the model runs (`--device`).
+    pub device: candle_core::Device,
     /// Name clients use in `model` (default: the file or directory name).
     pub name: Option<String>,
     pub host: String,
@@ -1099,9 +1101,8 @@ pub fn limits_for(
 
 /// Load the model, bind, call `ready(addr)`, and serve until Ctrl-C.
 pub fn serve(opts: ServeOptions, ready: impl FnOnce(SocketAddr)) -> std::io::Result<()> {
-    let (gen_model, tokenizer) =
-        checkpoint::load(&opts.model, opts.weights, &candle_core::Device::Cpu)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let (gen_model, tokenizer) = checkpoint::load(&opts.model, opts.weights, &opts.device)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     let (limits, context) = limits_for(gen_model.config(), &opts)?;
     tracing::info!(
         "key/value cache budget {} MiB: context {context} tokens, {} rows decoding together, \
@@ -1146,18 +1147,9 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce(SocketAddr)) -> std::io::Res
         .route("/metrics", get(metrics_route))
         .fallback(not_found)
         .with_state(state);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind((opts.host.as_str(), opts.port)).await?;
-        ready(listener.local_addr()?);
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await
+    crate::http::serve_until_ctrl_c(&opts.host, opts.port, |addr| {
+        ready(addr);
+        Ok::<_, std::io::Error>(app)
     })
 }
 

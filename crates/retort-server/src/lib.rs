@@ -8,14 +8,17 @@
 //! - `POST /v1/completions` with vLLM's `prompt_logprobs` extension (token-id prompts), scored
 //!   by the f32 model: what `retort label --teacher http://…` reads.
 //!
-//! Requests that arrive together are generated together (one batch, each row with its own
-//! parameters); a batch runs to its longest row. Bound to 127.0.0.1 unless told otherwise.
+//! Every request's choices join one continuous batch on the model thread (`worker.rs`,
+//! `retort_model::batching`): a request joins at the next step, each row with its own
+//! parameters, and leaves the batch as soon as it is done. Bound to 127.0.0.1 unless told
+//! otherwise.
 //!
 //! [`review`]: `retort review` (the expert-review web page) and `retort export`.
 
 #![forbid(unsafe_code)]
 
 mod api;
+mod http;
 pub mod review;
 mod worker;
 

@@ -89,6 +89,7 @@ impl Worker {
             limits,
             metrics,
         } = self;
+        let device = gen_model.device().clone();
         let mut score_model: Option<Model> = None;
         let mut engine = match Batcher::new(&gen_model, &tokenizer, limits) {
             Ok(e) => e,
@@ -115,8 +116,8 @@ impl Worker {
             for job in jobs {
                 match job {
                     Job::Score { ids, k, reply } => {
-                        let out =
-                            score(&mut score_model, &path, &ids, k).map_err(|e| e.to_string());
+                        let out = score(&mut score_model, &path, &device, &ids, k)
+                            .map_err(|e| e.to_string());
                         let _ = reply.send(out);
                         metrics.in_flight.fetch_sub(1, Ordering::SeqCst);
                     }
@@ -271,12 +272,13 @@ fn finish(
 fn score(
     score_model: &mut Option<Model>,
     path: &std::path::Path,
+    device: &Device,
     ids: &[u32],
     k: usize,
 ) -> retort_model::Result<Vec<Option<PositionLogprobs>>> {
     if score_model.is_none() {
         tracing::info!("loading {} in f32 for scoring", path.display());
-        let (m, _) = checkpoint::load(path, WeightFormat::F32, &Device::Cpu)?;
+        let (m, _) = checkpoint::load(path, WeightFormat::F32, device)?;
         *score_model = Some(m);
     }
     let Some(model) = score_model.as_ref() else {
@@ -292,7 +294,7 @@ fn score(
     let inputs = &ids[..ids.len() - 1];
     let mut cache = model.new_cache(inputs.len());
     for (c, part) in inputs.chunks(CHUNK).enumerate() {
-        let x = Tensor::new(part, &Device::Cpu)?.unsqueeze(0)?; // (1, T)
+        let x = Tensor::new(part, device)?.unsqueeze(0)?; // (1, T)
         let hidden = model.forward(&x, c * CHUNK, &[], Some(&mut cache))?; // (1, T, C)
         let logits = model.lm_head(&hidden)?.squeeze(0)?.to_vec2::<f32>()?; // (T, V)
         for (j, row) in logits.iter().enumerate() {

@@ -43,6 +43,7 @@ fn the_openai_sdk_parses_every_answer() {
     let model = write_tiny_model(dir.path(), &cfg, 21);
     let (tx, rx) = std::sync::mpsc::channel();
     let opts = ServeOptions {
+        device: candle_core::Device::Cpu,
         model,
         name: Some("tiny".into()),
         host: "127.0.0.1".into(),

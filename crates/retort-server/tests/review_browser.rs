@@ -16,9 +16,10 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use fantoccini::{Client, ClientBuilder, Locator};
-use retort_server::review::export::{PREFERENCES, STAGE1, STAGE2};
-use retort_server::review::testing::ledger_with;
-use retort_server::review::{ReviewOptions, Store, export, serve};
+use retort_server::review::{ReviewOptions, serve};
+use retort_teacher::synth::export::{PREFERENCES, STAGE1, STAGE2};
+use retort_teacher::synth::testing::ledger_with;
+use retort_teacher::synth::{Store, export};
 use serde_json::{Value, json};
 
 const PAYLOAD: &str =

@@ -4,8 +4,9 @@
 
 use std::sync::mpsc;
 
-use retort_server::review::testing::ledger_with;
-use retort_server::review::{ReviewOptions, Status, Store, serve};
+use retort_server::review::{ReviewOptions, serve};
+use retort_teacher::synth::testing::ledger_with;
+use retort_teacher::synth::{Status, Store};
 
 const PAYLOAD: &str =
     r#"<img src=x onerror="window.__xss=1"></textarea><script>window.__xss=2</script>"#;

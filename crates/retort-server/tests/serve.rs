@@ -17,6 +17,7 @@ use retort_test::{tiny_config, write_chat_data, write_tiny_model};
 fn start(model: &Path, api_key: Option<&str>) -> SocketAddr {
     let (tx, rx) = std::sync::mpsc::channel();
     let opts = ServeOptions {
+        device: candle_core::Device::Cpu,
         model: model.to_path_buf(),
         name: Some("tiny".into()),
         host: "127.0.0.1".into(),
@@ -62,7 +63,8 @@ fn served_answers_equal_the_local_backend_and_streaming_equals_whole() {
     assert_eq!(caps.models, ["tiny"]);
     assert!(caps.n && caps.logprobs, "{caps:?}");
 
-    let local = LocalTeacher::load(&model, WeightFormat::F32, 1).unwrap();
+    let local =
+        LocalTeacher::load(&model, WeightFormat::F32, 1, &candle_core::Device::Cpu).unwrap();
     let reqs = requests();
     let mut via_http = vec![None; reqs.len()];
     http.generate(&reqs, &mut |i, o| via_http[i] = Some(o.unwrap()));
@@ -194,6 +196,7 @@ fn labelling_over_http_writes_the_cache_local_labelling_writes() {
     write_chat_data(&data, 20);
     let addr = start(&model, None);
     let opts = |out: &str| LabelOptions {
+        device: candle_core::Device::Cpu,
         teacher: model.clone(),
         data: data.clone(),
         read: Default::default(),

@@ -22,6 +22,7 @@ const BUDGET: u64 = 4 << 20;
 fn start(model: &Path) -> SocketAddr {
     let (tx, rx) = std::sync::mpsc::channel();
     let opts = ServeOptions {
+        device: candle_core::Device::Cpu,
         model: model.to_path_buf(),
         name: Some("tiny".into()),
         host: "127.0.0.1".into(),

@@ -79,7 +79,7 @@ fn main() {
         };
         for b in arg(&args, "--batches", "1,4,8,16").split(',') {
             let b: usize = b.parse().unwrap();
-            let t = LocalTeacher::load(&model, format, b).unwrap();
+            let t = LocalTeacher::load(&model, format, b, &candle_core::Device::Cpu).unwrap();
             t.generate(&requests[..b.min(2)], &mut |_, _| {}); // warm-up
             let t0 = Instant::now();
             let mut toks = 0;

@@ -21,9 +21,14 @@ pub struct LocalTeacher {
 
 impl LocalTeacher {
     /// Load `path` (GGUF or HF directory) with `format` weights.
-    pub fn load(path: &Path, format: WeightFormat, batch_size: usize) -> Result<LocalTeacher> {
-        let (model, tokenizer) = checkpoint::load(path, format, &candle_core::Device::Cpu)?;
-        let fingerprint = retort_distill::setup::weights_sha256(path)?;
+    pub fn load(
+        path: &Path,
+        format: WeightFormat,
+        batch_size: usize,
+        device: &candle_core::Device,
+    ) -> Result<LocalTeacher> {
+        let (model, tokenizer) = checkpoint::load(path, format, device)?;
+        let fingerprint = retort_model::checkpoint::weights_sha256(path)?;
         Ok(LocalTeacher {
             model,
             tokenizer,

@@ -8,8 +8,8 @@ use retort_model::generation::generate;
 
 use crate::cli::ChatArgs;
 
-pub fn run(args: ChatArgs, quiet: bool) -> Result<()> {
-    let (model, tok) = super::load_model(&args.model, quiet)?;
+pub fn run(args: ChatArgs, ctx: &super::Ctx) -> Result<()> {
+    let (model, tok) = super::load_model(&args.model, ctx)?;
     let params = super::sampling_params(&args.sampling)?;
     let mut history: Vec<Message> = args.system.iter().map(Message::system).collect();
     eprintln!(

@@ -1,7 +1,6 @@
 //! `retort data inspect`: validate a dataset and print its statistics.
 
 use anyhow::{Context, Result, bail};
-use candle_core::Device;
 use retort_data::{Format, ReadOptions, Role, dataset};
 use retort_distill::batch::{self, Truncation};
 use retort_model::checkpoint;
@@ -64,7 +63,8 @@ struct TokenStats {
     tokens_cut: usize,
 }
 
-pub fn inspect(args: InspectArgs, quiet: bool) -> Result<()> {
+pub fn inspect(args: InspectArgs, ctx: &super::Ctx) -> Result<()> {
+    let quiet = ctx.quiet;
     let format = args
         .format
         .as_deref()
@@ -93,7 +93,7 @@ pub fn inspect(args: InspectArgs, quiet: bool) -> Result<()> {
         None => None,
         Some(m) => {
             let pb = progress::spinner(&format!("loading the tokenizer of {}", m.display()), quiet);
-            let ck = checkpoint::read(m, &Device::Cpu);
+            let ck = checkpoint::read(m, &ctx.device);
             pb.finish_and_clear();
             let ck = ck.with_context(|| format!("cannot load `{}`", m.display()))?;
             let (samples, rep) =

@@ -3,7 +3,6 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use candle_core::Device;
 use indicatif::ProgressBar;
 use retort_data::{Dataset, ReadOptions, dataset};
 use retort_eval::eval::{self, EvalOptions, EvalReport, Phase};
@@ -12,9 +11,10 @@ use retort_model::{Model, Tokenizer, WeightFormat, checkpoint};
 use crate::cli::{EvalArgs, ProbeArgs};
 use crate::progress;
 
-fn load(path: &Path, quiet: bool) -> Result<(Model, Tokenizer)> {
+fn load(path: &Path, ctx: &super::Ctx) -> Result<(Model, Tokenizer)> {
+    let quiet = ctx.quiet;
     let pb = progress::spinner(&format!("loading {}", path.display()), quiet);
-    let loaded = checkpoint::load(path, WeightFormat::F32, &Device::Cpu)
+    let loaded = checkpoint::load(path, WeightFormat::F32, &ctx.device)
         .with_context(|| format!("cannot load the model `{}`", path.display()));
     pb.finish_and_clear();
     loaded
@@ -61,10 +61,11 @@ fn labelled(arg: &Path) -> (String, std::path::PathBuf) {
     (arg.display().to_string(), arg.to_path_buf())
 }
 
-pub fn eval(args: EvalArgs, quiet: bool) -> Result<()> {
+pub fn eval(args: EvalArgs, ctx: &super::Ctx) -> Result<()> {
+    let quiet = ctx.quiet;
     let ds = read(&args.data)?;
     let teacher = match &args.teacher {
-        Some(t) => Some(load(t, quiet)?),
+        Some(t) => Some(load(t, ctx)?),
         None => None,
     };
     let opts = EvalOptions {
@@ -77,7 +78,7 @@ pub fn eval(args: EvalArgs, quiet: bool) -> Result<()> {
     let mut reports: Vec<EvalReport> = Vec::new();
     for arg in &args.model {
         let (name, path) = labelled(arg);
-        let (model, tok) = load(&path, quiet)?;
+        let (model, tok) = load(&path, ctx)?;
         let context = model.config().max_position_embeddings;
         anyhow::ensure!(
             args.generate == 0 || args.max_new_tokens < context,
@@ -113,13 +114,14 @@ pub fn eval(args: EvalArgs, quiet: bool) -> Result<()> {
     println!("{}", eval::markdown(&reports));
     if let Some(path) = &args.json {
         let json = serde_json::to_string_pretty(&reports)?;
-        retort_distill::atomic::write_atomic(path, json.as_bytes())
+        retort_data::files::write_atomic(path, json.as_bytes())
             .with_context(|| format!("cannot write `{}`", path.display()))?;
     }
     Ok(())
 }
 
-pub fn probe(args: ProbeArgs, quiet: bool) -> Result<()> {
+pub fn probe(args: ProbeArgs, ctx: &super::Ctx) -> Result<()> {
+    let quiet = ctx.quiet;
     let mut ds = read(&args.data)?;
     let records = ds.records.len();
     anyhow::ensure!(records > 0, "`{}` has no records", args.data.display());
@@ -129,8 +131,8 @@ pub fn probe(args: ProbeArgs, quiet: bool) -> Result<()> {
     let keep: Vec<usize> = (0..n).map(|i| (i as f64 * stride) as usize).collect();
     ds.records = keep.iter().map(|&i| ds.records[i].clone()).collect();
     let train_size = args.train_size.unwrap_or(records);
-    let (teacher, ttok) = load(&args.teacher, quiet)?;
-    let (student, stok) = load(&args.student, quiet)?;
+    let (teacher, ttok) = load(&args.teacher, ctx)?;
+    let (student, stok) = load(&args.student, ctx)?;
     anyhow::ensure!(
         ttok.fingerprint() == stok.fingerprint(),
         "the teacher and the student have different tokenizers\nhint: token-level KD needs one tokenizer (a student pruned from the teacher, or the same family)"

@@ -92,7 +92,8 @@ impl ExperimentObserver for Bars {
     }
 }
 
-pub fn run(args: ExperimentArgs, quiet: bool) -> Result<()> {
+pub fn run(args: ExperimentArgs, ctx: &super::Ctx) -> Result<()> {
+    let quiet = ctx.quiet;
     let exp = Experiment::load(&args.experiment)?;
     let out = args
         .out
@@ -151,7 +152,7 @@ pub fn run(args: ExperimentArgs, quiet: bool) -> Result<()> {
             bar: None,
             phase: None,
         };
-        let r = experiment::run(&exp, &out, &stop, &mut bars)
+        let r = experiment::run(&exp, &out, &ctx.device, &stop, &mut bars)
             .with_context(|| format!("experiment `{}`", args.experiment.display()))?;
         if let Some(b) = bars.bar.take() {
             b.finish_and_clear();

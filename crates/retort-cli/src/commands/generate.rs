@@ -95,7 +95,8 @@ fn read_prompts(path: &Path, default_system: Option<&str>) -> Result<Vec<Prompt>
     Ok(out)
 }
 
-pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
+pub fn run(args: GenerateArgs, ctx: &super::Ctx) -> Result<()> {
+    let quiet = ctx.quiet;
     anyhow::ensure!(
         (1..=1024).contains(&args.batch_size),
         "--batch-size must be between 1 and 1024, got {}",
@@ -114,7 +115,7 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
         (None, None) => bail!("pass --prompt or --prompts"),
     };
     let params = super::sampling_params(&args.sampling)?;
-    let (model, tok) = super::load_model(&args.model, quiet)?;
+    let (model, tok) = super::load_model(&args.model, ctx)?;
     let context = super::check_context(&args.sampling, &model)?;
     // Every prompt is checked before any work: one that fills the context is named.
     let mut ids = Vec::with_capacity(prompts.len());
@@ -210,7 +211,7 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
             .zip(&done)
             .filter_map(|(p, c)| c.as_ref().map(|c| format!("{}\n", record(p, c))))
             .collect();
-        Ok(retort_distill::atomic::write_atomic(path, text.as_bytes())?)
+        Ok(retort_data::files::write_atomic(path, text.as_bytes())?)
     };
     match (result, &args.out) {
         (Ok(()), Some(o)) => write_all(o)?,

@@ -4,8 +4,8 @@ use anyhow::Result;
 
 use crate::cli::InfoArgs;
 
-pub fn run(args: InfoArgs) -> Result<()> {
-    let ck = retort_model::checkpoint::read(&args.model.model, &candle_core::Device::Cpu)?;
+pub fn run(args: InfoArgs, ctx: &super::Ctx) -> Result<()> {
+    let ck = retort_model::checkpoint::read(&args.model.model, &ctx.device)?;
     let c = &ck.config;
     let tok = &ck.tokenizer;
     let out = serde_json::json!({

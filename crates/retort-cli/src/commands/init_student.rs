@@ -2,16 +2,16 @@
 //! (Minitron / DistilBERT style), saved as a Hugging Face directory.
 
 use anyhow::{Context, Result, bail};
-use candle_core::Device;
 use retort_model::checkpoint;
 use retort_model::model::evenly_spaced_layers as evenly_spaced;
 
 use crate::cli::InitStudentArgs;
 use crate::progress;
 
-pub fn run(args: InitStudentArgs, quiet: bool) -> Result<()> {
+pub fn run(args: InitStudentArgs, ctx: &super::Ctx) -> Result<()> {
+    let quiet = ctx.quiet;
     let pb = progress::spinner(&format!("reading {}", args.teacher.display()), quiet);
-    let ck = checkpoint::read(&args.teacher, &Device::Cpu);
+    let ck = checkpoint::read(&args.teacher, &ctx.device);
     pb.finish_and_clear();
     let ck = ck.with_context(|| format!("cannot load the teacher `{}`", args.teacher.display()))?;
     let total = ck.config.num_hidden_layers;

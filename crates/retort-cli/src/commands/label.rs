@@ -4,7 +4,6 @@
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
 use retort_data::{Format, ReadOptions};
-use retort_distill::batch::Truncation;
 use retort_distill::cache::label::{self, LabelObserver, LabelOptions};
 use retort_distill::cache::manifest::ShardInfo;
 
@@ -42,16 +41,14 @@ impl LabelObserver for Bar {
     }
 }
 
-pub fn run(args: LabelArgs, quiet: bool) -> Result<()> {
+pub fn run(args: LabelArgs, ctx: &super::Ctx) -> Result<()> {
+    let quiet = ctx.quiet;
     let format = args
         .format
         .as_deref()
         .map(|f| f.parse::<Format>().map_err(anyhow::Error::msg))
         .transpose()?;
-    let truncation = match args.truncation.as_str() {
-        "drop" => Truncation::Drop,
-        _ => Truncation::Right,
-    };
+    let truncation = args.truncation;
     let command = std::env::args()
         .map(|a| {
             if a.contains(char::is_whitespace) {
@@ -63,6 +60,7 @@ pub fn run(args: LabelArgs, quiet: bool) -> Result<()> {
         .collect::<Vec<_>>()
         .join(" ");
     let opts = LabelOptions {
+        device: ctx.device.clone(),
         teacher: args.teacher.clone(),
         data: args.data.clone(),
         read: ReadOptions {
@@ -91,7 +89,7 @@ pub fn run(args: LabelArgs, quiet: bool) -> Result<()> {
         let (_, tok) = retort_model::checkpoint::load(
             tok_path,
             retort_model::WeightFormat::Quantized,
-            &candle_core::Device::Cpu,
+            &ctx.device,
         )
         .with_context(|| format!("cannot load the tokenizer of `{}`", tok_path.display()))?;
         let api_key = match &args.api_key_env {

@@ -21,38 +21,50 @@ use retort_model::{Model, Tokenizer, WeightFormat, checkpoint};
 use crate::cli::{Cli, Command, ModelArgs, SamplingArgs, Weights};
 use crate::progress;
 
+/// What every command gets from the global flags: resolved once, here.
+pub(crate) struct Ctx {
+    pub quiet: bool,
+    /// `--device`, resolved ([`retort_model::device`]).
+    pub device: Device,
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     let quiet = cli.global.quiet;
+    let ctx = Ctx {
+        quiet,
+        device: cli.global.device.resolve()?,
+    };
+    let ctx = &ctx;
     match cli.command {
-        Command::Info(a) => info::run(a),
-        Command::Chat(a) => chat::run(a, quiet),
-        Command::Generate(a) => generate::run(a, quiet),
-        Command::InitStudent(a) => init_student::run(a, quiet),
-        Command::Train(a) => train::run(a, quiet),
-        Command::Label(a) => label::run(a, quiet),
+        Command::Info(a) => info::run(a, ctx),
+        Command::Chat(a) => chat::run(a, ctx),
+        Command::Generate(a) => generate::run(a, ctx),
+        Command::InitStudent(a) => init_student::run(a, ctx),
+        Command::Train(a) => train::run(a, ctx),
+        Command::Label(a) => label::run(a, ctx),
         Command::Cache(crate::cli::CacheCommand::Inspect(a)) => cache::inspect(a, quiet),
         Command::Cache(crate::cli::CacheCommand::Recode(a)) => cache::recode(a, quiet),
-        Command::Data(crate::cli::DataCommand::Inspect(a)) => data::inspect(a, quiet),
-        Command::Synth(a) => synth::run_cmd(a, quiet),
-        Command::Serve(a) => serve::run(a),
+        Command::Data(crate::cli::DataCommand::Inspect(a)) => data::inspect(a, ctx),
+        Command::Synth(a) => synth::run_cmd(a, ctx),
+        Command::Serve(a) => serve::run(a, ctx),
         Command::Review(a) => review::review(a),
         Command::Export(a) => review::export(a),
-        Command::Eval(a) => eval::eval(a, quiet),
-        Command::Probe(a) => eval::probe(a, quiet),
-        Command::Experiment(a) => experiment::run(a, quiet),
+        Command::Eval(a) => eval::eval(a, ctx),
+        Command::Probe(a) => eval::probe(a, ctx),
+        Command::Experiment(a) => experiment::run(a, ctx),
     }
 }
 
 /// Load a frozen model and its tokenizer, with a spinner and a log line.
-pub(crate) fn load_model(args: &ModelArgs, quiet: bool) -> Result<(Model, Tokenizer)> {
+pub(crate) fn load_model(args: &ModelArgs, ctx: &Ctx) -> Result<(Model, Tokenizer)> {
     let format = match args.weights {
         Weights::F32 => WeightFormat::F32,
         Weights::Q8 => WeightFormat::Q8_0,
         Weights::Quantized => WeightFormat::Quantized,
     };
-    let pb = progress::spinner(&format!("loading {}", args.model.display()), quiet);
+    let pb = progress::spinner(&format!("loading {}", args.model.display()), ctx.quiet);
     let t0 = std::time::Instant::now();
-    let loaded = checkpoint::load(&args.model, format, &Device::Cpu)
+    let loaded = checkpoint::load(&args.model, format, &ctx.device)
         .with_context(|| format!("cannot load the model `{}`", args.model.display()));
     pb.finish_and_clear();
     let (model, tok) = loaded?;

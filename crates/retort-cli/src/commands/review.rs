@@ -3,8 +3,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use retort_server::review::{self, ReviewOptions, Store};
+use retort_server::review::{self, ReviewOptions};
 use retort_teacher::synth::run::LEDGER;
+use retort_teacher::synth::{Store, export as exporting};
 
 use crate::cli::{ExportArgs, ReviewArgs};
 
@@ -42,7 +43,7 @@ pub fn review(args: ReviewArgs) -> Result<()> {
 pub fn export(args: ExportArgs) -> Result<()> {
     let db = ledger_path(&args.db);
     let store = Store::open(&db).with_context(|| format!("cannot open `{}`", db.display()))?;
-    let s = review::export_with(&store, &args.out, args.auto_accept)
+    let s = exporting::export_with(&store, &args.out, args.auto_accept)
         .with_context(|| format!("cannot export into `{}`", args.out.display()))?;
     println!(
         "{}: {} items ({} accepted, {} rejected, {} pending, {} without answer)",
@@ -55,17 +56,17 @@ pub fn export(args: ExportArgs) -> Result<()> {
     );
     for (file, n, what) in [
         (
-            review::export::STAGE1,
+            exporting::STAGE1,
             s.stage1,
             "accepted teacher answers (edited where edited)",
         ),
         (
-            review::export::STAGE2,
+            exporting::STAGE2,
             s.stage2,
             "human-written or human-edited answers",
         ),
         (
-            review::export::PREFERENCES,
+            exporting::PREFERENCES,
             s.preferences,
             "pairs: human answer vs teacher original",
         ),

@@ -6,7 +6,7 @@ use retort_server::{ServeOptions, serve};
 
 use crate::cli::{ServeArgs, Weights};
 
-pub fn run(args: ServeArgs) -> Result<()> {
+pub fn run(args: ServeArgs, ctx: &super::Ctx) -> Result<()> {
     let api_key = match &args.api_key_env {
         Some(var) => {
             let key = std::env::var(var).with_context(|| {
@@ -38,6 +38,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         Weights::Quantized => WeightFormat::Quantized,
     };
     let opts = ServeOptions {
+        device: ctx.device.clone(),
         model: args.model.model.clone(),
         name: args.name,
         host: args.host,

@@ -43,7 +43,8 @@ impl SynthObserver for Bars {
 
 /// The teacher a pipeline names: a local model or a server (its API key read from the
 /// environment variable the pipeline names).
-pub(crate) fn teacher_of(p: &Pipeline, quiet: bool) -> Result<Box<dyn Teacher>> {
+pub(crate) fn teacher_of(p: &Pipeline, ctx: &super::Ctx) -> Result<Box<dyn Teacher>> {
+    let quiet = ctx.quiet;
     let t = &p.teacher;
     if let Some(url) = &t.url {
         let api_key = match &t.api_key_env {
@@ -90,14 +91,15 @@ pub(crate) fn teacher_of(p: &Pipeline, quiet: bool) -> Result<Box<dyn Teacher>> 
         ),
     };
     let pb = progress::spinner(&format!("loading {}", model.display()), quiet);
-    let l = LocalTeacher::load(model, format, t.batch_size);
+    let l = LocalTeacher::load(model, format, t.batch_size, &ctx.device);
     pb.finish_and_clear();
     Ok(Box::new(l.with_context(|| {
         format!("cannot load the teacher `{}`", model.display())
     })?))
 }
 
-pub fn run_cmd(args: SynthArgs, quiet: bool) -> Result<()> {
+pub fn run_cmd(args: SynthArgs, ctx: &super::Ctx) -> Result<()> {
+    let quiet = ctx.quiet;
     let mut p = Pipeline::read(&args.pipeline)?;
     if let Some(out) = args.out {
         p.output.dir = Some(out);
@@ -105,7 +107,7 @@ pub fn run_cmd(args: SynthArgs, quiet: bool) -> Result<()> {
     if let Some(t) = args.target {
         p.expand.target = t;
     }
-    let teacher = teacher_of(&p, quiet)?;
+    let teacher = teacher_of(&p, ctx)?;
     let stop = super::stop_on_ctrl_c(
         "stopping after the requests in flight (all finished answers are kept; run again to resume)",
     )?;

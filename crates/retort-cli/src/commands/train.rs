@@ -2,7 +2,6 @@
 //! current step with a checkpoint (`--resume` continues bit-identically).
 
 use anyhow::{Context, Result};
-use candle_core::Device;
 use indicatif::ProgressBar;
 use retort_distill::recipe::Recipe;
 use retort_distill::setup::{self, StagePlan};
@@ -60,10 +59,11 @@ impl Observer for Bars {
     }
 }
 
-pub fn run(args: TrainArgs, quiet: bool) -> Result<()> {
+pub fn run(args: TrainArgs, ctx: &super::Ctx) -> Result<()> {
+    let quiet = ctx.quiet;
     let recipe = Recipe::load(&args.recipe, &args.set)?;
     let pb = progress::spinner("loading models and validating data", quiet);
-    let plan = setup::prepare(recipe, &Device::Cpu);
+    let plan = setup::prepare(recipe, &ctx.device);
     pb.finish_and_clear();
     let plan = plan.with_context(|| format!("cannot prepare `{}`", args.recipe.display()))?;
     if args.dry_run {

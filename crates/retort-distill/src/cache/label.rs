@@ -19,17 +19,19 @@ use sha2::{Digest, Sha256};
 use super::codec::{Codec, TopK};
 use super::manifest::{
     DatasetInfo, Encoding, FORMAT_NAME, FORMAT_VERSION, MANIFEST, Manifest, ShardInfo, TeacherInfo,
-    write_atomic,
 };
 use super::shard::{ShardBuilder, sample_key, shard_name};
 use super::topk::{drop_below, top_k_rows};
 use crate::batch::{self, Sample, Truncation};
 use crate::error::{Error, Result};
 use crate::objective;
+use retort_data::files::write_atomic;
 
 #[derive(Debug, Clone)]
 pub struct LabelOptions {
     pub teacher: PathBuf,
+    /// Where the teacher runs (`--device`).
+    pub device: candle_core::Device,
     pub data: PathBuf,
     pub read: ReadOptions,
     pub out: PathBuf,
@@ -116,7 +118,7 @@ impl Scorer for LocalScorer<'_> {
     fn info(&self) -> Result<TeacherInfo> {
         Ok(TeacherInfo {
             path: self.path.clone(),
-            sha256: crate::setup::weights_sha256(&self.path)?,
+            sha256: retort_model::checkpoint::weights_sha256(&self.path)?,
             arch: self.arch.clone(),
             vocab_size: self.vocab_size(),
         })
@@ -210,7 +212,7 @@ pub fn label(
     obs: &mut dyn LabelObserver,
 ) -> Result<LabelReport> {
     check_options(opts)?;
-    let ck = checkpoint::read(&opts.teacher, &candle_core::Device::Cpu)?;
+    let ck = checkpoint::read(&opts.teacher, &opts.device)?;
     let teacher = ck.frozen(WeightFormat::F32)?;
     let scorer = LocalScorer {
         model: &teacher,

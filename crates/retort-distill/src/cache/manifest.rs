@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::codec::Codec;
-pub use crate::atomic::write_atomic;
 use crate::batch::Truncation;
 use crate::error::{Error, Result};
+use retort_data::files::write_atomic;
 
 /// Bumped on any change a reader of the previous version would misread.
 pub const FORMAT_VERSION: u32 = 1;
@@ -207,6 +207,6 @@ impl Manifest {
     pub fn write(&self, dir: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self)
             .map_err(|e| Error::invalid(e.to_string(), "this is a bug in retort"))?;
-        write_atomic(&dir.join(MANIFEST), text.as_bytes())
+        Ok(write_atomic(&dir.join(MANIFEST), text.as_bytes())?)
     }
 }

@@ -7,11 +7,12 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 
 use super::codec::{self, Codec, TopK};
-use super::manifest::{Encoding, Manifest, ShardInfo, write_atomic};
+use super::manifest::{Encoding, Manifest, ShardInfo};
 use super::reader::Reader;
 use super::shard::{Entry, ShardBuilder, shard_name};
 use super::topk::{coarse_log_probs, drop_below};
 use crate::error::{Error, Result};
+use retort_data::files::write_atomic;
 
 /// The top `k` of each row of `t` (`k ≤ t.k`); dropped entries are added to the tail.
 pub fn truncate(t: &TopK, k: usize) -> TopK {

@@ -4,16 +4,15 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error(
-        "review database: {0}\nhint: the ledger is a plain SQLite file; check it with `sqlite3 FILE .tables`"
-    )]
-    Sqlite(#[from] rusqlite::Error),
-
     #[error(transparent)]
     Io(#[from] std::io::Error),
 
     #[error(transparent)]
     Distill(#[from] retort_distill::Error),
+
+    /// The ledger's review tables (`retort_teacher::synth::review`).
+    #[error(transparent)]
+    Ledger(#[from] retort_teacher::Error),
 
     #[error("page template: {0}")]
     Template(#[from] minijinja::Error),

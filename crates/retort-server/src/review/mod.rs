@@ -6,22 +6,16 @@
 //! `retort export` turns the decisions into the stage-1 set (accepted synthetic items), the
 //! stage-2 set (human-written or edited answers) and preference pairs.
 //!
-//! - [`store`]: decisions in SQLite (append-only log + current state), queue queries;
+//! The decisions themselves, the queue queries and the export live beside the ledger they
+//! extend (`retort_teacher::synth::{review, export}`); this module is HTTP only:
 //! - [`web`]: the pages (server-rendered, auto-escaped) and routes;
 //! - [`guard`]: loopback binding, token, anti-forgery, security headers;
 //! - [`diff`]: word diff of an edit against the teacher's original;
-//! - [`mod@export`]: the training sets.
 
 pub mod diff;
 pub mod error;
-pub mod export;
 pub mod guard;
-pub mod store;
-#[doc(hidden)]
-pub mod testing;
 pub mod web;
 
 pub use error::{Error, Result};
-pub use export::{ExportSummary, export, export_with};
-pub use store::{Action, Filter, NewDecision, Origin, Status, Store};
 pub use web::{ReviewOptions, router, serve};

@@ -22,7 +22,9 @@ use serde::{Deserialize, Serialize};
 use super::diff::{Span, changed, word_diff};
 use super::error::{Error, Result};
 use super::guard::{Guard, guard};
-use super::store::{Action, Filter, NewDecision, Origin, Status, Store, normalise};
+use retort_teacher::synth::review::{
+    Action, Filter, NewDecision, Origin, Status, Store, normalise,
+};
 
 pub const PER_PAGE: usize = 50;
 
@@ -158,13 +160,7 @@ async fn guard_fn(
 /// (with the token when one is required).
 pub fn serve(opts: ReviewOptions, ready: impl FnOnce(SocketAddr, String)) -> Result<()> {
     let store = Store::open(&opts.db)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind((opts.host.as_str(), opts.port)).await?;
-        let addr = listener.local_addr()?;
+    crate::http::serve_until_ctrl_c(&opts.host, opts.port, |addr| {
         let guard = Guard::new(&opts.host, addr.port());
         let url = match &guard.token {
             Some(t) => format!("http://{addr}/?token={t}"),
@@ -172,16 +168,11 @@ pub fn serve(opts: ReviewOptions, ready: impl FnOnce(SocketAddr, String)) -> Res
         };
         let app = router(store, guard, opts.reviewer)?;
         ready(addr, url);
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await?;
-        Ok(())
+        Ok(app)
     })
 }
 
-fn error_page(status: StatusCode, e: &Error) -> Response {
+fn error_page(status: StatusCode, e: &dyn std::fmt::Display) -> Response {
     (
         status,
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
@@ -465,7 +456,7 @@ async fn decide(
             };
             Redirect::to(&to).into_response()
         }
-        Err(Error::Invalid { reason, hint }) => render_item(
+        Err(retort_teacher::Error::Invalid { reason, hint }) => render_item(
             &app,
             &hash,
             &q,

@@ -621,11 +621,11 @@ pub fn run(
     }
     ledger.write_items(&rows)?;
     funnel.seconds = t0.elapsed().as_secs_f64();
-    retort_distill::atomic::write_atomic(&dir.join(OUTPUT), jsonl.as_bytes())?;
+    retort_data::files::write_atomic(&dir.join(OUTPUT), jsonl.as_bytes())?;
     let json = serde_json::to_string_pretty(&funnel).unwrap_or_default();
     ledger.set_meta("funnel", &json)?;
-    retort_distill::atomic::write_atomic(&dir.join(REPORT_JSON), json.as_bytes())?;
-    retort_distill::atomic::write_atomic(
+    retort_data::files::write_atomic(&dir.join(REPORT_JSON), json.as_bytes())?;
+    retort_data::files::write_atomic(
         &dir.join(REPORT_MD),
         funnel_markdown(&funnel, p, teacher).as_bytes(),
     )?;

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use retort_teacher::synth::ledger::{ItemRow, Ledger};
+use super::ledger::{ItemRow, Ledger};
 use rusqlite::params;
 
 /// A ledger with `n` items: item `i` asks `question i` and the teacher answered `answer(i)`,

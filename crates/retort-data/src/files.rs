@@ -1,10 +1,12 @@
-//! Whole-file writes that never leave a half-written file: a synced temp file beside the target
-//! (`NAME.partial-PID`), then a rename.
+//! File handling every crate shares: whole-file writes that never leave a half-written file (a
+//! synced temp file beside the target, `NAME.partial-PID`, then a rename), removal of what a
+//! killed writer left behind, and content hashes. Errors are `std::io::Error`s from `fs_err`,
+//! which name the file.
 
-use std::io::Write;
+use std::io::{Result, Write};
 use std::path::Path;
 
-use crate::error::Result;
+use sha2::{Digest, Sha256};
 
 /// Write `bytes` to `path` through a synced temp file and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -43,6 +45,19 @@ pub fn remove_partials(dir: &Path) -> Result<usize> {
     Ok(removed)
 }
 
+/// Hex SHA-256 of a file's bytes, streamed (weights files are gigabytes).
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = fs_err::File::open(path)?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,5 +81,21 @@ mod tests {
         write_atomic(&p.join("latest"), b"step-3").unwrap();
         assert_eq!(fs_err::read_to_string(p.join("latest")).unwrap(), "step-3");
         assert_eq!(remove_partials(&p.join("missing")).unwrap(), 0);
+    }
+
+    #[test]
+    fn file_and_byte_hashes_agree_with_the_known_digest() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("abc");
+        write_atomic(&p, b"abc").unwrap();
+        let want = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(sha256_file(&p).unwrap(), want);
+        assert_eq!(sha256_hex(b"abc"), want);
+        assert!(
+            sha256_file(&d.path().join("missing"))
+                .unwrap_err()
+                .to_string()
+                .contains("missing")
+        );
     }
 }

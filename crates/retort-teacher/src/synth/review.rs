@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
-use super::error::{Error, Result};
+use crate::error::{Error, Result};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS review_decisions (
@@ -246,6 +246,47 @@ pub struct Decision {
     pub answer_key: Option<String>,
 }
 
+impl Decision {
+    /// A `review_decisions` row whose columns `id, action, origin, input, answer, reason,
+    /// reviewer, at, answer_key` start at column `first` (the one mapping of that table).
+    fn from_row(r: &rusqlite::Row, first: usize) -> rusqlite::Result<Decision> {
+        Ok(Decision {
+            id: r.get(first)?,
+            action: parsed(r, first + 1, Action::parse)?,
+            origin: match r.get::<_, Option<String>>(first + 2)? {
+                Some(_) => Some(parsed(r, first + 2, Origin::parse)?),
+                None => None,
+            },
+            input: r.get(first + 3)?,
+            answer: r.get(first + 4)?,
+            reason: r.get(first + 5)?,
+            reviewer: r.get(first + 6)?,
+            at: r.get(first + 7)?,
+            answer_key: r.get(first + 8)?,
+        })
+    }
+}
+
+/// Column `i` as one of an enum's names; a value the schema's CHECK should have refused is an
+/// error naming the column, not a silent default.
+fn parsed<T>(r: &rusqlite::Row, i: usize, parse: fn(&str) -> Option<T>) -> rusqlite::Result<T> {
+    let s: String = r.get(i)?;
+    parse(&s).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            i,
+            rusqlite::types::Type::Text,
+            format!("unknown value {s:?} in column {i}").into(),
+        )
+    })
+}
+
+/// Column `i` as JSON the pipeline wrote (a request's messages, an item's provenance).
+fn json_column<T: serde::de::DeserializeOwned>(i: usize, text: &str) -> rusqlite::Result<T> {
+    serde_json::from_str(text).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
 /// One item with everything the item page and the export need.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Item {
@@ -404,7 +445,7 @@ impl Store {
             Ok(QueueRow {
                 hash: r.get(0)?,
                 position: r.get::<_, i64>(1)? as usize,
-                status: Status::parse(&r.get::<_, String>(2)?).unwrap_or(Status::Pending),
+                status: parsed(r, 2, Status::parse)?,
                 origin: r
                     .get::<_, Option<String>>(3)?
                     .and_then(|s| Origin::parse(&s)),
@@ -493,19 +534,7 @@ impl Store {
         ))?;
         let rows = st.query_map(values, |r| {
             let decision = match r.get::<_, Option<i64>>(12)? {
-                Some(id) => Some(Decision {
-                    id,
-                    action: Action::parse(&r.get::<_, String>(13)?).unwrap_or(Action::Skip),
-                    origin: r
-                        .get::<_, Option<String>>(14)?
-                        .and_then(|s| Origin::parse(&s)),
-                    input: r.get(15)?,
-                    answer: r.get(16)?,
-                    reason: r.get(17)?,
-                    reviewer: r.get(18)?,
-                    at: r.get(19)?,
-                    answer_key: r.get(20)?,
-                }),
+                Some(_) => Some(Decision::from_row(r, 12)?),
                 None => None,
             };
             let prompt: Option<String> = r.get(6)?;
@@ -513,19 +542,21 @@ impl Store {
             Ok(Item {
                 hash: r.get(0)?,
                 position: r.get::<_, i64>(1)? as usize,
-                status: Status::parse(&r.get::<_, String>(2)?).unwrap_or(Status::Pending),
+                status: parsed(r, 2, Status::parse)?,
                 teacher_status: r.get(3)?,
                 detail: r.get(4)?,
                 answer_key: r.get(5)?,
-                prompt: prompt
-                    .and_then(|p| serde_json::from_str(&p).ok())
-                    .unwrap_or_default(),
+                // No request row (an item whose expansion failed) has no prompt.
+                prompt: match prompt {
+                    Some(p) => json_column(6, &p)?,
+                    None => Vec::new(),
+                },
                 original_input: r.get(7)?,
                 original_answer: r.get(8)?,
                 input: r.get(9)?,
                 answer: r.get(10)?,
                 decision,
-                provenance: serde_json::from_str(&provenance).unwrap_or(serde_json::Value::Null),
+                provenance: json_column(11, &provenance)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -537,21 +568,7 @@ impl Store {
             "SELECT id, action, origin, input, answer, reason, reviewer, at, answer_key
              FROM review_decisions WHERE item_hash = ?1 ORDER BY id",
         )?;
-        let rows = st.query_map(params![hash], |r| {
-            Ok(Decision {
-                id: r.get(0)?,
-                action: Action::parse(&r.get::<_, String>(1)?).unwrap_or(Action::Skip),
-                origin: r
-                    .get::<_, Option<String>>(2)?
-                    .and_then(|s| Origin::parse(&s)),
-                input: r.get(3)?,
-                answer: r.get(4)?,
-                reason: r.get(5)?,
-                reviewer: r.get(6)?,
-                at: r.get(7)?,
-                answer_key: r.get(8)?,
-            })
-        })?;
+        let rows = st.query_map(params![hash], |r| Decision::from_row(r, 0))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
@@ -659,7 +676,7 @@ pub fn normalise(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::review::testing::ledger_with_items;
+    use crate::synth::testing::ledger_with_items;
 
     fn decision(action: Action, input: &str, answer: &str, reason: &str) -> NewDecision {
         NewDecision {

@@ -19,8 +19,8 @@ use retort_data::{Message, Role};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::error::Result;
-use super::store::{Item, Origin, Status, Store};
+use super::review::{Item, Origin, Status, Store};
+use crate::error::Result;
 
 pub const STAGE1: &str = "stage1.jsonl";
 pub const STAGE2: &str = "stage2.jsonl";
@@ -93,7 +93,7 @@ pub fn export_with(store: &Store, dir: &Path, auto_accept: bool) -> Result<Expor
         summary.stage1 += 1;
         summary.auto_accepted += 1;
     }
-    let write = retort_distill::atomic::write_atomic;
+    let write = retort_data::files::write_atomic;
     write(&dir.join(STAGE1), stage1.as_bytes())?;
     write(&dir.join(STAGE2), stage2.as_bytes())?;
     write(&dir.join(PREFERENCES), prefs.as_bytes())?;
@@ -181,8 +181,8 @@ fn push_line(out: &mut String, v: &Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::review::store::{Action, NewDecision};
-    use crate::review::testing::ledger_with_items;
+    use crate::synth::review::{Action, NewDecision};
+    use crate::synth::testing::ledger_with_items;
 
     #[test]
     fn accepted_items_go_to_their_stage_with_provenance() {
