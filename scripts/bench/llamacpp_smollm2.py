@@ -6,7 +6,7 @@ generation. Run both in the same session to compare.
     pip install llama-cpp-python==0.3.36   # on the first Intel host built with
     # CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF"
     # (the native build died with SIGILL there); on the AMX Xeon with AVX-512 on and AMX off
-    # (the native build segfaulted), flags in docs/performance.md
+    # (the native build segfaulted), flags in docs/performance-history.md
     python3 scripts/bench/llamacpp_smollm2.py
 """
 import statistics

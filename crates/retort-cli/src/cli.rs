@@ -27,7 +27,7 @@ pub struct GlobalArgs {
     pub threads: Option<usize>,
     /// `retain` (default): the allocator keeps freed memory for reuse instead of returning it
     /// to the OS, which made a KD training step ~1.4x faster (no page faults on every new
-    /// tensor; see docs/performance.md) at the cost of a process that stays at its peak
+    /// tensor; see docs/performance-history.md) at the cost of a process that stays at its peak
     /// memory. `system`: glibc's defaults.
     #[arg(long, global = true, value_name = "MODE", default_value = "retain")]
     pub allocator: retort_kernels::runtime::AllocatorMode,
@@ -255,8 +255,8 @@ pub struct LabelArgs {
     #[arg(long, short = 'o', value_name = "DIR")]
     pub out: PathBuf,
     /// Value encoding: q8 (compact; see docs/logit-cache.md) or f32 (reference).
-    #[arg(long, default_value = "q8", value_parser = ["q8", "f32"])]
-    pub codec: String,
+    #[arg(long, default_value = "q8", value_name = "q8|f32")]
+    pub codec: retort_distill::cache::Codec,
     /// Longest sequence; must equal the recipe's `train.max_len` for training to find samples.
     #[arg(long, default_value_t = 512, value_name = "TOKENS")]
     pub max_len: usize,
@@ -320,8 +320,8 @@ pub struct CacheRecodeArgs {
     /// Also move entries (after the first) below this probability into the tail.
     #[arg(long, default_value_t = 0.0, value_name = "P")]
     pub min_prob: f64,
-    #[arg(long, default_value = "q8", value_parser = ["q8", "f32"])]
-    pub codec: String,
+    #[arg(long, default_value = "q8", value_name = "q8|f32")]
+    pub codec: retort_distill::cache::Codec,
     #[arg(long, short = 'o', value_name = "DIR")]
     pub out: PathBuf,
 }

@@ -19,6 +19,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod by_name;
 mod conversation;
 pub mod dataset;
 mod error;

@@ -81,20 +81,10 @@ impl Divergence {
     }
 }
 
-/// Serde for a divergence written as its name (`"jsd:0.5"`), as recipes write it: parsed and
-/// range-checked once, where the recipe is read (`#[serde(with = "crate::loss::by_name")]`).
-pub mod by_name {
-    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
-
-    use super::Divergence;
-
-    pub fn serialize<S: Serializer>(d: &Divergence, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(d)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Divergence, D::Error> {
-        let name = String::deserialize(d)?;
-        Divergence::parse(&name).map_err(D::Error::custom)
+impl std::str::FromStr for Divergence {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Divergence::parse(s)
     }
 }
 

@@ -201,67 +201,16 @@ fn run(
         let len = chunk.min(n - start);
         let hv = Var::from_tensor(&h.narrow(0, start, len)?)?; // (n, C) leaf
         let s_logits = narrow_vocab(student.lm_head(hv.as_tensor())?, obj.vocab_limit)?; // (n, V)
-        let targets = mb.targets.narrow(0, start, len)?;
         let scale = backward.as_ref().map_or(1.0, |(n, _)| 1.0 / *n);
-        let fused = match (&obj.kd, &t_hidden, teacher) {
-            (Some(k), _, _) if mb.sparse.is_some() => {
-                let sp = mb.sparse.as_ref().map(|s| s.slice(start, len));
-                if !s_logits.device().is_cpu() {
-                    return Err(Error::invalid(
-                        "KD from a logit cache runs on the CPU only for now",
-                        "train on the CPU, or give the recipe a live teacher without `cache`",
-                    ));
-                }
-                sp.map(|sp| {
-                    sparse::sparse_kd_ce(
-                        &s_logits,
-                        &sp,
-                        &targets,
-                        k.divergence,
-                        k.temperature,
-                        k.alpha,
-                        scale,
-                    )
-                })
-                .transpose()?
-            }
-            _ if !s_logits.device().is_cpu() => None,
-            (None, _, _) => Some(fused::forward_kl_ce(
-                &s_logits, None, &targets, 1.0, 0.0, scale,
-            )?),
-            (Some(k), Some(th), Some(t)) if k.divergence == Divergence::ForwardKl => {
-                let t_logits =
-                    narrow_vocab(t.lm_head(&th.narrow(0, start, len)?)?, obj.vocab_limit)?;
-                Some(fused::forward_kl_ce(
-                    &s_logits,
-                    Some(&t_logits),
-                    &targets,
-                    k.temperature,
-                    k.alpha,
-                    scale,
-                )?)
-            }
-            _ => None,
-        };
-        let total = if let Some(f) = fused {
-            sums.ce += f.ce_sum;
-            sums.kd += f.kd_sum;
-            f.loss // already scaled by 1 / normalizer
-        } else {
-            let ce = cross_entropy_sum(&s_logits, &targets)?;
-            sums.ce += scalar(&ce)?;
-            let total = match (&obj.kd, &t_hidden, teacher) {
-                (Some(k), Some(th), Some(t)) => {
-                    let t_logits =
-                        narrow_vocab(t.lm_head(&th.narrow(0, start, len)?)?, obj.vocab_limit)?;
-                    let kd = divergence_sum(&s_logits, &t_logits, k.divergence, k.temperature)?;
-                    sums.kd += scalar(&kd)?;
-                    k.mix().loss_tensors(&ce, &kd)?
-                }
-                _ => ce,
-            };
-            (total * scale)?
-        };
+        let total = chunk_loss(
+            obj,
+            mb,
+            (teacher, t_hidden.as_ref()),
+            &s_logits,
+            (start, len),
+            scale,
+            &mut sums,
+        )?;
         if let Some((_, grads)) = backward.as_mut() {
             let store = total.backward()?;
             grads.add_store(student.vars(), &store)?;
@@ -281,4 +230,78 @@ fn run(
         grads.add_store(student.vars(), &store)?;
     }
     Ok(sums)
+}
+
+/// One chunk of rows `start..start + len`: the student's logits against the targets (and the
+/// teacher's logits or the cache's top-k), the loss scaled by `scale` (1 / normalizer when
+/// training), its CE and KD sums added to `sums`. The fused one-pass losses on the CPU, the
+/// composed ops elsewhere and for the divergences without a fused version.
+fn chunk_loss(
+    obj: &Objective,
+    mb: &MicroBatch,
+    (teacher, t_hidden): (Option<&Model>, Option<&Tensor>),
+    s_logits: &Tensor,
+    (start, len): (usize, usize),
+    scale: f64,
+    sums: &mut LossSums,
+) -> Result<Tensor> {
+    let targets = mb.targets.narrow(0, start, len)?;
+    let fused = match (&obj.kd, t_hidden, teacher) {
+        (Some(k), _, _) if mb.sparse.is_some() => {
+            let sp = mb.sparse.as_ref().map(|s| s.slice(start, len));
+            if !s_logits.device().is_cpu() {
+                return Err(Error::invalid(
+                    "KD from a logit cache runs on the CPU only for now",
+                    "train on the CPU, or give the recipe a live teacher without `cache`",
+                ));
+            }
+            sp.map(|sp| {
+                sparse::sparse_kd_ce(
+                    s_logits,
+                    &sp,
+                    &targets,
+                    k.divergence,
+                    k.temperature,
+                    k.alpha,
+                    scale,
+                )
+            })
+            .transpose()?
+        }
+        _ if !s_logits.device().is_cpu() => None,
+        (None, _, _) => Some(fused::forward_kl_ce(
+            s_logits, None, &targets, 1.0, 0.0, scale,
+        )?),
+        (Some(k), Some(th), Some(t)) if k.divergence == Divergence::ForwardKl => {
+            let t_logits = narrow_vocab(t.lm_head(&th.narrow(0, start, len)?)?, obj.vocab_limit)?;
+            Some(fused::forward_kl_ce(
+                s_logits,
+                Some(&t_logits),
+                &targets,
+                k.temperature,
+                k.alpha,
+                scale,
+            )?)
+        }
+        _ => None,
+    };
+    Ok(if let Some(f) = fused {
+        sums.ce += f.ce_sum;
+        sums.kd += f.kd_sum;
+        f.loss // already scaled by 1 / normalizer
+    } else {
+        let ce = cross_entropy_sum(s_logits, &targets)?;
+        sums.ce += scalar(&ce)?;
+        let total = match (&obj.kd, t_hidden, teacher) {
+            (Some(k), Some(th), Some(t)) => {
+                let t_logits =
+                    narrow_vocab(t.lm_head(&th.narrow(0, start, len)?)?, obj.vocab_limit)?;
+                let kd = divergence_sum(s_logits, &t_logits, k.divergence, k.temperature)?;
+                sums.kd += scalar(&kd)?;
+                k.mix().loss_tensors(&ce, &kd)?
+            }
+            _ => ce,
+        };
+        (total * scale)?
+    })
 }

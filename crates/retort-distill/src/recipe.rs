@@ -108,7 +108,7 @@ pub struct TrainParams {
     /// Products of the linear layers, LM heads and attention (student and online teacher):
     /// `f32`, or `bf16` (f32 weights and accumulation, bf16 products: on AMX tiles where the CPU
     /// has them, else AVX-512 BF16, else f32). PyTorch's bf16 autocast, without bf16 copies of
-    /// the weights; on an AMX CPU it is the fast setting (`docs/performance.md`).
+    /// the weights; on an AMX CPU it is the fast setting (`docs/performance-history.md`).
     pub matmul: MatmulPrecision,
     /// Stop a run with the last good checkpoint intact on a non-finite loss or gradient.
     pub nan_guard: bool,
@@ -164,7 +164,7 @@ pub struct Stage {
     pub skip_invalid: bool,
     pub method: Method,
     /// KD divergence (`forward_kl`, `reverse_kl`, `jsd:β`, `skew_forward_kl:α`, `skew_reverse_kl:α`, `tvd`).
-    #[serde(default = "default_loss", with = "crate::loss::by_name")]
+    #[serde(default = "default_loss", with = "retort_data::by_name")]
     pub loss: Divergence,
     /// Weight of KD in `(1 − α)·CE + α·KD`.
     #[serde(default = "one")]

@@ -17,7 +17,7 @@ use crate::batch::{self, Sample, TokenizeReport};
 use crate::cache::Reader;
 use crate::error::{Error, Result};
 use crate::objective::{KdTerm, Objective};
-use crate::recipe::{Method, Recipe, Stage};
+use crate::recipe::{Method, Recipe, Stage, TrainParams};
 
 /// A stage ready to train.
 #[derive(Debug)]
@@ -94,7 +94,7 @@ fn estimate_memory(student: &Model, teacher: Option<&Model>, recipe: &Recipe) ->
     // Per layer and token, autograd keeps ~ (30·C + 8·F) f32 values (the differentiable norm,
     // RoPE, softmax and SiLU compositions keep their intermediates); attention keeps ~4 copies
     // of B·H·T² scores. Calibrated against the measured peak RSS of recipes/healthbench-kd.toml
-    // (6.0 GiB; see docs/performance.md).
+    // (6.0 GiB; see docs/performance-history.md).
     let per_layer = tokens * (30 * s.hidden_size as u64 + 8 * s.intermediate_size as u64) * 4
         + (t.batch_size * s.num_attention_heads * t.max_len * t.max_len) as u64 * 4 * 4;
     let activations = per_layer * s.num_hidden_layers as u64;
@@ -247,95 +247,16 @@ pub fn prepare(recipe: Recipe, device: &Device) -> Result<Plan> {
         (None, id) => (id, vocab_limit),
     };
     let pad_id = tokenizer.stop_ids().first().copied().unwrap_or(0);
-    let t = &recipe.train;
     let mut stages = Vec::with_capacity(recipe.stages.len());
     for (index, stage) in recipe.stages.iter().enumerate() {
-        let opts = ReadOptions {
-            format: stage.format,
-            skip_invalid: stage.skip_invalid,
+        let data = StageData {
+            tokenizer: &tokenizer,
+            context,
+            cache: cache.as_ref(),
+            live_teacher: teacher.is_some(),
+            vocab_limit,
         };
-        let ds = dataset::read(&stage.data, &opts)?;
-        let (samples, tok_report) = batch::tokenize(&ds, &tokenizer, t.max_len, t.truncation)?;
-        batch::check_context(&samples, context, &stage.data, "train.max_len")?;
-        let (train, eval, eval_source) = match &stage.eval_data {
-            Some(p) => {
-                let eds = dataset::read(p, &opts)?;
-                let (e, _) = batch::tokenize(&eds, &tokenizer, t.max_len, t.truncation)?;
-                batch::check_context(&e, context, p, "train.max_len")?;
-                (samples, e, p.display().to_string())
-            }
-            None => {
-                let (tr, ev) = split_eval(samples, t.eval_fraction, t.seed);
-                (
-                    tr,
-                    ev,
-                    format!("{:.0}% of the data", t.eval_fraction * 100.0),
-                )
-            }
-        };
-        if train.is_empty() {
-            return Err(Error::invalid(
-                format!(
-                    "stage `{}`: no training samples left in `{}`",
-                    stage.name,
-                    stage.data.display()
-                ),
-                "check max_len (samples may all be cut away) and eval_fraction",
-            ));
-        }
-        let lengths: Vec<usize> = train.iter().map(|s| s.ids.len()).collect();
-        let plan0 = batch::plan_epoch(&lengths, t.batch_size, t.bucket_batches, t.seed, 0);
-        let steps_per_epoch = plan0.len().div_ceil(t.grad_accum);
-        let mut total_steps = steps_per_epoch * stage.epochs;
-        if let Some(m) = stage.max_steps {
-            total_steps = total_steps.min(m);
-        }
-        let kd = match stage.method {
-            Method::Sft => None,
-            Method::Kd => Some(KdTerm {
-                divergence: stage.loss,
-                temperature: stage.temperature,
-                alpha: stage.alpha,
-            }),
-        };
-        let cache_hits = match (&cache, &kd) {
-            (Some(c), Some(_)) => Some(cache_coverage(
-                c,
-                &stage.name,
-                &ds.sha256,
-                &train,
-                &eval,
-                teacher.is_some(),
-            )?),
-            _ => None,
-        };
-        let report = DataReport {
-            data: stage.data.clone(),
-            data_sha256: ds.sha256.clone(),
-            format: ds.format.to_string(),
-            skipped_invalid: ds.skipped.len(),
-            tokenize: tok_report,
-            eval_source,
-            train_samples: train.len(),
-            eval_samples: eval.len(),
-            train_loss_tokens: train.iter().map(Sample::loss_tokens).sum(),
-            padding_waste: batch::padding_waste(&lengths, &plan0),
-            cache_hits,
-        };
-        stages.push(StagePlan {
-            index,
-            stage: stage.clone(),
-            objective: Objective {
-                kd,
-                chunk_rows: t.chunk_rows,
-                vocab_limit,
-            },
-            train,
-            eval,
-            report,
-            total_steps,
-            steps_per_epoch,
-        });
+        stages.push(plan_stage(index, stage, &recipe.train, &data)?);
     }
     let memory = estimate_memory(&student, teacher.as_ref(), &recipe);
     Ok(Plan {
@@ -348,6 +269,114 @@ pub fn prepare(recipe: Recipe, device: &Device) -> Result<Plan> {
         stages,
         pad_id,
         memory,
+    })
+}
+
+/// What every stage's data is checked and planned against.
+struct StageData<'a> {
+    tokenizer: &'a Tokenizer,
+    /// Longest sample the student and the teacher take.
+    context: usize,
+    cache: Option<&'a Reader>,
+    live_teacher: bool,
+    vocab_limit: Option<usize>,
+}
+
+/// One stage: its data read, tokenized, checked against the context and split; its steps, KD
+/// term and cache coverage.
+fn plan_stage(index: usize, stage: &Stage, t: &TrainParams, d: &StageData) -> Result<StagePlan> {
+    let (tokenizer, context, cache, live_teacher, vocab_limit) = (
+        d.tokenizer,
+        d.context,
+        d.cache,
+        d.live_teacher,
+        d.vocab_limit,
+    );
+    let opts = ReadOptions {
+        format: stage.format,
+        skip_invalid: stage.skip_invalid,
+    };
+    let ds = dataset::read(&stage.data, &opts)?;
+    let (samples, tok_report) = batch::tokenize(&ds, tokenizer, t.max_len, t.truncation)?;
+    batch::check_context(&samples, context, &stage.data, "train.max_len")?;
+    let (train, eval, eval_source) = match &stage.eval_data {
+        Some(p) => {
+            let eds = dataset::read(p, &opts)?;
+            let (e, _) = batch::tokenize(&eds, tokenizer, t.max_len, t.truncation)?;
+            batch::check_context(&e, context, p, "train.max_len")?;
+            (samples, e, p.display().to_string())
+        }
+        None => {
+            let (tr, ev) = split_eval(samples, t.eval_fraction, t.seed);
+            (
+                tr,
+                ev,
+                format!("{:.0}% of the data", t.eval_fraction * 100.0),
+            )
+        }
+    };
+    if train.is_empty() {
+        return Err(Error::invalid(
+            format!(
+                "stage `{}`: no training samples left in `{}`",
+                stage.name,
+                stage.data.display()
+            ),
+            "check max_len (samples may all be cut away) and eval_fraction",
+        ));
+    }
+    let lengths: Vec<usize> = train.iter().map(|s| s.ids.len()).collect();
+    let plan0 = batch::plan_epoch(&lengths, t.batch_size, t.bucket_batches, t.seed, 0);
+    let steps_per_epoch = plan0.len().div_ceil(t.grad_accum);
+    let mut total_steps = steps_per_epoch * stage.epochs;
+    if let Some(m) = stage.max_steps {
+        total_steps = total_steps.min(m);
+    }
+    let kd = match stage.method {
+        Method::Sft => None,
+        Method::Kd => Some(KdTerm {
+            divergence: stage.loss,
+            temperature: stage.temperature,
+            alpha: stage.alpha,
+        }),
+    };
+    let cache_hits = match (&cache, &kd) {
+        (Some(c), Some(_)) => Some(cache_coverage(
+            c,
+            &stage.name,
+            &ds.sha256,
+            &train,
+            &eval,
+            live_teacher,
+        )?),
+        _ => None,
+    };
+    let report = DataReport {
+        data: stage.data.clone(),
+        data_sha256: ds.sha256.clone(),
+        format: ds.format.to_string(),
+        skipped_invalid: ds.skipped.len(),
+        tokenize: tok_report,
+        eval_source,
+        train_samples: train.len(),
+        eval_samples: eval.len(),
+        train_loss_tokens: train.iter().map(Sample::loss_tokens).sum(),
+        padding_waste: batch::padding_waste(&lengths, &plan0),
+        cache_hits,
+    };
+    Ok(StagePlan {
+        index,
+        stage: stage.clone(),
+        objective: Objective {
+            kd,
+            chunk_rows: t.chunk_rows,
+            vocab_limit,
+        },
+        train,
+        eval,
+        report,
+        total_steps,
+        steps_per_epoch,
     })
 }
 

@@ -193,7 +193,7 @@ pub fn markdown(
     s
 }
 
-/// The CPU and the threads the report was made with (`/proc/cpuinfo`, `RAYON_NUM_THREADS`).
+/// The CPU and the threads the report was made with (`/proc/cpuinfo`, candle's thread count).
 fn machine() -> String {
     let cpu = fs_err::read_to_string("/proc/cpuinfo")
         .ok()
@@ -205,13 +205,15 @@ fn machine() -> String {
         })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
-    format!("{cpu}, {cores} logical CPUs, RAYON_NUM_THREADS={threads}")
+    let threads = candle_core::utils::get_num_threads();
+    format!("{cpu}, {cores} logical CPUs, {threads} threads")
 }
 
-fn font_path() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("RETORT_FONT") {
-        return Some(PathBuf::from(p));
+/// `font` if given (the CLI's `RETORT_FONT`), else DejaVu Sans or Liberation Sans where the
+/// system has them.
+fn font_path(font: Option<&Path>) -> Option<PathBuf> {
+    if let Some(p) = font {
+        return Some(p.to_path_buf());
     }
     [
         "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
@@ -226,10 +228,10 @@ fn font_path() -> Option<PathBuf> {
 }
 
 /// Register a font for plot text once per process.
-fn ensure_font() -> Result<()> {
+fn ensure_font(font: Option<&Path>) -> Result<()> {
     static DONE: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
     DONE.get_or_init(|| {
-        let path = font_path().ok_or("no TrueType font found")?;
+        let path = font_path(font).ok_or("no TrueType font found")?;
         let bytes = fs_err::read(&path).map_err(|e| e.to_string())?;
         let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
         register_font("sans-serif", FontStyle::Normal, bytes)
@@ -273,7 +275,7 @@ fn finish<X: Ranged, Y: Ranged>(
 /// Held-out NLL against training-set size (log scale), one line per arm through the seed means,
 /// every seed as a dot.
 pub fn plot_nll_vs_size(exp: &Experiment, cells: &[CellResult], path: &Path) -> Result<()> {
-    ensure_font()?;
+    ensure_font(None)?;
     let groups = by_arm_and_size(exp, cells);
     let xs: Vec<f64> = cells.iter().map(|c| c.train_size as f64).collect();
     let ys: Vec<f64> = cells.iter().map(|c| c.nll).collect();
@@ -340,7 +342,7 @@ pub fn plot_loss_curves(
     cells: &[CellResult],
     path: &Path,
 ) -> Result<()> {
-    ensure_font()?;
+    ensure_font(None)?;
     let mut curves: Vec<(usize, Vec<(f64, f64)>)> = Vec::new();
     for c in cells {
         let Ok(text) = fs_err::read_to_string(cells_dir.join(&c.id).join("metrics.jsonl")) else {
@@ -398,14 +400,17 @@ pub fn plot_loss_curves(
     finish(chart, &root)
 }
 
-/// Write `report.md` and the plots into `out`.
+/// Write `report.md` and the plots into `out`; plot text in `font` (a .ttf file) if given, else
+/// a system font.
 pub fn write(
     exp: &Experiment,
     out: &Path,
     cells: &[CellResult],
     baselines: &[BaselineResult],
     command: &str,
+    font: Option<&Path>,
 ) -> Result<PathBuf> {
+    ensure_font(font)?;
     plot_nll_vs_size(exp, cells, &out.join(PLOT_SIZE))?;
     plot_loss_curves(exp, &out.join("cells"), cells, &out.join(PLOT_LOSS))?;
     // Results written before `steps` existed: count them from the cell's metrics.

@@ -2,7 +2,7 @@
 //! (`tdpbf16ps`): the same contract as [`super::bf16_gemm::gemm`] (f32 in, f32 out, operands
 //! rounded to bf16 while packed), on the matrix unit of Sapphire Rapids and later Xeons.
 //!
-//! Why: on the AMX Xeon host of `docs/performance.md` the AVX-512 `vdpbf16ps` GEMM reached only
+//! Why: on the AMX Xeon host of `docs/performance-history.md` the AVX-512 `vdpbf16ps` GEMM reached only
 //! 0.46–0.59× candle's f32 GEMM, while one `tdpbf16ps` multiplies a 16×32 by a 32×16 bf16 tile
 //! (8,192 multiply-adds) per instruction. Neither candle nor `gemm` uses the tiles.
 //!

@@ -1,5 +1,5 @@
 //! retort's CPU kernels: the ones candle 0.11 does not have on the CPU, each with a measured reason (see
-//! `docs/performance.md`) and tests against the plain composition it replaces (values and
+//! `docs/performance-history.md`) and tests against the plain composition it replaces (values and
 //! gradients).
 //!
 //! - [`bf16_gemm`]: f32-in/f32-out GEMM with bf16 products (AVX-512 BF16); candle widens bf16
@@ -11,6 +11,8 @@
 //!   gradient, and the compositions allocate a tensor per step.
 //! - [`q8_matmul`]: Q8_0 weights × f32 activations for decoding on AVX-512 VNNI, activations
 //!   quantized in blocks of 32; candle's kernel needs input widths that are multiples of 256.
+//! - [`mod@decode_attention`]: attention for one new position per row (generation), reading the
+//!   key/value cache in place and skipping each row's left padding; no backward.
 //! - [`cpu`]: the CPU's features, detected once, and the switches that turn these kernels off
 //!   (set by binaries, never read from the environment by a library); [`runtime`]: the
 //!   process settings they run under (allocator, environment at start).
@@ -19,9 +21,6 @@
 //! instruction set this CPU lacks is reported as ignored with the reason (see `build.rs`).
 //! This is the one crate of retort with `unsafe` code (intrinsics, inline assembly, raw
 //! pointers shared by threads); each block states its invariant.
-//!
-//! - [`mod@decode_attention`]: attention for one new position per row (generation), reading the
-//!   key/value cache in place and skipping each row's left padding; no backward.
 
 pub mod amx_gemm;
 pub mod bf16_gemm;

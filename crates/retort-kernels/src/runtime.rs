@@ -6,7 +6,7 @@
 //! (25 % of the process's time was in the kernel in `perf`). PyTorch avoids it with a caching
 //! allocator. Here glibc is told to serve every allocation from its heap and never give memory
 //! back (`M_MMAP_MAX = 0`, a high `M_TRIM_THRESHOLD`), so freed tensors are reused as-is.
-//! Measured with the train bench (`docs/performance.md`, `--allocator system|retain` of the same
+//! Measured with the train bench (`docs/performance-history.md`, `--allocator system|retain` of the same
 //! binary): 5.12 → 3.64 s per KD step.
 //!
 //! One arena (`M_ARENA_MAX = 1`): the kernels run on short-lived scoped threads, and glibc

@@ -47,6 +47,31 @@ pub enum WeightFormat {
     Q8_0,
 }
 
+impl std::str::FromStr for WeightFormat {
+    type Err = String;
+    /// The names the CLI and pipelines use: `f32`, `q8`, `quantized`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "q8" => Ok(Self::Q8_0),
+            "quantized" => Ok(Self::Quantized),
+            _ => Err(format!(
+                "unknown weights `{s}` (expected q8, f32 or quantized)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Q8_0 => "q8",
+            Self::Quantized => "quantized",
+        })
+    }
+}
+
 /// All tensors of one checkpoint, by Hugging Face name.
 #[derive(Debug)]
 pub struct Weights {

@@ -272,7 +272,7 @@ fn continuous_batching_equals_each_prompt_alone() {
             let model = Model::frozen(&cfg, &weights, format).unwrap();
             // A left-padded batch sums attention in another order (f32 log-probs move by ≤ 4e-6);
             // Q8_0 rounds every activation block to 8 bits, which can turn that into a flipped
-            // rounding: 1.2e-3 seen here (docs/performance.md, "Answers"). Each row's own
+            // rounding: 1.2e-3 seen here (docs/performance-history.md, "Answers"). Each row's own
             // quantized product does not depend on the batch (`q8_matmul` tests).
             let tolerance = match format {
                 WeightFormat::Q8_0 => 1e-2,

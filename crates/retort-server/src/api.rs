@@ -146,6 +146,10 @@ impl IntoResponse for ApiError {
 }
 
 type ApiResult<T> = Result<T, ApiError>;
+/// Where the model thread answers a scoring job: per-position log-probs (`None` at position 0).
+type ScoreReply = oneshot::Receiver<Result<Vec<Option<PositionLogprobs>>, String>>;
+/// Where the model thread answers a generation job: one completion per choice.
+type GenerateReply = oneshot::Receiver<Result<Vec<Completion>, String>>;
 
 /// Parse a JSON body; an error names the field (`messages[0].content`) and the position.
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
@@ -695,53 +699,8 @@ async fn completions_inner(s: Shared, headers: HeaderMap, body: Bytes) -> ApiRes
     let req: CompletionRequest = parse(&body)?;
     check_model(&s, &req.model)?;
     let prompts = completion_prompts(&s, &req.prompt)?;
-    if let Some(k) = req.prompt_logprobs
-        && (k == 0 || k > MAX_PROMPT_LOGPROBS)
-    {
-        return Err(ApiError::bad(format!(
-            "prompt_logprobs must be between 1 and {MAX_PROMPT_LOGPROBS}, got {k}"
-        ))
-        .param("prompt_logprobs"));
-    }
-    if let Some(k) = req.logprobs
-        && k > MAX_TOP_LOGPROBS
-    {
-        return Err(ApiError::bad(format!(
-            "logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {k}"
-        ))
-        .param("logprobs"));
-    }
     let echo = req.echo.unwrap_or(false);
-    // OpenAI's default is 16 tokens; scoring requests (prompt_logprobs) generate nothing.
-    let max_tokens = match (req.max_tokens, req.prompt_logprobs) {
-        (Some(m), _) => m,
-        (None, Some(_)) => 0,
-        (None, None) => 16,
-    };
-    // Every prompt is checked before any work, the size of the answer included.
-    for ids in &prompts {
-        admit(ids.len(), Some(max_tokens), s.context)?;
-        let k = req
-            .prompt_logprobs
-            .unwrap_or(0)
-            .max(req.logprobs.unwrap_or(0));
-        if k.saturating_mul(ids.len()) > MAX_LOGPROB_ENTRIES {
-            return Err(ApiError::bad(format!(
-                "{k} log-probs at each of {} prompt positions is more than {MAX_LOGPROB_ENTRIES} \
-                 entries in one answer; ask for fewer, or split the prompt",
-                ids.len()
-            ))
-            .param(if req.prompt_logprobs.is_some() {
-                "prompt_logprobs"
-            } else {
-                "logprobs"
-            }));
-        }
-    }
-    let n = req.n.unwrap_or(1);
-    if n == 0 || n > MAX_N {
-        return Err(ApiError::bad(format!("n must be between 1 and {MAX_N}, got {n}")).param("n"));
-    }
+    let (max_tokens, n) = check_completion(&s, &req, &prompts)?;
     if req.stream == Some(true) {
         return stream_completion(s, &req, &prompts, max_tokens, echo);
     }
@@ -751,53 +710,7 @@ async fn completions_inner(s: Shared, headers: HeaderMap, body: Bytes) -> ApiRes
     // answers are collected in order.
     let mut pending = Vec::with_capacity(prompts.len());
     for ids in &prompts {
-        // Log-probs of the prompt's own tokens: for echo + logprobs, and prompt_logprobs.
-        let score_rx = if req.prompt_logprobs.is_some() || (echo && req.logprobs.is_some()) {
-            let k = req
-                .prompt_logprobs
-                .unwrap_or(0)
-                .max(req.logprobs.unwrap_or(0))
-                .max(1);
-            let admission = admit_rows(&s, 1)?;
-            let (tx, rx) = oneshot::channel();
-            let job = Job::Score {
-                ids: ids.clone(),
-                k,
-                reply: tx,
-            };
-            send_job(&s, job, admission)?;
-            Some(rx)
-        } else {
-            None
-        };
-        let gen_rx = if max_tokens > 0 {
-            let params = sampling(
-                &s,
-                ids.len(),
-                req.n,
-                Some(max_tokens),
-                req.temperature,
-                req.top_p,
-                req.repetition_penalty,
-                req.seed,
-                req.stop.clone().map(|s| s.into_vec()),
-                req.logprobs,
-                req.ignore_eos,
-            )?;
-            let admission = admit_rows(&s, params.len())?;
-            let (tx, rx) = oneshot::channel();
-            let job = Job::Generate {
-                prompt: ids.clone(),
-                params,
-                stream: None,
-                reply: tx,
-            };
-            send_job(&s, job, admission)?;
-            Some(rx)
-        } else {
-            None
-        };
-        pending.push((score_rx, gen_rx));
+        pending.push(submit_completion(&s, &req, ids, max_tokens, echo)?);
     }
     for (ids, (score_rx, gen_rx)) in prompts.iter().zip(pending) {
         let scored = match score_rx {
@@ -855,6 +768,121 @@ async fn completions_inner(s: Shared, headers: HeaderMap, body: Bytes) -> ApiRes
         }),
     })
     .into_response())
+}
+
+/// Everything a `/v1/completions` request is checked for before any work: log-prob counts,
+/// each prompt's size with its answer, the answer's log-prob entries, `n`. Returns the tokens to
+/// generate per choice (OpenAI's default 16; scoring requests generate nothing) and `n`.
+fn check_completion(
+    s: &Shared,
+    req: &CompletionRequest,
+    prompts: &[Vec<u32>],
+) -> ApiResult<(usize, usize)> {
+    if let Some(k) = req.prompt_logprobs
+        && (k == 0 || k > MAX_PROMPT_LOGPROBS)
+    {
+        return Err(ApiError::bad(format!(
+            "prompt_logprobs must be between 1 and {MAX_PROMPT_LOGPROBS}, got {k}"
+        ))
+        .param("prompt_logprobs"));
+    }
+    if let Some(k) = req.logprobs
+        && k > MAX_TOP_LOGPROBS
+    {
+        return Err(ApiError::bad(format!(
+            "logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {k}"
+        ))
+        .param("logprobs"));
+    }
+    // OpenAI's default is 16 tokens; scoring requests (prompt_logprobs) generate nothing.
+    let max_tokens = match (req.max_tokens, req.prompt_logprobs) {
+        (Some(m), _) => m,
+        (None, Some(_)) => 0,
+        (None, None) => 16,
+    };
+    // Every prompt is checked before any work, the size of the answer included.
+    for ids in prompts {
+        admit(ids.len(), Some(max_tokens), s.context)?;
+        let k = req
+            .prompt_logprobs
+            .unwrap_or(0)
+            .max(req.logprobs.unwrap_or(0));
+        if k.saturating_mul(ids.len()) > MAX_LOGPROB_ENTRIES {
+            return Err(ApiError::bad(format!(
+                "{k} log-probs at each of {} prompt positions is more than {MAX_LOGPROB_ENTRIES} \
+                 entries in one answer; ask for fewer, or split the prompt",
+                ids.len()
+            ))
+            .param(if req.prompt_logprobs.is_some() {
+                "prompt_logprobs"
+            } else {
+                "logprobs"
+            }));
+        }
+    }
+    let n = req.n.unwrap_or(1);
+    if n == 0 || n > MAX_N {
+        return Err(ApiError::bad(format!("n must be between 1 and {MAX_N}, got {n}")).param("n"));
+    }
+    Ok((max_tokens, n))
+}
+
+/// The model-thread jobs of one prompt: scoring its own tokens (for `echo` + `logprobs`, and
+/// `prompt_logprobs`) and generating its `n` choices; their reply channels.
+fn submit_completion(
+    s: &Shared,
+    req: &CompletionRequest,
+    ids: &[u32],
+    max_tokens: usize,
+    echo: bool,
+) -> ApiResult<(Option<ScoreReply>, Option<GenerateReply>)> {
+    // Log-probs of the prompt's own tokens: for echo + logprobs, and prompt_logprobs.
+    let score_rx = if req.prompt_logprobs.is_some() || (echo && req.logprobs.is_some()) {
+        let k = req
+            .prompt_logprobs
+            .unwrap_or(0)
+            .max(req.logprobs.unwrap_or(0))
+            .max(1);
+        let admission = admit_rows(s, 1)?;
+        let (tx, rx) = oneshot::channel();
+        let job = Job::Score {
+            ids: ids.to_vec(),
+            k,
+            reply: tx,
+        };
+        send_job(s, job, admission)?;
+        Some(rx)
+    } else {
+        None
+    };
+    let gen_rx = if max_tokens > 0 {
+        let params = sampling(
+            s,
+            ids.len(),
+            req.n,
+            Some(max_tokens),
+            req.temperature,
+            req.top_p,
+            req.repetition_penalty,
+            req.seed,
+            req.stop.clone().map(|s| s.into_vec()),
+            req.logprobs,
+            req.ignore_eos,
+        )?;
+        let admission = admit_rows(s, params.len())?;
+        let (tx, rx) = oneshot::channel();
+        let job = Job::Generate {
+            prompt: ids.to_vec(),
+            params,
+            stream: None,
+            reply: tx,
+        };
+        send_job(s, job, admission)?;
+        Some(rx)
+    } else {
+        None
+    };
+    Ok((score_rx, gen_rx))
 }
 
 /// A streamed `/v1/completions` answer: one prompt, `n` choices, text deltas as SSE chunks

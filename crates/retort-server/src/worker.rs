@@ -81,6 +81,8 @@ impl Active {
 }
 
 impl Worker {
+    /// The model thread: (1) take the jobs that arrived (wait for one when idle), (2) free the
+    /// rows of clients that went away, (3) run one step of the batch and deliver its events.
     pub fn run(self, rx: mpsc::Receiver<Job>) {
         let Worker {
             gen_model,
@@ -98,22 +100,20 @@ impl Worker {
                 return;
             }
         };
-        let mut active: HashMap<u64, Active> = HashMap::new();
-        let mut owner: HashMap<u64, (u64, usize)> = HashMap::new(); // row → (job, choice)
-        let (mut next_job, mut next_row) = (0u64, 0u64);
+        let mut jobs = Jobs::default();
         loop {
             // 1. Jobs: wait for one when idle, else take whatever has arrived.
-            let mut jobs = Vec::new();
+            let mut arrived = Vec::new();
             if engine.is_idle() {
                 match rx.recv() {
-                    Ok(j) => jobs.push(j),
+                    Ok(j) => arrived.push(j),
                     Err(_) => return,
                 }
             }
             while let Ok(j) = rx.try_recv() {
-                jobs.push(j);
+                arrived.push(j);
             }
-            for job in jobs {
+            for job in arrived {
                 match job {
                     Job::Score { ids, k, reply } => {
                         let out = score(&mut score_model, &path, &device, &ids, k)
@@ -126,107 +126,25 @@ impl Worker {
                         params,
                         stream,
                         reply,
-                    } => {
-                        let id = next_job;
-                        next_job += 1;
-                        let admitted = params.len();
-                        let mut rows = Vec::with_capacity(params.len());
-                        let mut failed = None;
-                        for (c, p) in params.into_iter().enumerate() {
-                            let row = next_row;
-                            next_row += 1;
-                            if let Err(e) = engine.submit(row, prompt.clone(), p) {
-                                failed = Some(e.to_string());
-                                break;
-                            }
-                            owner.insert(row, (id, c));
-                            rows.push(row);
-                        }
-                        let a = Active {
-                            admitted,
-                            arrived_at_step: engine.stats().steps,
-                            done: vec![None; rows.len()],
-                            rows,
-                            stream,
-                            reply,
-                        };
-                        if let Some(e) = failed {
-                            finish(&mut engine, &mut owner, a, Err(e), &metrics);
-                        } else {
-                            active.insert(id, a);
-                        }
-                    }
+                    } => jobs.submit(&mut engine, &metrics, prompt, params, (stream, reply)),
                 }
             }
             // 2. Clients that went away free their rows.
-            let gone: Vec<u64> = active
-                .iter()
-                .filter(|(_, a)| a.gone())
-                .map(|(&id, _)| id)
-                .collect();
-            for id in gone {
-                if let Some(a) = active.remove(&id) {
-                    metrics.cancelled.fetch_add(1, Ordering::SeqCst);
-                    finish(
-                        &mut engine,
-                        &mut owner,
-                        a,
-                        Err("cancelled".into()),
-                        &metrics,
-                    );
-                }
-            }
+            jobs.cancel_gone(&mut engine, &metrics);
             // 3. One step of the batch.
             if !engine.is_idle() {
                 let before = engine.stats().steps;
                 match engine.step() {
                     Ok(events) => {
                         for e in events {
-                            match e {
-                                Event::Text(row, piece) => {
-                                    if let Some(&(job, c)) = owner.get(&row)
-                                        && let Some(tx) =
-                                            active.get(&job).and_then(|a| a.stream.as_ref())
-                                    {
-                                        let _ = tx.send((c, piece));
-                                    }
-                                }
-                                Event::Done(row, completion) => {
-                                    let Some((job, c)) = owner.remove(&row) else {
-                                        continue;
-                                    };
-                                    metrics
-                                        .generated_tokens
-                                        .fetch_add(completion.ids.len() as u64, Ordering::SeqCst);
-                                    let Some(a) = active.get_mut(&job) else {
-                                        continue;
-                                    };
-                                    a.done[c] = Some(completion);
-                                    if a.done.iter().all(Option::is_some)
-                                        && let Some(a) = active.remove(&job)
-                                    {
-                                        let cs = a.done.iter().flatten().cloned().collect();
-                                        metrics.completed.fetch_add(1, Ordering::SeqCst);
-                                        let waited =
-                                            engine.stats().steps.saturating_sub(a.arrived_at_step);
-                                        metrics
-                                            .request_steps_sum
-                                            .fetch_add(waited as u64, Ordering::SeqCst);
-                                        metrics.request_steps_count.fetch_add(1, Ordering::SeqCst);
-                                        finish(&mut engine, &mut owner, a, Ok(cs), &metrics);
-                                    }
-                                }
-                            }
+                            jobs.deliver(&mut engine, &metrics, e);
                         }
                     }
                     Err(e) => {
                         // The batch's state is unknown after an error: fail every request in
                         // it and start afresh.
                         tracing::error!("generation failed: {e}");
-                        for (_, a) in active.drain() {
-                            finish(&mut engine, &mut owner, a, Err(e.to_string()), &metrics);
-                        }
-                        owner.clear();
+                        jobs.fail_all(&mut engine, &metrics, &e.to_string());
                         match Batcher::new(&gen_model, &tokenizer, limits) {
                             Ok(fresh) => engine = fresh,
                             Err(e) => {
@@ -247,6 +165,122 @@ impl Worker {
             metrics.cache_bytes.store(bytes, Ordering::SeqCst);
             metrics.peak_cache_bytes.fetch_max(bytes, Ordering::SeqCst);
         }
+    }
+}
+
+/// The generation jobs in the batch and which row belongs to which job's choice.
+#[derive(Default)]
+struct Jobs {
+    active: HashMap<u64, Active>,
+    /// row → (job, choice)
+    owner: HashMap<u64, (u64, usize)>,
+    next_job: u64,
+    next_row: u64,
+}
+
+type Reply = oneshot::Sender<Result<Vec<Completion>, String>>;
+type Stream = Option<tmpsc::UnboundedSender<(usize, String)>>;
+
+impl Jobs {
+    /// A job's choices into the batch, one row each (a refusal answers the job at once).
+    fn submit(
+        &mut self,
+        engine: &mut Batcher<'_>,
+        metrics: &Metrics,
+        prompt: Vec<u32>,
+        params: Vec<SamplingParams>,
+        (stream, reply): (Stream, Reply),
+    ) {
+        let id = self.next_job;
+        self.next_job += 1;
+        let admitted = params.len();
+        let mut rows = Vec::with_capacity(params.len());
+        let mut failed = None;
+        for (c, p) in params.into_iter().enumerate() {
+            let row = self.next_row;
+            self.next_row += 1;
+            if let Err(e) = engine.submit(row, prompt.clone(), p) {
+                failed = Some(e.to_string());
+                break;
+            }
+            self.owner.insert(row, (id, c));
+            rows.push(row);
+        }
+        let a = Active {
+            admitted,
+            arrived_at_step: engine.stats().steps,
+            done: vec![None; rows.len()],
+            rows,
+            stream,
+            reply,
+        };
+        if let Some(e) = failed {
+            finish(engine, &mut self.owner, a, Err(e), metrics);
+        } else {
+            self.active.insert(id, a);
+        }
+    }
+
+    /// Cancel the jobs whose client went away (reply or stream receiver dropped).
+    fn cancel_gone(&mut self, engine: &mut Batcher<'_>, metrics: &Metrics) {
+        let gone: Vec<u64> = self
+            .active
+            .iter()
+            .filter(|(_, a)| a.gone())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            if let Some(a) = self.active.remove(&id) {
+                metrics.cancelled.fetch_add(1, Ordering::SeqCst);
+                finish(engine, &mut self.owner, a, Err("cancelled".into()), metrics);
+            }
+        }
+    }
+
+    /// One event of a step: a text piece to the job's stream, or a finished choice (the job is
+    /// answered when its last choice is done).
+    fn deliver(&mut self, engine: &mut Batcher<'_>, metrics: &Metrics, e: Event) {
+        match e {
+            Event::Text(row, piece) => {
+                if let Some(&(job, c)) = self.owner.get(&row)
+                    && let Some(tx) = self.active.get(&job).and_then(|a| a.stream.as_ref())
+                {
+                    let _ = tx.send((c, piece));
+                }
+            }
+            Event::Done(row, completion) => {
+                let Some((job, c)) = self.owner.remove(&row) else {
+                    return;
+                };
+                metrics
+                    .generated_tokens
+                    .fetch_add(completion.ids.len() as u64, Ordering::SeqCst);
+                let Some(a) = self.active.get_mut(&job) else {
+                    return;
+                };
+                a.done[c] = Some(completion);
+                if a.done.iter().all(Option::is_some)
+                    && let Some(a) = self.active.remove(&job)
+                {
+                    let cs = a.done.iter().flatten().cloned().collect();
+                    metrics.completed.fetch_add(1, Ordering::SeqCst);
+                    let waited = engine.stats().steps.saturating_sub(a.arrived_at_step);
+                    metrics
+                        .request_steps_sum
+                        .fetch_add(waited as u64, Ordering::SeqCst);
+                    metrics.request_steps_count.fetch_add(1, Ordering::SeqCst);
+                    finish(engine, &mut self.owner, a, Ok(cs), metrics);
+                }
+            }
+        }
+    }
+
+    /// Answer every job with `error` and forget every row (the batch is being restarted).
+    fn fail_all(&mut self, engine: &mut Batcher<'_>, metrics: &Metrics, error: &str) {
+        for (_, a) in self.active.drain() {
+            finish(engine, &mut self.owner, a, Err(error.to_string()), metrics);
+        }
+        self.owner.clear();
     }
 }
 

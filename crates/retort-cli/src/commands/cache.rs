@@ -128,7 +128,7 @@ pub fn recode(args: CacheRecodeArgs, quiet: bool) -> Result<()> {
         &src,
         args.top_k,
         args.min_prob,
-        args.codec.parse().map_err(anyhow::Error::msg)?,
+        args.codec,
         &args.out,
         &command,
     );

@@ -159,7 +159,8 @@ pub fn run(args: ExperimentArgs, ctx: &super::Ctx) -> Result<()> {
         }
         r
     };
-    let path = report::write(&exp, &out, &cells, &baselines, &command)?;
+    let font = std::env::var_os("RETORT_FONT").map(std::path::PathBuf::from);
+    let path = report::write(&exp, &out, &cells, &baselines, &command, font.as_deref())?;
     let total = exp.cells().len();
     if cells.len() < total {
         tracing::warn!(

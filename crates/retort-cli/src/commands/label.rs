@@ -71,7 +71,7 @@ pub fn run(args: LabelArgs, ctx: &super::Ctx) -> Result<()> {
         k: args.top_k,
         temperature: args.temperature,
         min_prob: args.min_prob,
-        codec: args.codec.parse().map_err(anyhow::Error::msg)?,
+        codec: args.codec,
         max_len: args.max_len,
         truncation,
         batch_size: args.batch_size,

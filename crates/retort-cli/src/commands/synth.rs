@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
-use retort_model::WeightFormat;
 use retort_teacher::synth::{Pipeline, SynthObserver, run};
 use retort_teacher::{HttpConfig, HttpTeacher, LocalTeacher, Teacher, retry::RetryPolicy};
 
@@ -82,14 +81,7 @@ pub(crate) fn teacher_of(p: &Pipeline, ctx: &super::Ctx) -> Result<Box<dyn Teach
         .model
         .as_ref()
         .context("[teacher] needs `model` or `url`")?;
-    let format = match t.weights.as_str() {
-        "f32" => WeightFormat::F32,
-        "q8" => WeightFormat::Q8_0,
-        "quantized" => WeightFormat::Quantized,
-        other => anyhow::bail!(
-            "[teacher] weights = \"{other}\" is not known\nhint: use \"q8\", \"f32\" or \"quantized\""
-        ),
-    };
+    let format = t.weights;
     let pb = progress::spinner(&format!("loading {}", model.display()), quiet);
     let l = LocalTeacher::load(model, format, t.batch_size, &ctx.device);
     pb.finish_and_clear();

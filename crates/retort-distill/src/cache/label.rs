@@ -14,7 +14,6 @@ use std::time::Instant;
 use candle_core::Tensor;
 use retort_data::{ReadOptions, dataset};
 use retort_model::{Model, Tokenizer, WeightFormat, checkpoint};
-use sha2::{Digest, Sha256};
 
 use super::codec::{Codec, TopK};
 use super::manifest::{
@@ -241,6 +240,76 @@ fn check_options(opts: &LabelOptions) -> Result<()> {
     Ok(())
 }
 
+/// The manifest to continue: the one in `opts.out` if its settings equal `fresh`'s (its shards
+/// kept up to the first missing or truncated file), else `fresh`. Removes the temp files of a
+/// run killed mid-write (never listed, so safe to remove).
+fn resume_or_start(opts: &LabelOptions, fresh: Manifest) -> Result<Manifest> {
+    fs_err::create_dir_all(&opts.out)?;
+    retort_data::files::remove_partials(&opts.out)?;
+    if !opts.out.join(MANIFEST).exists() {
+        return Ok(fresh);
+    }
+    let mut m = Manifest::read(&opts.out)?;
+    m.same_settings(&fresh).map_err(|why| {
+        Error::invalid(
+            format!(
+                "`{}` holds a cache with other settings: {why}",
+                opts.out.display()
+            ),
+            "label into a new --out directory, or delete this one to relabel",
+        )
+    })?;
+    // A shard whose file is gone or has the wrong size is redone from there on.
+    let ok = m
+        .shards
+        .iter()
+        .take_while(|s| {
+            fs_err::metadata(opts.out.join(&s.file)).is_ok_and(|md| md.len() == s.bytes)
+        })
+        .count();
+    m.shards.truncate(ok);
+    m.command = opts.command.clone();
+    Ok(m)
+}
+
+/// Shard `si` (samples from `first` on, one top-k per sample in `results`) encoded and written
+/// atomically; its manifest entry.
+fn write_shard(
+    opts: &LabelOptions,
+    si: usize,
+    first: usize,
+    samples: &[Sample],
+    results: Vec<Option<TopK>>,
+    vocab: usize,
+) -> Result<ShardInfo> {
+    let mut builder = ShardBuilder::default();
+    let mut rows = 0;
+    for (j, t) in results.into_iter().enumerate() {
+        let Some(t) = t else {
+            return Err(Error::invalid(
+                "a sample was left unlabelled",
+                "this is a bug in retort",
+            ));
+        };
+        let s = &samples[first + j];
+        rows += t.rows();
+        let key = sample_key(&s.ids, &s.loss_mask);
+        builder.push_topk(key, (first + j) as u32, &t, opts.codec, vocab)?;
+    }
+    let samples_in = builder.len();
+    let bytes = builder.finish();
+    let file = shard_name(si);
+    write_atomic(&opts.out.join(&file), &bytes)?;
+    Ok(ShardInfo {
+        file,
+        sha256: retort_data::files::sha256_hex(&bytes),
+        bytes: bytes.len() as u64,
+        first_sample: first,
+        samples: samples_in,
+        positions: rows,
+    })
+}
+
 /// [`label`] with any [`Scorer`] and the tokenizer that matches it (`opts.teacher` is only
 /// recorded).
 pub fn label_with(
@@ -283,39 +352,7 @@ pub fn label_with(
         shards: Vec::new(),
         complete: false,
     };
-    fs_err::create_dir_all(&opts.out)?;
-    // Temp files of a run that was killed mid-write: never listed, safe to remove.
-    for e in fs_err::read_dir(&opts.out)?.flatten() {
-        if e.file_name().to_string_lossy().contains(".partial-") {
-            fs_err::remove_file(e.path())?;
-        }
-    }
-    let mut manifest = if opts.out.join(MANIFEST).exists() {
-        let old = Manifest::read(&opts.out)?;
-        old.same_settings(&fresh).map_err(|why| {
-            Error::invalid(
-                format!(
-                    "`{}` holds a cache with other settings: {why}",
-                    opts.out.display()
-                ),
-                "label into a new --out directory, or delete this one to relabel",
-            )
-        })?;
-        let mut m = old;
-        // A shard whose file is gone or has the wrong size is redone from there on.
-        let ok = m
-            .shards
-            .iter()
-            .take_while(|s| {
-                fs_err::metadata(opts.out.join(&s.file)).is_ok_and(|md| md.len() == s.bytes)
-            })
-            .count();
-        m.shards.truncate(ok);
-        m.command = opts.command.clone();
-        m
-    } else {
-        fresh
-    };
+    let mut manifest = resume_or_start(opts, fresh)?;
     let n_shards = samples.len().div_ceil(opts.shard_samples);
     let done_shards = manifest.shards.len();
     let total_positions: usize = samples.iter().map(Sample::loss_tokens).sum();
@@ -347,32 +384,7 @@ pub fn label_with(
         if interrupted {
             break;
         }
-        let mut builder = ShardBuilder::default();
-        let mut rows = 0;
-        for (j, t) in results.into_iter().enumerate() {
-            let Some(t) = t else {
-                return Err(Error::invalid(
-                    "a sample was left unlabelled",
-                    "this is a bug in retort",
-                ));
-            };
-            let s = &samples[first + j];
-            rows += t.rows();
-            let key = sample_key(&s.ids, &s.loss_mask);
-            builder.push_topk(key, (first + j) as u32, &t, opts.codec, vocab)?;
-        }
-        let samples_in = builder.len();
-        let bytes = builder.finish();
-        let file = shard_name(si);
-        write_atomic(&opts.out.join(&file), &bytes)?;
-        let info = ShardInfo {
-            file,
-            sha256: hex::encode(Sha256::digest(&bytes)),
-            bytes: bytes.len() as u64,
-            first_sample: first,
-            samples: samples_in,
-            positions: rows,
-        };
+        let info = write_shard(opts, si, first, &samples, results, vocab)?;
         manifest.shards.push(info.clone());
         manifest.complete = manifest.shards.len() == n_shards;
         manifest.write(&opts.out)?;

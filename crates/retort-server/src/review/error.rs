@@ -7,9 +7,6 @@ pub enum Error {
     #[error(transparent)]
     Io(#[from] std::io::Error),
 
-    #[error(transparent)]
-    Distill(#[from] retort_distill::Error),
-
     /// The ledger's review tables (`retort_teacher::synth::review`).
     #[error(transparent)]
     Ledger(#[from] retort_teacher::Error),

@@ -20,8 +20,8 @@ pub struct TeacherConfig {
     /// Name of the environment variable holding the API key (HTTP).
     pub api_key_env: Option<String>,
     /// Local weights: `q8` (default, fastest generation on CPU), `f32` or `quantized`.
-    #[serde(default = "default_weights")]
-    pub weights: String,
+    #[serde(default = "default_weights", with = "retort_data::by_name")]
+    pub weights: retort_model::WeightFormat,
     /// Local: rows generated together.
     #[serde(default = "default_batch")]
     pub batch_size: usize,
@@ -39,8 +39,8 @@ pub struct TeacherConfig {
     pub backoff_secs: f64,
 }
 
-fn default_weights() -> String {
-    "q8".into()
+fn default_weights() -> retort_model::WeightFormat {
+    retort_model::WeightFormat::Q8_0
 }
 fn default_batch() -> usize {
     8

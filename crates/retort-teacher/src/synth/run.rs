@@ -323,7 +323,9 @@ struct Kept {
     expand: usize,
 }
 
-/// Run (or resume) the pipeline `p` with `teacher`, writing into `p.out_dir()`.
+/// Run (or resume) the pipeline `p` with `teacher`, writing into `p.out_dir()`: the inputs
+/// expanded from the seeds (`expand_inputs`), each answered under the system prompt
+/// (`answer_inputs`), then items, output and report (`write_items`).
 pub fn run(
     p: &Pipeline,
     teacher: &dyn Teacher,
@@ -342,51 +344,91 @@ pub fn run(
     }
     fs_err::create_dir_all(&dir)?;
     let mut ledger = Ledger::open(&dir.join(LEDGER))?;
-    let fields = &p.seeds.fields;
     let mut funnel = Funnel::default();
+    let phases = {
+        // A local teacher decodes `batch_size` rows with continuous batching, so it gets several
+        // batches' worth at once (a finished row's slot takes the next request); an HTTP teacher
+        // keeps `concurrency` requests in flight. Every answer is recorded as it completes, so
+        // an interrupt loses nothing; it only waits for the requests in hand.
+        let chunk = (4 * p.teacher.batch_size).max(p.teacher.concurrency).max(1);
+        let tx = Sender {
+            teacher,
+            ledger: &ledger,
+            chunk,
+            stop,
+        };
+        match expand_inputs(p, &seeds, &tx, &mut funnel, obs)? {
+            Some((expansions, kept)) => answer_inputs(p, &kept, &tx, &mut funnel, obs)?
+                .map(|answers| (expansions, kept, answers)),
+            None => None,
+        }
+    };
+    let Some((expansions, kept, answers)) = phases else {
+        return interrupted(funnel, dir, t0);
+    };
+    write_items(
+        (p, teacher),
+        &mut ledger,
+        (&expansions, &kept, &answers),
+        &mut funnel,
+        &dir,
+        t0,
+    )?;
+    Ok(SynthReport {
+        funnel,
+        dir,
+        interrupted: false,
+    })
+}
+
+/// Each kept input's answer request, and the retry with the larger limit where the first was
+/// cut off.
+struct Answers {
+    first: Vec<(GenRequest, String)>,
+    second: Vec<Option<(GenRequest, String)>>,
+}
+
+/// Phase 1, expansion, round by round, until the target of novel inputs, a run of rounds with too few
+/// novel candidates, or `max_rounds`. `None` when interrupted.
+fn expand_inputs(
+    p: &Pipeline,
+    seeds: &[Seed],
+    tx: &Sender,
+    funnel: &mut Funnel,
+    obs: &mut dyn SynthObserver,
+) -> Result<Option<(Vec<Expansion>, Vec<Kept>)>> {
+    let fields = &p.seeds.fields;
     let mut novelty = Novelty::new(p.filter.rouge_l_max);
-    for s in &seeds {
+    for s in seeds {
         novelty.add(&record_text(&s.record, fields));
     }
     let mut expansions: Vec<Expansion> = Vec::new();
     let mut kept: Vec<Kept> = Vec::new();
     let mut low_streak = 0;
-    // A local teacher decodes `batch_size` rows with continuous batching, so it gets several
-    // batches' worth at once (a finished row's slot takes the next request); an HTTP teacher
-    // keeps `concurrency` requests in flight. Every answer is recorded as it completes, so an
-    // interrupt loses nothing; it only waits for the requests in hand.
-    let chunk = (4 * p.teacher.batch_size).max(p.teacher.concurrency).max(1);
-    let tx = Sender {
-        teacher,
-        ledger: &ledger,
-        chunk,
-        stop,
-    };
-    // 1. Expansion, round by round.
     for round in 0..p.expand.max_rounds {
         let first = expansions.len();
         for i in 0..p.expand.requests_per_round {
-            expansions.push(expansion(p, &seeds, teacher, round, i)?);
+            expansions.push(expansion(p, seeds, tx.teacher, round, i)?);
         }
         let todo: Vec<(&GenRequest, &str)> = expansions[first..]
             .iter()
             .map(|e| (&e.request, e.key.as_str()))
             .collect();
         if !run_requests(
-            &tx,
+            tx,
             "expand",
             &format!("expand round {}", round + 1),
             &todo,
-            &mut funnel,
+            funnel,
             obs,
         )? {
-            return interrupted(funnel, dir, t0);
+            return Ok(None);
         }
         funnel.rounds = round + 1;
         let (mut parsed_round, mut novel_round) = (0, 0);
         for (ei, e) in expansions.iter().enumerate().skip(first) {
             funnel.expand_requests += 1;
-            match ledger.get(&e.key)? {
+            match tx.ledger.get(&e.key)? {
                 Some(Stored::Done(gens)) => {
                     // Records inside the prefill (the examples) are not candidates.
                     let pre = e.request.prefill.as_deref().unwrap_or("");
@@ -409,8 +451,7 @@ pub fn run(
                                 Ok(()) => {
                                     funnel.novel += 1;
                                     novel_round += 1;
-                                    let hash =
-                                        sha(&serde_json::to_string(&rec).unwrap_or_default());
+                                    let hash = sha(&json(&rec)?);
                                     kept.push(Kept {
                                         record: rec,
                                         hash,
@@ -465,8 +506,18 @@ pub fn run(
     }
     kept.truncate(p.expand.target);
     funnel.kept = kept.len();
+    Ok(Some((expansions, kept)))
+}
 
-    // 2. Answers: each kept input under the system prompt.
+/// Phase 2, answers: each kept input under the system prompt; cut-off answers regenerated with the
+/// larger limit. `None` when interrupted.
+fn answer_inputs(
+    p: &Pipeline,
+    kept: &[Kept],
+    tx: &Sender,
+    funnel: &mut Funnel,
+    obs: &mut dyn SynthObserver,
+) -> Result<Option<Answers>> {
     let a = &p.answer;
     let answer_request = |rec: &Record, hash: &str, max_tokens: usize| -> Result<GenRequest> {
         let ctx = minijinja::Value::from(rec.clone());
@@ -489,21 +540,21 @@ pub fn run(
         .iter()
         .map(|k| {
             answer_request(&k.record, &k.hash, a.max_tokens)
-                .map(|r| (r.key(teacher.id()), r))
+                .map(|r| (r.key(tx.teacher.id()), r))
                 .map(|(key, r)| (r, key))
         })
         .collect::<Result<_>>()?;
     let todo: Vec<(&GenRequest, &str)> = first.iter().map(|(r, k)| (r, k.as_str())).collect();
-    if !run_requests(&tx, "answer", "answer", &todo, &mut funnel, obs)? {
-        return interrupted(funnel, dir, t0);
+    if !run_requests(tx, "answer", "answer", &todo, funnel, obs)? {
+        return Ok(None);
     }
     // Cut-off answers: regenerate with the larger limit.
     let mut second: Vec<Option<(GenRequest, String)>> = Vec::with_capacity(kept.len());
     for (k, (_, key)) in kept.iter().zip(&first) {
-        let cut = matches!(ledger.get(key)?, Some(Stored::Done(g)) if g.first().is_some_and(|g| g.finish == Finish::Length));
+        let cut = matches!(tx.ledger.get(key)?, Some(Stored::Done(g)) if g.first().is_some_and(|g| g.finish == Finish::Length));
         second.push(if cut {
             let r = answer_request(&k.record, &k.hash, a.retry_max_tokens)?;
-            Some((r.clone(), r.key(teacher.id())))
+            Some((r.clone(), r.key(tx.teacher.id())))
         } else {
             None
         });
@@ -515,24 +566,41 @@ pub fn run(
         .collect();
     if !todo.is_empty()
         && !run_requests(
-            &tx,
+            tx,
             "answer",
             "answer (regenerate cut-off)",
             &todo,
-            &mut funnel,
+            funnel,
             obs,
         )?
     {
-        return interrupted(funnel, dir, t0);
+        return Ok(None);
     }
 
-    // 3. Items, output and report.
+    Ok(Some(Answers { first, second }))
+}
+
+/// Phase 3, items (the ledger's `items`, what review reads), the training set and the report.
+fn write_items(
+    (p, teacher): (&Pipeline, &dyn Teacher),
+    ledger: &mut Ledger,
+    (expansions, kept, answers): (&[Expansion], &[Kept], &Answers),
+    funnel: &mut Funnel,
+    dir: &Path,
+    t0: Instant,
+) -> Result<()> {
+    let a = &p.answer;
     let expand_template_sha = sha(&p.expand.template);
     let answer_template_sha = sha(&a.template);
     let system_sha = sha(&a.system);
     let mut rows = Vec::with_capacity(kept.len());
     let mut jsonl = String::new();
-    for (pos, ((k, (req1, key1)), again)) in kept.iter().zip(&first).zip(&second).enumerate() {
+    for (pos, ((k, (req1, key1)), again)) in kept
+        .iter()
+        .zip(&answers.first)
+        .zip(&answers.second)
+        .enumerate()
+    {
         let (req, key) = match again {
             Some((r, key)) => {
                 funnel.regenerated += 1;
@@ -610,8 +678,8 @@ pub fn run(
         rows.push(ItemRow {
             hash: k.hash.clone(),
             position: pos,
-            input: serde_json::to_string(&k.record).unwrap_or_default(),
-            messages: messages.map(|m| serde_json::to_string(&m).unwrap_or_default()),
+            input: json(&k.record)?,
+            messages: messages.as_ref().map(json).transpose()?,
             expand_key: e.key.clone(),
             answer_key: Some(key.clone()),
             status: status.into(),
@@ -622,18 +690,26 @@ pub fn run(
     ledger.write_items(&rows)?;
     funnel.seconds = t0.elapsed().as_secs_f64();
     retort_data::files::write_atomic(&dir.join(OUTPUT), jsonl.as_bytes())?;
-    let json = serde_json::to_string_pretty(&funnel).unwrap_or_default();
-    ledger.set_meta("funnel", &json)?;
-    retort_data::files::write_atomic(&dir.join(REPORT_JSON), json.as_bytes())?;
+    let report = serde_json::to_string_pretty(&*funnel).map_err(bug)?;
+    ledger.set_meta("funnel", &report)?;
+    retort_data::files::write_atomic(&dir.join(REPORT_JSON), report.as_bytes())?;
     retort_data::files::write_atomic(
         &dir.join(REPORT_MD),
-        funnel_markdown(&funnel, p, teacher).as_bytes(),
+        funnel_markdown(funnel, p, teacher).as_bytes(),
     )?;
-    Ok(SynthReport {
-        funnel,
-        dir,
-        interrupted: false,
-    })
+    Ok(())
+}
+
+/// A value retort itself built, as JSON (cannot fail for these types; an error names the bug).
+fn json<T: serde::Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(bug)
+}
+
+fn bug(e: serde_json::Error) -> Error {
+    Error::invalid(
+        format!("cannot write JSON: {e}"),
+        "this is a bug in retort; please report it",
+    )
 }
 
 fn interrupted(mut funnel: Funnel, dir: PathBuf, t0: Instant) -> Result<SynthReport> {
