@@ -7,6 +7,8 @@ table of the medians over rounds with the ratio to PyTorch's best configuration 
 teacher mode, and peak RSS. Same student (10 of 30 layers of SmolLM2-135M-Instruct), batch 4x256,
 forward KL at every position, AdamW, 2 threads.
 
+On a CPU without bf16 instructions only the f32 configurations run (BF16=1 forces the others).
+
 Teacher modes:
   online  the 30-layer teacher runs in every step (f32 weights);
   cached  the teacher's targets are computed once before the timed steps: retort reads top-64
@@ -22,8 +24,27 @@ STEPS = os.environ.get("STEPS", "6")
 PY = os.environ.get("TORCH_PYTHON", sys.executable)
 BENCH = sys.argv[1]  # the train bench executable
 
-RETORT = [("online", "f32"), ("online", "bf16"), ("cached", "f32"), ("cached", "bf16")]
-TORCH = [("online", "none"), ("online", "bf16"), ("cached", "bf16")]
+# bf16 products need the CPU's bf16 instructions (AVX-512 BF16 or AMX). Without them retort's
+# `matmul = "bf16"` is its f32 path and PyTorch's bf16 autocast is emulated (one 6-step online
+# run had not finished after 11 minutes on an AVX2 EPYC, where the f32 one ran at 154 tok/s), so
+# the bf16 configurations are skipped there and PyTorch runs the cached teacher in f32 instead;
+# BF16=1 runs them anyway, BF16=0 skips them on any CPU.
+def cpu_has_bf16():
+    try:
+        flags = next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+BF16 = {"1": True, "0": False}.get(os.environ.get("BF16", ""), cpu_has_bf16())
+if BF16:
+    RETORT = [("online", "f32"), ("online", "bf16"), ("cached", "f32"), ("cached", "bf16")]
+    TORCH = [("online", "none"), ("online", "bf16"), ("cached", "bf16")]
+else:
+    print("this CPU has no bf16 instructions (avx512_bf16, amx_bf16): f32 configurations only", flush=True)
+    RETORT = [("online", "f32"), ("cached", "f32")]
+    TORCH = [("online", "none"), ("cached", "none")]
 MEAN = re.compile(r"MEAN steps 1\.\.: ([\d.]+)s/step = ([\d.]+) tok/s; peak RSS (\d+) MB")
 
 

@@ -296,7 +296,7 @@ pub fn run(plan: &Plan, opts: &RunOptions, obs: &mut dyn Observer) -> Result<Out
     }
     let model_dir = opts.out.join("model");
     checkpoint::save_hf(&plan.student, &plan.tokenizer, &model_dir, true)?;
-    let lineage = serde_json::to_vec_pretty(&r.lineage).unwrap_or_default();
+    let lineage = serde_json::to_vec_pretty(&r.lineage).map_err(std::io::Error::from)?;
     write_atomic(&model_dir.join("lineage.json"), &lineage)?;
     Ok(Outcome::Finished(model_dir))
 }
@@ -511,7 +511,7 @@ impl Run<'_> {
     }
 
     fn write_metric<T: Serialize>(&mut self, rec: &T) -> Result<()> {
-        let line = serde_json::to_string(rec).unwrap_or_default();
+        let line = serde_json::to_string(rec).map_err(std::io::Error::from)?;
         writeln!(self.metrics, "{line}")?;
         self.metrics.flush()?;
         Ok(())
@@ -592,7 +592,7 @@ impl Run<'_> {
         write_atomic(
             &tmp.join("trainer_state.json"),
             serde_json::to_string_pretty(&state)
-                .unwrap_or_default()
+                .map_err(std::io::Error::from)?
                 .as_bytes(),
         )?;
         let dst = self.ckdir.join(name);

@@ -285,12 +285,6 @@ fn generate(
     })
 }
 
-impl EvalReport {
-    pub fn to_json(&self) -> String {
-        serde_json::to_string_pretty(self).unwrap_or_default()
-    }
-}
-
 /// One Markdown table, a column per report (models side by side on the same data).
 pub fn markdown(reports: &[EvalReport]) -> String {
     let mut out = String::new();

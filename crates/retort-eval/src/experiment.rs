@@ -334,7 +334,7 @@ pub fn run(
         retort_data::files::write_atomic(
             &path,
             serde_json::to_string_pretty(&res)
-                .unwrap_or_default()
+                .map_err(std::io::Error::from)?
                 .as_bytes(),
         )?;
         baselines.push(res);
@@ -391,12 +391,12 @@ pub fn run(
             steps: crate::report::optimizer_steps(&dir),
             nll: r.tokens.nll,
             rouge_l: r.generation.as_ref().map(|g| g.rouge_l),
-            eval: serde_json::to_value(&r).unwrap_or_default(),
+            eval: serde_json::to_value(&r).map_err(std::io::Error::from)?,
         };
         retort_data::files::write_atomic(
             &result_path,
             serde_json::to_string_pretty(&res)
-                .unwrap_or_default()
+                .map_err(std::io::Error::from)?
                 .as_bytes(),
         )?;
         if !exp.keep_checkpoints {

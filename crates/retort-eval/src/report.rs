@@ -51,7 +51,8 @@ fn by_arm_and_size(
 }
 
 /// Optimizer steps a cell took over all its stages: the last `global_step` (counted from 1) of
-/// its `metrics.jsonl` train records.
+/// its `metrics.jsonl` train records. Lines that are not JSON are skipped: the trainer appends
+/// one record per line, and a crash can leave the last one torn.
 pub fn steps_in_metrics(text: &str) -> Option<u64> {
     text.lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())

@@ -183,7 +183,8 @@ pub fn save_hf(model: &Model, tokenizer: &Tokenizer, dir: &Path, overwrite: bool
 
 fn write_dir(model: &Model, tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
     let cfg = model.config();
-    let config_json = serde_json::to_string_pretty(&cfg.to_hf_json()).unwrap_or_default();
+    let config_json =
+        serde_json::to_string_pretty(&cfg.to_hf_json()).map_err(std::io::Error::from)?;
     fs_err::write(dir.join("config.json"), config_json)?;
     let tensors: Vec<(String, candle_core::Tensor)> = model
         .named_tensors()?
@@ -206,7 +207,7 @@ fn write_dir(model: &Model, tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
     });
     fs_err::write(
         dir.join("generation_config.json"),
-        serde_json::to_string_pretty(&generation).unwrap_or_default(),
+        serde_json::to_string_pretty(&generation).map_err(std::io::Error::from)?,
     )?;
     Ok(())
 }

@@ -212,16 +212,24 @@ impl Config {
         }
         let hidden_size = need("hidden_size", hf.hidden_size)?;
         let num_attention_heads = need("num_attention_heads", hf.num_attention_heads)?;
+        // Absent or null: no end-of-sequence id here (generation_config.json or the tokenizer
+        // may name one). Anything else must be a token id or a list of them.
+        let bad_eos = |v: &serde_json::Value| Error::Config {
+            path: path.to_path_buf(),
+            field: "eos_token_id".into(),
+            problem: format!("is {v}, not a token id or a list of token ids"),
+            hint: "set it to a non-negative integer (or a list of them) below 2^32, or remove it"
+                .into(),
+        };
+        let token_id = |v: &serde_json::Value| {
+            v.as_u64()
+                .and_then(|id| u32::try_from(id).ok())
+                .ok_or_else(|| bad_eos(v))
+        };
         let eos_token_id = match &hf.eos_token_id {
-            Some(serde_json::Value::Number(n)) => {
-                n.as_u64().map(|v| vec![v as u32]).unwrap_or_default()
-            }
-            Some(serde_json::Value::Array(a)) => a
-                .iter()
-                .filter_map(|v| v.as_u64())
-                .map(|v| v as u32)
-                .collect(),
-            _ => vec![],
+            None | Some(serde_json::Value::Null) => vec![],
+            Some(serde_json::Value::Array(a)) => a.iter().map(token_id).collect::<Result<_>>()?,
+            Some(v) => vec![token_id(v)?],
         };
         let cfg = Config {
             arch,
@@ -369,6 +377,28 @@ mod tests {
             e.contains("intermediate_size") && e.contains("is missing"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn eos_token_id_is_an_id_a_list_or_absent_and_anything_else_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.json");
+        let read = |eos: &str| {
+            let mut hf = smol().to_hf_json();
+            hf["eos_token_id"] = serde_json::from_str(eos).unwrap();
+            fs_err::write(&p, hf.to_string()).unwrap();
+            Config::from_hf_json(&p).map(|c| c.eos_token_id)
+        };
+        assert_eq!(read("2").unwrap(), vec![2]);
+        assert_eq!(read("[2, 49152]").unwrap(), vec![2, 49152]);
+        assert_eq!(read("null").unwrap(), Vec::<u32>::new());
+        for bad in ["-1", "2.5", "\"</s>\"", "[2, \"x\"]", "4294967296", "{}"] {
+            let e = read(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("eos_token_id") && e.contains("config.json") && e.contains("hint:"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -362,7 +362,7 @@ impl Tokenizer {
         });
         fs_err::write(
             dir.join("tokenizer_config.json"),
-            serde_json::to_string_pretty(&cfg).unwrap_or_default(),
+            serde_json::to_string_pretty(&cfg).map_err(std::io::Error::from)?,
         )?;
         Ok(())
     }

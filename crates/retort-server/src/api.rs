@@ -626,8 +626,17 @@ fn usage(prompt_tokens: usize, cs: &[Completion]) -> Usage {
     }
 }
 
+/// One SSE event with `x` as JSON; if `x` cannot be serialized, an error chunk saying so
+/// (never an empty event).
 fn sse<T: serde::Serialize>(x: &T) -> Event {
-    Event::default().data(serde_json::to_string(x).unwrap_or_default())
+    let json = serde_json::to_string(x).unwrap_or_else(|e| {
+        let e = ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("could not serialize a chunk: {e}"),
+        );
+        e.body().to_string()
+    });
+    Event::default().data(json)
 }
 
 /// An error inside a stream that has already answered 200 (OpenAI's and vLLM's form).

@@ -365,8 +365,12 @@ impl HttpTeacher {
                     attempts,
                 });
             }
+            // `usage` is optional in the protocol; a server without it counts 0 tokens in the
+            // synth report (only bookkeeping reads these counts).
             let usage = resp.usage.unwrap_or_default();
             for c in resp.choices {
+                // Only "length" means cut off; "stop", a tool call, a content filter or no
+                // reason all end the answer as it is.
                 let finish = match c.finish_reason.as_deref() {
                     Some("length") => Finish::Length,
                     _ => Finish::Stop,

@@ -293,7 +293,7 @@ fn render_item(app: &App, hash: &str, q: &QueueQuery, draft: Option<Draft>) -> R
     } else {
         StatusCode::OK
     };
-    let provenance = serde_json::to_string_pretty(&item.provenance).unwrap_or_default();
+    let provenance = format!("{:#}", item.provenance);
     let mut r = html(
         app,
         "item.html",
@@ -478,6 +478,8 @@ fn serde_urlencoded_form(body: &[u8]) -> std::result::Result<DecisionForm, Strin
 }
 
 /// The `back` field is our own query string; read it with the same parser axum's `Query` uses.
+/// A `back` that does not parse (edited by hand) returns to the whole queue, unfiltered: it only
+/// decides which page comes next, never what is stored.
 fn serde_urlencoded_lite(qs: &str) -> QueueQuery {
     let uri = format!("/?{qs}");
     uri.parse::<axum::http::Uri>()

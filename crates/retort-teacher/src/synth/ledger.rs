@@ -114,13 +114,14 @@ impl Ledger {
             )
             .optional()?;
         Ok(row.map(|(status, response, error)| {
-            if status == "done" {
-                match serde_json::from_str(response.as_deref().unwrap_or("[]")) {
+            // A row the pipeline cannot read back counts as failed, so a rerun asks again.
+            match (status.as_str(), response) {
+                ("done", Some(r)) => match serde_json::from_str(&r) {
                     Ok(g) => Stored::Done(g),
                     Err(e) => Stored::Failed(format!("unreadable stored response: {e}")),
-                }
-            } else {
-                Stored::Failed(error.unwrap_or_default())
+                },
+                ("done", None) => Stored::Failed("stored as done without a response".into()),
+                _ => Stored::Failed(error.unwrap_or_else(|| "(no reason stored)".into())),
             }
         }))
     }
@@ -147,11 +148,11 @@ impl Ledger {
         outcome: &Outcome,
         seconds: f64,
     ) -> Result<bool> {
-        let req = serde_json::to_string(request).unwrap_or_default();
+        let req = serde_json::to_string(request).map_err(std::io::Error::from)?;
         let (status, response, error, attempts) = match outcome {
             Ok(g) => (
                 "done",
-                Some(serde_json::to_string(g).unwrap_or_default()),
+                Some(serde_json::to_string(g).map_err(std::io::Error::from)?),
                 None,
                 1,
             ),
