@@ -47,8 +47,9 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     d.expect("max_abs_diff of two f32 tensors of one shape")
 }
 
-/// A test marked `#[cfg_attr(not(retort_cpu_…), ignore = …)]` runs only where the build host had
-/// the feature; if the binary then runs on a CPU without it, fail loudly rather than pass.
+/// A test marked `#[cfg_attr(not(retort_cpu_…), ignore = "this CPU has no …")]` runs only where
+/// the build host had the feature; if the binary then runs on a CPU without it, fail loudly
+/// rather than pass. Keep the reason starting with "this CPU": `.ci/run` counts the skips by it.
 pub fn require(has: bool, what: &str) {
     assert!(
         has,
