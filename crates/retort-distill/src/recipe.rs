@@ -103,8 +103,11 @@ pub struct TrainParams {
     pub keep_checkpoints: usize,
     /// Held-out fraction of a stage's data when it has no `eval_data`.
     pub eval_fraction: f64,
-    /// Rows of logits computed at once by the loss.
-    pub chunk_rows: usize,
+    /// Rows of logits computed at once by the loss. Unset: derived from the student's vocabulary
+    /// ([`TrainParams::chunk_rows_for`]) so that a chunk holds about as many logits whatever the
+    /// vocabulary (1024 rows at SmolLM2's 49,152 tokens, 320 at Qwen2.5's 151,936).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chunk_rows: Option<usize>,
     /// Products of the linear layers, LM heads and attention (student and online teacher):
     /// `f32`, or `bf16` (f32 weights and accumulation, bf16 products: on AMX tiles where the CPU
     /// has them, else AVX-512 BF16, else f32). PyTorch's bf16 autocast, without bf16 copies of
@@ -112,6 +115,21 @@ pub struct TrainParams {
     pub matmul: MatmulPrecision,
     /// Stop a run with the last good checkpoint intact on a non-finite loss or gradient.
     pub nan_guard: bool,
+}
+
+/// Logits alive in one loss chunk when `chunk_rows` is unset: 1024 rows of a 49,152-token
+/// vocabulary (the value measured for SmolLM2, `docs/performance-history.md`).
+const CHUNK_LOGITS: usize = 1024 * 49_152;
+
+impl TrainParams {
+    /// `chunk_rows` if set, else `CHUNK_LOGITS / vocab` rounded down to a multiple of 32, within
+    /// 32..=4096: each chunk's `(rows, vocab)` buffers stay the same size across vocabularies.
+    pub fn chunk_rows_for(&self, vocab: usize) -> usize {
+        self.chunk_rows.unwrap_or_else(|| {
+            let rows = CHUNK_LOGITS / vocab.max(1);
+            (rows / 32 * 32).clamp(32, 4096)
+        })
+    }
 }
 
 impl Default for TrainParams {
@@ -132,7 +150,7 @@ impl Default for TrainParams {
             save_every: 0,
             keep_checkpoints: 2,
             eval_fraction: 0.1,
-            chunk_rows: 1024,
+            chunk_rows: None,
             matmul: MatmulPrecision::F32,
             nan_guard: true,
         }
@@ -497,7 +515,6 @@ impl Recipe {
             Check::count("train.batch_size", t.batch_size, 1, 65_536),
             Check::count("train.grad_accum", t.grad_accum, 1, 65_536),
             Check::count("train.max_len", t.max_len, 2, 1 << 20),
-            Check::count("train.chunk_rows", t.chunk_rows, 1, 1 << 20),
             Check::count("train.bucket_batches", t.bucket_batches, 1, 1 << 20),
             Check::real(
                 "train.warmup_ratio",
@@ -524,6 +541,9 @@ impl Recipe {
                 Range::AtLeast(0.0),
             ),
         ];
+        if let Some(c) = t.chunk_rows {
+            checks.push(Check::count("train.chunk_rows", c, 1, 1 << 20));
+        }
         for (i, st) in self.stages.iter().enumerate() {
             let f = |name: &str| format!("stages.{i}.{name}");
             checks.push(Check::real(&f("lr"), st.lr, Range::Above(0.0)));
@@ -699,5 +719,17 @@ method = "sft"
         let (_d, p) = write(&TWO_STAGE.replace("[teacher]\npath = \"t.gguf\"", ""));
         let e = Recipe::load(&p, &[]).unwrap_err().to_string();
         assert!(e.contains("no [teacher]"), "{e}");
+    }
+
+    #[test]
+    fn chunk_rows_default_keeps_the_chunk_size_across_vocabularies() {
+        let mut t = TrainParams::default();
+        assert_eq!(t.chunk_rows_for(49_152), 1024); // SmolLM2: the measured default
+        assert_eq!(t.chunk_rows_for(151_936), 320); // Qwen2.5: 331.3 rounded down to 32s
+        assert_eq!(t.chunk_rows_for(32_000), 1568); // Llama 2: 1572.9 → 1568
+        assert_eq!(t.chunk_rows_for(100), 4096); // tiny test vocabularies: the upper clamp
+        assert_eq!(t.chunk_rows_for(10_000_000), 32); // the lower clamp
+        t.chunk_rows = Some(7);
+        assert_eq!(t.chunk_rows_for(151_936), 7); // set in the recipe: used as is
     }
 }

@@ -100,7 +100,7 @@ fn estimate_memory(student: &Model, teacher: Option<&Model>, recipe: &Recipe) ->
     let activations = per_layer * s.num_hidden_layers as u64;
     // A chunk of logits: student and teacher log-probs and ~6 temporaries of (rows, V), plus the
     // LM head's weight gradient of each chunk (V, C) twice while it is accumulated.
-    let logits_chunk = (t.chunk_rows * s.vocab_size) as u64 * 4 * 8
+    let logits_chunk = (t.chunk_rows_for(s.vocab_size) * s.vocab_size) as u64 * 4 * 8
         + 2 * (s.vocab_size * s.hidden_size) as u64 * 4;
     let teacher_weights = teacher.map_or(0, |m| m.config().num_parameters() as u64 * 4);
     let grads_and_adam = 3 * p;
@@ -255,6 +255,7 @@ pub fn prepare(recipe: Recipe, device: &Device) -> Result<Plan> {
             cache: cache.as_ref(),
             live_teacher: teacher.is_some(),
             vocab_limit,
+            chunk_rows: recipe.train.chunk_rows_for(student.config().vocab_size),
         };
         stages.push(plan_stage(index, stage, &recipe.train, &data)?);
     }
@@ -280,6 +281,8 @@ struct StageData<'a> {
     cache: Option<&'a Reader>,
     live_teacher: bool,
     vocab_limit: Option<usize>,
+    /// Rows of logits per loss chunk (`TrainParams::chunk_rows_for` the student's vocabulary).
+    chunk_rows: usize,
 }
 
 /// One stage: its data read, tokenized, checked against the context and split; its steps, KD
@@ -369,7 +372,7 @@ fn plan_stage(index: usize, stage: &Stage, t: &TrainParams, d: &StageData) -> Re
         stage: stage.clone(),
         objective: Objective {
             kd,
-            chunk_rows: t.chunk_rows,
+            chunk_rows: d.chunk_rows,
             vocab_limit,
         },
         train,
@@ -527,8 +530,16 @@ impl Plan {
         let t = &self.recipe.train;
         let _ = writeln!(
             s,
-            "batch {}×≤{} tokens, grad_accum {}, chunk_rows {}",
-            t.batch_size, t.max_len, t.grad_accum, t.chunk_rows
+            "batch {}×≤{} tokens, grad_accum {}, chunk_rows {}{}",
+            t.batch_size,
+            t.max_len,
+            t.grad_accum,
+            t.chunk_rows_for(c.vocab_size),
+            if t.chunk_rows.is_none() {
+                " (from the vocabulary)"
+            } else {
+                ""
+            }
         );
         for st in &self.stages {
             let r = &st.report;

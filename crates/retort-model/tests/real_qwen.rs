@@ -5,7 +5,9 @@
 //! Without the files these tests print a note and pass, unless `RETORT_REQUIRE_QWEN=1`, where a
 //! missing file fails. References, written by hand:
 //! - `tests/fixtures/qwen_llamacpp.json`: `scripts/reference/llamacpp_qwen.py` (llama-cpp-python);
-//! - `tests/fixtures/qwen_dequant.json`: `scripts/reference/gguf_dequant.py` (gguf-py).
+//! - `tests/fixtures/qwen_dequant.json`: `scripts/reference/gguf_dequant.py` (gguf-py);
+//! - `tests/fixtures/qwen_template.json`: `scripts/reference/hf_qwen_template.py` (transformers,
+//!   reading the template and tokenizer from the GGUF file).
 
 #![allow(clippy::unwrap_used, clippy::print_stderr)] // test code: a panic is a failed test
 
@@ -13,7 +15,7 @@ use std::path::PathBuf;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, IndexOp, Tensor};
-use retort_data::Message;
+use retort_data::{Message, Role};
 use retort_model::{Arch, WeightFormat, checkpoint};
 
 const TEACHER: &str = "Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf";
@@ -176,5 +178,65 @@ fn every_quant_type_dequantizes_like_gguf_py() {
                 "{file} {name} ({kind}): sum of squares {sum_sq} vs {wq}"
             );
         }
+    }
+}
+
+fn messages(v: &serde_json::Value) -> Vec<Message> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let role = match m["role"].as_str().unwrap() {
+                "system" => Role::System,
+                "user" => Role::User,
+                "assistant" => Role::Assistant,
+                r => panic!("role {r}"),
+            };
+            Message::new(role, m["content"].as_str().unwrap())
+        })
+        .collect()
+}
+
+/// Qwen's chat template as retort renders it equals transformers' rendering (text and ids) of
+/// the same conversations, with and without the generation prompt; the loss mask of a full
+/// conversation covers exactly each answer and its `<|im_end|>`.
+#[test]
+fn chat_template_and_assistant_mask_match_transformers() {
+    let fx = fixture("qwen_template.json");
+    let Some(path) = asset(STUDENT) else { return };
+    let ck = checkpoint::read(&path, &Device::Cpu).unwrap();
+    let tok = &ck.tokenizer;
+    let template = tok.template().unwrap();
+    let cases = fx["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 6);
+    for (i, case) in cases.iter().enumerate() {
+        let msgs = messages(&case["messages"]);
+        let generation = case["add_generation_prompt"].as_bool().unwrap();
+        let text = template.render(&msgs, generation).unwrap();
+        assert_eq!(text, case["text"].as_str().unwrap(), "case {i}: text");
+        let want = ids(&case["ids"]);
+        assert_eq!(tok.encode(&text).unwrap(), want, "case {i}: ids");
+        if generation || msgs.last().unwrap().role != Role::Assistant {
+            continue;
+        }
+        let enc = tok.encode_chat(&msgs).unwrap();
+        assert_eq!(enc.ids, want, "case {i}: encode_chat ids");
+        // The masked tokens, run by run, decode to each answer followed by its end-of-turn.
+        let mut runs: Vec<Vec<u32>> = Vec::new();
+        for (j, (&id, &m)) in enc.ids.iter().zip(&enc.loss_mask).enumerate() {
+            if m {
+                if j == 0 || !enc.loss_mask[j - 1] {
+                    runs.push(Vec::new());
+                }
+                runs.last_mut().unwrap().push(id);
+            }
+        }
+        let answers: Vec<String> = msgs
+            .iter()
+            .filter(|m| m.role == Role::Assistant)
+            .map(|m| format!("{}<|im_end|>", m.content))
+            .collect();
+        let got: Vec<String> = runs.iter().map(|r| tok.decode(r, false).unwrap()).collect();
+        assert_eq!(got, answers, "case {i}: masked spans");
     }
 }
