@@ -71,6 +71,12 @@ pub struct StepRecord {
     pub tokens: usize,
     /// Non-padding tokens processed per second (student and teacher forward, backward, update).
     pub tokens_per_s: f64,
+    /// Non-padding tokens of the step (prompts and answers; `tokens` counts the answers').
+    #[serde(default)]
+    pub real_tokens: usize,
+    /// Loss tokens per second: `tokens` over the step's time.
+    #[serde(default)]
+    pub loss_tokens_per_s: f64,
 }
 
 /// One evaluation on the held-out split.
@@ -425,6 +431,7 @@ impl Run<'_> {
             self.steps_this_run += 1;
             let n = sums.tokens.max(1) as f64;
             let real: usize = mbs.iter().map(|m| m.real_tokens).sum();
+            let secs = t0.elapsed().as_secs_f64();
             let rec = StepRecord {
                 kind: "train".into(),
                 stage: sp.index,
@@ -438,7 +445,9 @@ impl Run<'_> {
                 kd: sp.objective.kd.and(sums.kd_mean()),
                 grad_norm,
                 tokens: sums.tokens,
-                tokens_per_s: real as f64 / t0.elapsed().as_secs_f64(),
+                tokens_per_s: real as f64 / secs,
+                real_tokens: real,
+                loss_tokens_per_s: sums.tokens as f64 / secs,
             };
             self.write_metric(&rec)?;
             obs.step(&rec);

@@ -121,7 +121,16 @@ fn records(out: &Path, kind: &str) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .filter(|v| v["kind"] == kind)
         .map(|mut v| {
-            v.as_object_mut().unwrap().remove("tokens_per_s");
+            // Timings differ between runs; everything else must not.
+            let o = v.as_object_mut().unwrap();
+            if o["kind"] == "train" {
+                let (all, loss) = (o["tokens_per_s"].as_f64(), o["loss_tokens_per_s"].as_f64());
+                let (real, tokens) = (o["real_tokens"].as_u64(), o["tokens"].as_u64());
+                assert!(real >= tokens && tokens > Some(0), "{o:?}");
+                assert!(all >= loss && loss > Some(0.0), "{o:?}");
+            }
+            o.remove("tokens_per_s");
+            o.remove("loss_tokens_per_s");
             v
         })
         .collect()

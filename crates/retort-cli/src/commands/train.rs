@@ -35,8 +35,8 @@ impl Observer for Bars {
         if let Some(b) = &self.bar {
             let kd = r.kd.map(|k| format!(" kd {k:.3}")).unwrap_or_default();
             b.set_message(format!(
-                "{} loss {:.3} ce {:.3}{kd} | {:.0} tok/s",
-                r.stage_name, r.loss, r.ce, r.tokens_per_s
+                "{} loss {:.3} ce {:.3}{kd} | {:.0} tok/s, {:.0} loss tok/s",
+                r.stage_name, r.loss, r.ce, r.tokens_per_s, r.loss_tokens_per_s
             ));
             b.set_position(r.step as u64);
         }
