@@ -244,6 +244,19 @@ fn admit_rows(s: &AppState, rows: usize) -> ApiResult<Admission<'_>> {
     Ok(a)
 }
 
+/// Admit `rows`, hand the model thread the job `make` builds around its reply channel, and
+/// return the receiving end of that channel.
+fn submit<T>(
+    s: &AppState,
+    rows: usize,
+    make: impl FnOnce(oneshot::Sender<T>) -> Job,
+) -> ApiResult<oneshot::Receiver<T>> {
+    let admission = admit_rows(s, rows)?;
+    let (tx, rx) = oneshot::channel();
+    send_job(s, make(tx), admission)?;
+    Ok(rx)
+}
+
 /// Hand `job` to the model thread; the rows it holds are then the thread's to release.
 fn send_job(s: &AppState, job: Job, mut admission: Admission<'_>) -> ApiResult<()> {
     let tx = s.jobs.lock().map_err(|_| {
@@ -852,15 +865,11 @@ fn submit_completion(
             .unwrap_or(0)
             .max(req.logprobs.unwrap_or(0))
             .max(1);
-        let admission = admit_rows(s, 1)?;
-        let (tx, rx) = oneshot::channel();
-        let job = Job::Score {
+        Some(submit(s, 1, |reply| Job::Score {
             ids: ids.to_vec(),
             k,
-            reply: tx,
-        };
-        send_job(s, job, admission)?;
-        Some(rx)
+            reply,
+        })?)
     } else {
         None
     };
@@ -878,16 +887,12 @@ fn submit_completion(
             req.logprobs,
             req.ignore_eos,
         )?;
-        let admission = admit_rows(s, params.len())?;
-        let (tx, rx) = oneshot::channel();
-        let job = Job::Generate {
+        Some(submit(s, params.len(), |reply| Job::Generate {
             prompt: ids.to_vec(),
             params,
             stream: None,
-            reply: tx,
-        };
-        send_job(s, job, admission)?;
-        Some(rx)
+            reply,
+        })?)
     } else {
         None
     };
@@ -942,16 +947,13 @@ fn stream_completion(
     } else {
         String::new()
     };
-    let admission = admit_rows(&s, n)?;
     let (tx, rx) = tmpsc::unbounded_channel();
-    let (reply_tx, reply_rx) = oneshot::channel();
-    let job = Job::Generate {
+    let reply_rx = submit(&s, n, |reply| Job::Generate {
         prompt: ids.clone(),
         params,
         stream: Some(tx),
-        reply: reply_tx,
-    };
-    send_job(&s, job, admission)?;
+        reply,
+    })?;
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let (id, name, created) = (
         format!("cmpl-{:016x}", rand::random::<u64>()),
