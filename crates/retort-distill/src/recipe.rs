@@ -73,6 +73,10 @@ pub struct StudentSpec {
     /// ... or to exactly these layers.
     #[serde(default)]
     pub keep_layers: Option<Vec<usize>>,
+    /// Train LoRA adapters on a frozen base instead of every weight:
+    /// `lora = { rank = 16, alpha = 32, targets = ["q_proj", …] }` (`retort_model::lora`).
+    #[serde(default)]
+    pub lora: Option<retort_model::lora::LoraConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -507,6 +511,9 @@ impl Recipe {
                 "`student.keep_layers` is empty: a student needs at least one layer".into(),
                 "list the teacher's layers to keep, e.g. keep_layers = [0, 3, 6]",
             );
+        }
+        if let Some(Err((field, problem, hint))) = s.lora.as_ref().map(|l| l.check()) {
+            return err(format!("`student.lora.{field}` {problem}"), &hint);
         }
         // Every number in range, named as it is written in the recipe.
         let t = &self.train;

@@ -103,7 +103,14 @@ fn estimate_memory(student: &Model, teacher: Option<&Model>, recipe: &Recipe) ->
     let logits_chunk = (t.chunk_rows_for(s.vocab_size) * s.vocab_size) as u64 * 4 * 8
         + 2 * (s.vocab_size * s.hidden_size) as u64 * 4;
     let teacher_weights = teacher.map_or(0, |m| m.config().num_parameters() as u64 * 4);
-    let grads_and_adam = 3 * p;
+    // Gradient and two AdamW moments per trained value: every weight, or a LoRA student's
+    // adapters (whose base weights get no gradient).
+    let trained: u64 = student
+        .vars()
+        .iter()
+        .map(|(_, v)| v.elem_count() as u64)
+        .sum();
+    let grads_and_adam = 3 * trained * 4;
     MemoryEstimate {
         student_weights: p,
         grads_and_adam,
@@ -122,7 +129,11 @@ fn load_student(
     let s = &recipe.student;
     if let Some(path) = &s.path {
         let ck = checkpoint::read(path, device)?;
-        return Ok((ck.trainable()?, ck.tokenizer));
+        let model = match &s.lora {
+            Some(l) => ck.lora(l, recipe.train.seed)?,
+            None => ck.trainable()?,
+        };
+        return Ok((model, ck.tokenizer));
     }
     let ck = teacher_ck.ok_or_else(|| {
         Error::invalid(
@@ -144,7 +155,11 @@ fn load_student(
     let pruned = ck
         .frozen(WeightFormat::F32)?
         .prune_layers(&keep, &ck.path)?;
-    Ok((pruned.to_trainable(&ck.path)?, ck.tokenizer.clone()))
+    let model = match &s.lora {
+        Some(l) => pruned.to_lora(&ck.path, l, recipe.train.seed)?,
+        None => pruned.to_trainable(&ck.path)?,
+    };
+    Ok((model, ck.tokenizer.clone()))
 }
 
 /// Columns of logits KD compares, after checking the two tokenizers agree.
@@ -485,6 +500,23 @@ impl Plan {
             c.num_parameters() as f64 / 1e6,
             c.vocab_size
         );
+        if let Some(l) = self.student.lora() {
+            let trained: usize = self
+                .student
+                .vars()
+                .iter()
+                .map(|(_, v)| v.elem_count())
+                .sum();
+            let targets: Vec<&str> = l.targets.iter().map(|t| t.name()).collect();
+            let _ = writeln!(
+                s,
+                "LoRA: rank {}, alpha {}, on {}: {:.2}M trained parameters, base frozen",
+                l.rank,
+                l.alpha,
+                targets.join(", "),
+                trained as f64 / 1e6
+            );
+        }
         if let Some(c) = &self.cache {
             let m = &c.manifest;
             let _ = writeln!(

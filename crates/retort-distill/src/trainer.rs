@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use retort_model::checkpoint;
+use retort_model::{checkpoint, lora};
 use serde::{Deserialize, Serialize};
 
 use crate::adamw::AdamW;
@@ -301,13 +301,31 @@ pub fn run(plan: &Plan, opts: &RunOptions, obs: &mut dyn Observer) -> Result<Out
         }
     }
     let model_dir = opts.out.join("model");
+    // A LoRA student leaves merged (an ordinary checkpoint) with its PEFT adapter in `adapter/`.
     checkpoint::save_hf(&plan.student, &plan.tokenizer, &model_dir, true)?;
+    if plan.student.lora().is_some() {
+        let adapter = model_dir.join("adapter");
+        fs_err::create_dir_all(&adapter)?;
+        lora::save_adapter(&plan.student, &student_source(plan), &adapter)?;
+    }
     let lineage = serde_json::to_vec_pretty(&r.lineage).map_err(std::io::Error::from)?;
     write_atomic(&model_dir.join("lineage.json"), &lineage)?;
     Ok(Outcome::Finished(model_dir))
 }
 
+/// What the student started from (recorded as a LoRA adapter's base).
+fn student_source(plan: &Plan) -> PathBuf {
+    let s = &plan.recipe.student;
+    s.path
+        .clone()
+        .or_else(|| plan.recipe.teacher.as_ref().and_then(|t| t.path.clone()))
+        .unwrap_or_default()
+}
+
 fn load_weights(plan: &Plan, dir: &Path) -> Result<()> {
+    if plan.student.lora().is_some() {
+        return Ok(lora::load_adapter(&plan.student, dir)?);
+    }
     let ck = checkpoint::read(dir, plan.student.device())?;
     for (name, var) in plan.student.vars() {
         let t = ck.weights.dense(name, var.dims())?;
@@ -587,7 +605,13 @@ impl Run<'_> {
         if tmp.exists() {
             fs_err::remove_dir_all(&tmp)?;
         }
-        checkpoint::save_hf(&self.plan.student, &self.plan.tokenizer, &tmp, false)?;
+        if self.plan.student.lora().is_some() {
+            // The adapter alone: the base never changes (the recipe's hash pins it).
+            fs_err::create_dir_all(&tmp)?;
+            lora::save_adapter(&self.plan.student, &student_source(self.plan), &tmp)?;
+        } else {
+            checkpoint::save_hf(&self.plan.student, &self.plan.tokenizer, &tmp, false)?;
+        }
         opt.save(self.plan.student.vars(), &tmp.join("optimizer.safetensors"))?;
         let state = TrainerState {
             format_version: STATE_FORMAT_VERSION,

@@ -48,6 +48,11 @@ struct Fixture {
 }
 
 fn fixture(extra: &str) -> Fixture {
+    fixture_with("", extra)
+}
+
+/// `student` goes into `[student]` (after `num_layers = 2`), `extra` into `[train]`.
+fn fixture_with(student: &str, extra: &str) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
     let mut cfg = tiny_config(Arch::Llama);
@@ -62,6 +67,7 @@ fn fixture(extra: &str) -> Fixture {
 path = "{teacher}"
 [student]
 num_layers = 2
+{student}
 [train]
 batch_size = 2
 grad_accum = 2
@@ -226,6 +232,98 @@ fn two_stage_run_trains_and_resume_is_bit_exact() {
         .to_string()
     };
     assert!(e.contains("recipe differs"), "{e}");
+}
+
+#[test]
+fn lora_run_trains_only_adapters_and_resume_is_bit_exact() {
+    let fx = fixture_with(
+        r#"lora = { rank = 4, alpha = 8, targets = ["q_proj", "v_proj", "up_proj", "down_proj"] }"#,
+        "",
+    );
+    let a = fx.root.join("run-a");
+    assert_eq!(
+        train(&fx.recipe, &a, false, None).unwrap(),
+        Outcome::Finished(a.join("model"))
+    );
+    let train_a = records(&a, "train");
+    assert_eq!(train_a.len(), 12 + 6);
+    let kd: Vec<f64> = train_a[..12]
+        .iter()
+        .map(|r| r["loss"].as_f64().unwrap())
+        .collect();
+    assert!(
+        kd[9..].iter().sum::<f64>() < kd[..3].iter().sum::<f64>(),
+        "KD loss did not fall: {kd:?}"
+    );
+    // The final model is merged (an ordinary checkpoint) and carries its PEFT adapter.
+    let adapter: serde_json::Value = serde_json::from_str(
+        &fs_err::read_to_string(a.join("model/adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(adapter["r"], 4);
+    assert!(a.join("model/adapter/adapter_model.safetensors").exists());
+    // Step checkpoints hold the adapter, not the model.
+    let latest = fs_err::read_to_string(a.join("checkpoints/latest")).unwrap();
+    let ck = a.join("checkpoints").join(latest.trim());
+    assert!(ck.join("adapter_model.safetensors").exists());
+    assert!(!ck.join("model.safetensors").exists());
+    // Only the adapted layers changed: the embedding and norms are the pruned teacher's.
+    let read = |p: &Path| {
+        let bytes = fs_err::read(p).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        st.tensors()
+            .into_iter()
+            .map(|(n, v)| (n, v.data().to_vec()))
+            .collect::<std::collections::HashMap<_, _>>()
+    };
+    let merged = read(&a.join("model/model.safetensors"));
+    let plan = prepare(Recipe::load(&fx.recipe, &[]).unwrap(), &Device::Cpu).unwrap();
+    let base: std::collections::HashMap<_, _> = plan
+        .student
+        .named_tensors()
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (
+                n,
+                v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>(),
+            )
+        })
+        .collect();
+    for (name, bytes) in &merged {
+        let same = base[name] == *bytes;
+        let adapted = ["q_proj", "v_proj", "up_proj", "down_proj"]
+            .iter()
+            .any(|t| name.contains(t));
+        assert_eq!(same, !adapted, "{name}: changed = {}", !same);
+    }
+
+    // Interrupted (mid-stage 1 and mid-stage 2) and resumed: bit for bit the same.
+    let b = fx.root.join("run-b");
+    assert!(matches!(
+        train(&fx.recipe, &b, false, Some(3)).unwrap(),
+        Outcome::Interrupted(_)
+    ));
+    assert!(matches!(
+        train(&fx.recipe, &b, true, Some(9)).unwrap(),
+        Outcome::Interrupted(_)
+    ));
+    assert_eq!(
+        train(&fx.recipe, &b, true, None).unwrap(),
+        Outcome::Finished(b.join("model"))
+    );
+    for f in [
+        "model/model.safetensors",
+        "model/adapter/adapter_model.safetensors",
+    ] {
+        assert!(
+            fs_err::read(a.join(f)).unwrap() == fs_err::read(b.join(f)).unwrap(),
+            "resumed {f} differs from the uninterrupted one"
+        );
+    }
+    assert_eq!(records(&b, "train"), train_a);
+    assert_eq!(records(&b, "eval"), records(&a, "eval"));
 }
 
 #[test]

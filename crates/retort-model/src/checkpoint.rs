@@ -133,6 +133,11 @@ impl Checkpoint {
     pub fn trainable(&self) -> Result<Model> {
         Model::trainable(&self.config, &self.weights)
     }
+
+    /// A LoRA student on these weights (frozen f32 base, adapters from `seed`).
+    pub fn lora(&self, lora: &crate::lora::LoraConfig, seed: u64) -> Result<Model> {
+        Model::with_lora(&self.config, &self.weights, lora, seed)
+    }
 }
 
 /// Load a frozen model and its tokenizer in one call.

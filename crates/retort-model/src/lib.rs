@@ -25,6 +25,7 @@ mod error;
 pub mod generation;
 pub mod gguf;
 pub mod kv_cache;
+pub mod lora;
 pub mod model;
 pub mod rope;
 pub mod tokenizer;

@@ -22,6 +22,7 @@ use candle_core::{D, DType, Device, Module, Tensor, Var};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
+use crate::lora::{self, Adapter, LoraConfig, LoraTarget};
 use crate::rope::Rope;
 use crate::weights::{LinearWeight, WeightFormat, Weights};
 use retort_kernels::frozen_bf16::FrozenBf16;
@@ -40,6 +41,8 @@ pub struct Linear {
     bias: Option<Tensor>,
     /// Products of a dense weight in bf16 where that runs (see [`MatmulPrecision`]).
     precision: MatmulPrecision,
+    /// A LoRA student's trained update on this (frozen) weight.
+    lora: Option<Adapter>,
 }
 
 impl Linear {
@@ -89,15 +92,25 @@ impl Linear {
             LinearWeight::PackedQ8(w) => x.contiguous()?.apply_op1_no_bwd(w.as_ref())?,
             LinearWeight::FrozenBf16(w) => x.contiguous()?.apply_op1_no_bwd(w.as_ref())?,
         };
+        let y = match &self.lora {
+            // (…, in) → (rows, in) → (rows, out) → (…, out)
+            Some(ad) => (&y + ad.delta(&x.flatten_to(D::Minus2)?)?.reshape(y.shape())?)?,
+            None => y,
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
     }
 
-    fn dense_weight(&self) -> Option<&Tensor> {
+    /// The dense weight as a checkpoint stores it: with a LoRA update merged in
+    /// (`W + (α/r)·B·A`).
+    fn dense_weight(&self) -> Option<Result<Tensor>> {
         match &self.weight {
-            LinearWeight::Dense(w) => Some(w),
+            LinearWeight::Dense(w) => Some(match &self.lora {
+                Some(ad) => ad.weight_delta().and_then(|d| Ok((w + d)?)),
+                None => Ok(w.clone()),
+            }),
             LinearWeight::Quantized { .. }
             | LinearWeight::PackedQ8(_)
             | LinearWeight::FrozenBf16(_) => None,
@@ -278,35 +291,67 @@ pub struct Model {
     lm_head: Linear, // (V, C); shares embed_tokens when tied
     rope: Rope,
     mode: Mode,
-    /// Trainable parameters by Hugging Face name (empty for a frozen model).
+    /// Trainable parameters by Hugging Face name (empty for a frozen model; a LoRA student's
+    /// are its adapters, `<module>.lora_A.weight` and `.lora_B.weight`).
     vars: Vec<(String, Var)>,
+    /// Set for a LoRA student: its base weights are frozen tensors, its `vars` the adapters.
+    lora: Option<LoraConfig>,
     device: Device,
 }
 
 impl Model {
     /// Build a frozen model (a teacher) from loaded weights.
     pub fn frozen(cfg: &Config, weights: &Weights, format: WeightFormat) -> Result<Model> {
-        Self::build(cfg, weights, format, Mode::Frozen)
+        Self::build(cfg, weights, format, Mode::Frozen, None)
     }
 
     /// Build a trainable model (a student): every weight becomes an f32 [`Var`].
     pub fn trainable(cfg: &Config, weights: &Weights) -> Result<Model> {
-        Self::build(cfg, weights, WeightFormat::F32, Mode::Trainable)
+        Self::build(cfg, weights, WeightFormat::F32, Mode::Trainable, None)
     }
 
-    fn build(cfg: &Config, w: &Weights, format: WeightFormat, mode: Mode) -> Result<Model> {
+    /// Build a LoRA student ([`crate::lora`]): the weights are frozen f32 tensors, the targeted
+    /// linear layers get adapters initialised from `seed` (B = 0: the model starts as the base),
+    /// and only the adapters are [`Var`]s. Ops carry gradients (as for [`Model::trainable`]).
+    pub fn with_lora(
+        cfg: &Config,
+        weights: &Weights,
+        lora: &LoraConfig,
+        seed: u64,
+    ) -> Result<Model> {
+        lora.check().map_err(|(field, problem, hint)| {
+            Error::invalid(format!("lora.{field} {problem}"), hint)
+        })?;
+        Self::build(
+            cfg,
+            weights,
+            WeightFormat::F32,
+            Mode::Trainable,
+            Some((lora, seed)),
+        )
+    }
+
+    fn build(
+        cfg: &Config,
+        w: &Weights,
+        format: WeightFormat,
+        mode: Mode,
+        lora: Option<(&LoraConfig, u64)>,
+    ) -> Result<Model> {
         cfg.validate(w.source())?;
         let device = w.device.clone();
         let mut vars = Vec::new();
-        let mut param = |name: &str, t: Tensor| -> Result<Tensor> {
-            Ok(match mode {
-                Mode::Frozen => t,
-                Mode::Trainable => {
-                    let v = Var::from_tensor(&t)?;
-                    let t = v.as_tensor().clone();
-                    vars.push((name.to_string(), v));
-                    t
-                }
+        // Base weights are Vars only for a full fine-tune; a LoRA student's adapters always are.
+        let base_trains = mode == Mode::Trainable && lora.is_none();
+        let mut rng = lora::init_rng(lora.map_or(0, |(_, seed)| seed));
+        let mut var = |name: &str, t: Tensor, trains: bool| -> Result<Tensor> {
+            Ok(if trains {
+                let v = Var::from_tensor(&t)?;
+                let t = v.as_tensor().clone();
+                vars.push((name.to_string(), v));
+                t
+            } else {
+                t
             })
         };
         let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
@@ -315,7 +360,7 @@ impl Model {
             cfg.num_key_value_heads * cfg.head_dim,
         );
         let embed_name = "model.embed_tokens.weight";
-        let embed_tokens = param(embed_name, w.dense(embed_name, &[v, c])?)?;
+        let embed_tokens = var(embed_name, w.dense(embed_name, &[v, c])?, base_trains)?;
 
         let mut linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
             let weight = match (
@@ -323,20 +368,43 @@ impl Model {
                 w.linear(&format!("{name}.weight"), &[out, inp], format)?,
             ) {
                 (Mode::Trainable, LinearWeight::Dense(t)) => {
-                    LinearWeight::Dense(param(&format!("{name}.weight"), t)?)
+                    LinearWeight::Dense(var(&format!("{name}.weight"), t, base_trains)?)
                 }
                 (_, lw) => lw,
             };
             let bias = if bias {
                 let bname = format!("{name}.bias");
-                Some(param(&bname, w.dense(&bname, &[out])?)?)
+                Some(var(&bname, w.dense(&bname, &[out])?, base_trains)?)
             } else {
                 None
+            };
+            let lora = match lora {
+                Some((lc, _))
+                    if LoraTarget::of_module(name).is_some_and(|t| lc.targets.contains(&t)) =>
+                {
+                    if lc.rank > out.min(inp) {
+                        return Err(Error::invalid(
+                            format!(
+                                "lora.rank = {} exceeds the smaller side of `{name}` ({out} × {inp})",
+                                lc.rank
+                            ),
+                            format!("use a rank of at most {}", out.min(inp)),
+                        ));
+                    }
+                    let (a, b) = Adapter::init(&mut rng, out, inp, lc, &device)?;
+                    Some(Adapter {
+                        a: var(&format!("{name}.lora_A.weight"), a, true)?,
+                        b: var(&format!("{name}.lora_B.weight"), b, true)?,
+                        scale: lc.scale(),
+                    })
+                }
+                _ => None,
             };
             Ok(Linear {
                 weight,
                 bias,
                 precision: MatmulPrecision::F32,
+                lora,
             })
         };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
@@ -366,11 +434,13 @@ impl Model {
                     weight: w.linear(embed_name, &[v, c], format)?,
                     bias: None,
                     precision: MatmulPrecision::F32,
+                    lora: None,
                 },
                 _ => Linear {
                     weight: LinearWeight::Dense(embed_tokens.clone()),
                     bias: None,
                     precision: MatmulPrecision::F32,
+                    lora: None,
                 },
             }
         } else {
@@ -382,13 +452,17 @@ impl Model {
             let n1 = format!("{p}.input_layernorm.weight");
             let n2 = format!("{p}.post_attention_layernorm.weight");
             blocks.push(Block {
-                input_layernorm: param(&n1, w.dense(&n1, &[c])?)?,
+                input_layernorm: var(&n1, w.dense(&n1, &[c])?, base_trains)?,
                 self_attn,
-                post_attention_layernorm: param(&n2, w.dense(&n2, &[c])?)?,
+                post_attention_layernorm: var(&n2, w.dense(&n2, &[c])?, base_trains)?,
                 mlp,
             });
         }
-        let norm = param("model.norm.weight", w.dense("model.norm.weight", &[c])?)?;
+        let norm = var(
+            "model.norm.weight",
+            w.dense("model.norm.weight", &[c])?,
+            base_trains,
+        )?;
         let rope = Rope::new(
             cfg.head_dim,
             cfg.max_position_embeddings,
@@ -404,6 +478,7 @@ impl Model {
             rope,
             mode,
             vars,
+            lora: lora.map(|(c, _)| c.clone()),
             device,
         })
     }
@@ -416,9 +491,15 @@ impl Model {
         &self.device
     }
 
-    /// Trainable parameters by Hugging Face name; empty for a frozen model.
+    /// Trainable parameters by Hugging Face name; empty for a frozen model; a LoRA student's
+    /// adapters.
     pub fn vars(&self) -> &[(String, Var)] {
         &self.vars
+    }
+
+    /// The adapter configuration of a LoRA student.
+    pub fn lora(&self) -> Option<&LoraConfig> {
+        self.lora.as_ref()
     }
 
     /// Run the products of every dense linear layer and of the LM head at `p` (weights and
@@ -559,7 +640,7 @@ impl Model {
                 "load it with dequantized (f32) weights, without `prepack_bf16`, before saving",
             )
         };
-        let dense = |l: &Linear| l.dense_weight().cloned().ok_or_else(quantized);
+        let dense = |l: &Linear| l.dense_weight().ok_or_else(quantized)?;
         let mut out = vec![(
             "model.embed_tokens.weight".to_string(),
             self.embed_tokens.clone(),
@@ -644,6 +725,7 @@ impl Model {
         m.layers = keep.iter().map(|&i| self.layers[i].clone()).collect();
         m.cfg.num_hidden_layers = keep.len();
         m.vars.clear();
+        m.lora = None;
         Ok(m)
     }
 
@@ -657,6 +739,18 @@ impl Model {
             .collect::<Result<std::collections::HashMap<_, _>>>()?;
         let weights = Weights::new(source, tensors, &self.device);
         Model::trainable(&self.cfg, &weights)
+    }
+
+    /// A LoRA student ([`Model::with_lora`]) on this model's dense weights (merged ones, if it
+    /// carries adapters itself).
+    pub fn to_lora(&self, source: &Path, lora: &LoraConfig, seed: u64) -> Result<Model> {
+        let tensors = self
+            .named_tensors()?
+            .into_iter()
+            .map(|(n, t)| Ok((n, crate::weights::Stored::Dense(t.to_dtype(DType::F32)?))))
+            .collect::<Result<std::collections::HashMap<_, _>>>()?;
+        let weights = Weights::new(source, tensors, &self.device);
+        Model::with_lora(&self.cfg, &weights, lora, seed)
     }
 }
 

@@ -432,6 +432,8 @@ impl Tensor {
                         let src_grad = grad.index_select(indexes, *dim)?;
                         grads.accumulate(src, &src_grad)?;
                     }
+                    // retort patch 4: no gradient for a frozen (untracked) table.
+                    Op::IndexSelect(arg, _, _) if !arg.track_op() => {}
                     Op::IndexSelect(arg, indexes, dim) => {
                         let sum_grad = grads.or_insert(arg)?;
                         // index_select accepts strided ids but index_add requires contiguous ones.
@@ -442,11 +444,15 @@ impl Tensor {
                         // Skipping checks, the op went ok, we can skip
                         // the matmul size checks for now.
 
-                        let lhs_grad = grad.matmul(&rhs.t()?)?;
-                        grads.accumulate(lhs, &lhs_grad)?;
-
-                        let rhs_grad = lhs.t()?.matmul(&grad)?;
-                        grads.accumulate(rhs, &rhs_grad)?;
+                        // retort patch 4: only the operands that lead to a variable.
+                        if lhs.track_op() {
+                            let lhs_grad = grad.matmul(&rhs.t()?)?;
+                            grads.accumulate(lhs, &lhs_grad)?;
+                        }
+                        if rhs.track_op() {
+                            let rhs_grad = lhs.t()?.matmul(&grad)?;
+                            grads.accumulate(rhs, &rhs_grad)?;
+                        }
                     }
                     Op::Cat(args, dim) => {
                         let mut start_idx = 0;
@@ -730,6 +736,11 @@ impl GradStore {
     /// a node is stored as it is instead of being added into a fresh tensor of zeros; later
     /// ones are added as before. Saves a zero fill and an add per gradient edge.
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
+        // retort patch 4: a tensor that is neither a variable nor computed from one (a frozen
+        // weight) never needs its gradient; keeping it would hold a weight-sized buffer.
+        if !tensor.track_op() {
+            return Ok(());
+        }
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
                 let sum_grad = entry.get_mut();
