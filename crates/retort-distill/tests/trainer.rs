@@ -142,6 +142,24 @@ fn records(out: &Path, kind: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Train into `out` stopping after 3 steps, then (after `between`) resume and stop at step 9
+/// (stage 2 of the fixture), then resume to the end.
+fn interrupted_twice_then_resumed(recipe: &Path, out: &Path, between: impl Fn(&Path)) {
+    assert!(matches!(
+        train(recipe, out, false, Some(3)).unwrap(),
+        Outcome::Interrupted(_)
+    ));
+    between(out);
+    assert!(matches!(
+        train(recipe, out, true, Some(9)).unwrap(),
+        Outcome::Interrupted(_)
+    ));
+    assert_eq!(
+        train(recipe, out, true, None).unwrap(),
+        Outcome::Finished(out.join("model"))
+    );
+}
+
 #[test]
 fn two_stage_run_trains_and_resume_is_bit_exact() {
     let fx = fixture("");
@@ -176,22 +194,13 @@ fn two_stage_run_trains_and_resume_is_bit_exact() {
     assert_eq!(lineage[1]["completed"], true);
     assert_eq!(lineage[0]["data_sha256"].as_str().unwrap().len(), 64);
 
-    // Interrupted twice (once mid-stage 1, once mid-stage 2) and resumed.
+    // Interrupted twice (once mid-stage 1, once mid-stage 2) and resumed; a fresh start over
+    // an interrupted run is refused.
     let b = fx.root.join("run-b");
-    assert!(matches!(
-        train(&fx.recipe, &b, false, Some(3)).unwrap(),
-        Outcome::Interrupted(_)
-    ));
-    let e = train(&fx.recipe, &b, false, None).unwrap_err().to_string();
-    assert!(e.contains("--resume"), "{e}");
-    assert!(matches!(
-        train(&fx.recipe, &b, true, Some(9)).unwrap(),
-        Outcome::Interrupted(_)
-    ));
-    assert_eq!(
-        train(&fx.recipe, &b, true, None).unwrap(),
-        Outcome::Finished(b.join("model"))
-    );
+    interrupted_twice_then_resumed(&fx.recipe, &b, |b| {
+        let e = train(&fx.recipe, b, false, None).unwrap_err().to_string();
+        assert!(e.contains("--resume"), "{e}");
+    });
 
     let wa = fs_err::read(a.join("model/model.safetensors")).unwrap();
     let wb = fs_err::read(b.join("model/model.safetensors")).unwrap();
@@ -301,18 +310,7 @@ fn lora_run_trains_only_adapters_and_resume_is_bit_exact() {
 
     // Interrupted (mid-stage 1 and mid-stage 2) and resumed: bit for bit the same.
     let b = fx.root.join("run-b");
-    assert!(matches!(
-        train(&fx.recipe, &b, false, Some(3)).unwrap(),
-        Outcome::Interrupted(_)
-    ));
-    assert!(matches!(
-        train(&fx.recipe, &b, true, Some(9)).unwrap(),
-        Outcome::Interrupted(_)
-    ));
-    assert_eq!(
-        train(&fx.recipe, &b, true, None).unwrap(),
-        Outcome::Finished(b.join("model"))
-    );
+    interrupted_twice_then_resumed(&fx.recipe, &b, |_| {});
     for f in [
         "model/model.safetensors",
         "model/adapter/adapter_model.safetensors",

@@ -732,25 +732,23 @@ impl Model {
     /// A trainable copy (every weight an f32 [`Var`]) of a model with dense weights, e.g. a
     /// frozen teacher pruned into a student.
     pub fn to_trainable(&self, source: &Path) -> Result<Model> {
-        let tensors = self
-            .named_tensors()?
-            .into_iter()
-            .map(|(n, t)| Ok((n, crate::weights::Stored::Dense(t.to_dtype(DType::F32)?))))
-            .collect::<Result<std::collections::HashMap<_, _>>>()?;
-        let weights = Weights::new(source, tensors, &self.device);
-        Model::trainable(&self.cfg, &weights)
+        Model::trainable(&self.cfg, &self.dense_weights(source)?)
     }
 
     /// A LoRA student ([`Model::with_lora`]) on this model's dense weights (merged ones, if it
     /// carries adapters itself).
     pub fn to_lora(&self, source: &Path, lora: &LoraConfig, seed: u64) -> Result<Model> {
+        Model::with_lora(&self.cfg, &self.dense_weights(source)?, lora, seed)
+    }
+
+    /// This model's weights as f32 [`Weights`] recorded as coming from `source`.
+    fn dense_weights(&self, source: &Path) -> Result<Weights> {
         let tensors = self
             .named_tensors()?
             .into_iter()
             .map(|(n, t)| Ok((n, crate::weights::Stored::Dense(t.to_dtype(DType::F32)?))))
             .collect::<Result<std::collections::HashMap<_, _>>>()?;
-        let weights = Weights::new(source, tensors, &self.device);
-        Model::with_lora(&self.cfg, &weights, lora, seed)
+        Ok(Weights::new(source, tensors, &self.device))
     }
 }
 

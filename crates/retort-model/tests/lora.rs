@@ -4,29 +4,13 @@
 
 #![allow(clippy::unwrap_used, clippy::print_stderr)] // test code: a panic is a failed test
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use retort_model::lora::{self, LoraConfig, LoraTarget};
 use retort_model::{Arch, Model, WeightFormat, Weights, weights::Stored};
-use retort_test::{max_abs_diff, random_weights, tiny_config};
+use retort_test::{finite_difference_at_largest, ids, max_abs_diff, random_weights, tiny_config};
 
-fn ids(rows: &[&[u32]]) -> Tensor {
-    Tensor::new(
-        rows.iter().map(|r| r.to_vec()).collect::<Vec<_>>(),
-        &Device::Cpu,
-    )
-    .unwrap()
-}
-
-/// Mean next-token cross-entropy over all positions.
 fn next_token_loss(model: &Model, x: &Tensor) -> Tensor {
-    let (b, t) = x.dims2().unwrap();
-    let logits = model.logits(&x.narrow(1, 0, t - 1).unwrap()).unwrap();
-    let v = logits.dim(D::Minus1).unwrap();
-    let targets = x.narrow(1, 1, t - 1).unwrap().flatten_all().unwrap();
-    let logp =
-        candle_nn::ops::log_softmax(&logits.reshape((b * (t - 1), v)).unwrap(), D::Minus1).unwrap();
-    let picked = logp.gather(&targets.unsqueeze(1).unwrap(), 1).unwrap();
-    picked.mean_all().unwrap().neg().unwrap()
+    retort_test::next_token_loss(model, x).unwrap()
 }
 
 fn cfg(rank: usize) -> LoraConfig {
@@ -99,41 +83,19 @@ fn lora_gradients_match_finite_differences() {
         {
             continue;
         }
-        let g = grads
+        let grad = grads
             .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("no gradient for {name}"))
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let k = (0..g.len())
-            .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
-            .unwrap();
-        let base = var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let eps = 1e-2f32;
-        let loss_at = |delta: f32| {
-            let mut v = base.clone();
-            v[k] += delta;
-            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
-                .unwrap();
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let (g, fd, rel) = finite_difference_at_largest(var, grad, 1e-2, || {
             next_token_loss(&student, &x)
                 .to_dtype(DType::F64)
                 .unwrap()
                 .to_scalar::<f64>()
                 .unwrap()
-        };
-        let fd = (loss_at(eps) - loss_at(-eps)) / (2.0 * eps as f64);
-        loss_at(0.0);
-        let rel = (fd - g[k] as f64).abs() / fd.abs().max(1e-3);
+        });
         assert!(
-            g[k] != 0.0 && rel < 2e-2,
-            "{name}[{k}]: autograd {} vs finite difference {fd} (rel {rel})",
-            g[k]
+            g != 0.0 && rel < 2e-2,
+            "{name}: autograd {g} vs finite difference {fd} (rel {rel})"
         );
         probed += 1;
     }

@@ -8,26 +8,13 @@ use candle_core::{D, DType, Device, IndexOp, Tensor};
 use retort_model::batching::generate_continuous;
 use retort_model::generation::{SamplingParams, generate, generate_each};
 use retort_model::{Arch, Model, WeightFormat, checkpoint};
-use retort_test::{max_abs_diff, random_weights, tiny_config, tiny_model, tiny_tokenizer};
+use retort_test::{
+    finite_difference_at_largest, ids, max_abs_diff, random_weights, tiny_config, tiny_model,
+    tiny_tokenizer,
+};
 
-fn ids(rows: &[&[u32]]) -> Tensor {
-    Tensor::new(
-        rows.iter().map(|r| r.to_vec()).collect::<Vec<_>>(),
-        &Device::Cpu,
-    )
-    .unwrap()
-}
-
-/// Mean next-token cross-entropy over all positions, built from differentiable ops.
 fn next_token_loss(model: &Model, x: &Tensor) -> Tensor {
-    let (b, t) = x.dims2().unwrap();
-    let logits = model.logits(&x.narrow(1, 0, t - 1).unwrap()).unwrap(); // (B, T-1, V)
-    let v = logits.dim(D::Minus1).unwrap();
-    let targets = x.narrow(1, 1, t - 1).unwrap().flatten_all().unwrap();
-    let logp =
-        candle_nn::ops::log_softmax(&logits.reshape((b * (t - 1), v)).unwrap(), D::Minus1).unwrap();
-    let picked = logp.gather(&targets.unsqueeze(1).unwrap(), 1).unwrap();
-    picked.mean_all().unwrap().neg().unwrap()
+    retort_test::next_token_loss(model, x).unwrap()
 }
 
 #[test]
@@ -86,42 +73,17 @@ fn gradients_match_finite_differences() {
         "model.norm.weight",
     ] {
         let var = &student.vars().iter().find(|(n, _)| n == name).unwrap().1;
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        // Probe the entry with the largest gradient.
-        let k = (0..g.len())
-            .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
-            .unwrap();
-        let base = var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let eps = 1e-2f32;
-        let loss_at = |delta: f32| {
-            let mut w = base.clone();
-            w[k] += delta;
-            var.set(&Tensor::from_vec(w, var.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-            next_token_loss(&student, &x)
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
-        let fd = (loss_at(eps) - loss_at(-eps)) / (2.0 * eps as f64);
-        loss_at(0.0);
-        let rel = (fd - g[k] as f64).abs() / fd.abs().max(1e-3);
+        let (g, fd, rel) =
+            finite_difference_at_largest(var, grads.get(var.as_tensor()).unwrap(), 1e-2, || {
+                next_token_loss(&student, &x)
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+            });
         assert!(
             rel < 2e-2,
-            "{name}[{k}]: autograd {} vs finite difference {fd} (rel {rel})",
-            g[k]
+            "{name}: autograd {g} vs finite difference {fd} (rel {rel})"
         );
     }
 }

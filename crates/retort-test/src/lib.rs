@@ -339,3 +339,58 @@ pub fn random_logits(seed: u64, n: usize, v: usize) -> Tensor {
     let data: Vec<f32> = (0..n * v).map(|_| rng.random_range(-3.0..3.0)).collect();
     Tensor::from_vec(data, (n, v), &Device::Cpu).expect("a (n, v) tensor")
 }
+
+/// Token ids `(B, T)` from equal-length rows.
+pub fn ids(rows: &[&[u32]]) -> Tensor {
+    let flat: Vec<u32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+    let t = rows.first().map_or(0, |r| r.len());
+    Tensor::from_vec(flat, (rows.len(), t), &Device::Cpu).expect("rows of equal length")
+}
+
+/// Mean next-token cross-entropy over all positions of `x (B, T)`, from differentiable ops.
+pub fn next_token_loss(model: &Model, x: &Tensor) -> candle_core::Result<Tensor> {
+    use candle_core::D;
+    let (b, t) = x.dims2()?;
+    let logits = model
+        .logits(&x.narrow(1, 0, t - 1)?)
+        .map_err(candle_core::Error::wrap)?; // (B, T-1, V)
+    let v = logits.dim(D::Minus1)?;
+    let targets = x.narrow(1, 1, t - 1)?.flatten_all()?;
+    let logp = candle_nn::ops::log_softmax(&logits.reshape((b * (t - 1), v))?, D::Minus1)?;
+    logp.gather(&targets.unsqueeze(1)?, 1)?.mean_all()?.neg()
+}
+
+/// Checks autograd against a central finite difference at the entry of `var` whose gradient
+/// is largest: `loss` recomputes the loss (f64) from the model that holds `var`; `grad` is
+/// autograd's gradient of `var`. Returns (autograd, finite difference, relative error); `var`
+/// is restored.
+pub fn finite_difference_at_largest(
+    var: &candle_core::Var,
+    grad: &Tensor,
+    eps: f32,
+    loss: impl Fn() -> f64,
+) -> (f32, f64, f64) {
+    let g = grad
+        .flatten_all()
+        .and_then(|g| g.to_vec1::<f32>())
+        .expect("an f32 gradient");
+    let k = (0..g.len())
+        .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
+        .expect("a non-empty gradient");
+    let base = var
+        .as_tensor()
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("an f32 variable");
+    let loss_at = |delta: f32| {
+        let mut w = base.clone();
+        w[k] += delta;
+        let t = Tensor::from_vec(w, var.shape(), &Device::Cpu).expect("same shape");
+        var.set(&t).expect("same shape");
+        loss()
+    };
+    let fd = (loss_at(eps) - loss_at(-eps)) / (2.0 * eps as f64);
+    loss_at(0.0);
+    let rel = (fd - g[k] as f64).abs() / fd.abs().max(1e-3);
+    (g[k], fd, rel)
+}
