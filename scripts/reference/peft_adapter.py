@@ -41,13 +41,13 @@ def logits(model):
         return model(input_ids=ids).logits[0].float()
 
 
-base = AutoModelForCausalLM.from_pretrained(args.base, torch_dtype=torch.float32)
+base = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
 base.eval()
 base_logits = logits(base)
 peft_model = PeftModel.from_pretrained(base, f"{args.model}/adapter")
 peft_model.eval()
 peft_logits = logits(peft_model)
-merged = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32)
+merged = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
 merged.eval()
 merged_logits = logits(merged)
 

@@ -161,6 +161,7 @@ fn main() {
         }),
         chunk_rows: arg("--chunk", 1024),
         vocab_limit: None,
+        checkpoint_layers: false,
     };
     let mut opt = AdamW::new(student.vars(), AdamWParams::default());
     let (mut online, mut cached) = (Vec::new(), Vec::new());

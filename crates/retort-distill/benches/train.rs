@@ -125,6 +125,7 @@ fn main() {
         }),
         chunk_rows: arg("--chunk", 1024),
         vocab_limit: None,
+        checkpoint_layers: false,
     };
     if args.iter().any(|a| a == "--phases") {
         // Where a step's time goes: forward passes alone (no backward), 3 runs each, median.

@@ -46,6 +46,10 @@ pub struct Objective {
     pub chunk_rows: usize,
     /// Logit columns compared between teacher and student (the shared vocabulary); `None` = all.
     pub vocab_limit: Option<usize>,
+    /// Activation checkpointing: keep only each decoder layer's input in the forward pass and
+    /// recompute the layer in backward (one more forward of the decoder, a fraction of the
+    /// activation memory). The gradients are those of the plain backward.
+    pub checkpoint_layers: bool,
 }
 
 /// One micro-batch, ready for the model.
@@ -101,9 +105,23 @@ impl LossSums {
 }
 
 fn hidden_at(model: &Model, mb: &MicroBatch) -> Result<Tensor> {
-    let h = model.forward(&mb.ids, 0, &[], None)?; // (B, T, C)
+    gather(&model.forward(&mb.ids, 0, &[], None)?, mb)
+}
+
+/// [`Model::forward`] (no cache, from position 0) with each layer's graph dropped as soon as
+/// the layer is done: the same numbers, no gradient, one layer's activations alive at a time.
+fn untracked_forward(model: &Model, ids: &Tensor) -> Result<Tensor> {
+    let mut x = model.embed(ids)?.detach();
+    for i in 0..model.config().num_hidden_layers {
+        x = model.layer(i, &x)?.detach();
+    }
+    Ok(model.final_norm(&x)?.detach())
+}
+
+/// The loss positions' rows of `h (B, T, C)`: `(N, C)`.
+fn gather(h: &Tensor, mb: &MicroBatch) -> Result<Tensor> {
     let (b, t, c) = h.dims3()?;
-    Ok(h.reshape((b * t, c))?.index_select(&mb.positions, 0)?) // (N, C)
+    Ok(h.reshape((b * t, c))?.index_select(&mb.positions, 0)?)
 }
 
 fn narrow_vocab(logits: Tensor, limit: Option<usize>) -> Result<Tensor> {
@@ -182,7 +200,18 @@ fn run(
         (None, _, _) => None,
     };
     let has_kd = obj.kd.is_some() && (teacher.is_some() || mb.sparse.is_some());
-    let s_hidden = hidden_at(student, mb)?; // (N, C), tracked
+    let layered = if obj.checkpoint_layers && backward.is_some() {
+        Some(Layered::forward(student, &mb.ids)?)
+    } else {
+        None
+    };
+    let s_hidden = match &layered {
+        Some(l) => gather(&student.final_norm(l.last.as_tensor())?, mb)?, // (N, C)
+        None if backward.is_some() => hidden_at(student, mb)?,            // (N, C), tracked
+        // Evaluation: no graph is kept (a trainable model's forward would hold every layer's
+        // activations until the result is dropped, as much memory as a training step).
+        None => gather(&untracked_forward(student, &mb.ids)?, mb)?,
+    };
     let t_hidden = match (teacher, cached_t_hidden) {
         (Some(_), Some(h)) => Some(h.clone()),
         (Some(t), None) => Some(teacher_hidden(t, mb)?), // (N, C)
@@ -228,8 +257,72 @@ fn run(
         let gh = Tensor::cat(&hidden_grads, 0)?.detach(); // (N, C)
         let store = (s_hidden * gh)?.sum_all()?.backward()?;
         grads.add_store(student.vars(), &store)?;
+        if let Some(l) = layered {
+            l.backward(student, &store, grads)?;
+        }
     }
     Ok(sums)
+}
+
+/// A forward pass that kept only each decoder layer's input (activation checkpointing).
+struct Layered {
+    /// The embedding output `(B, T, C)`, tracked when the embedding trains.
+    embedded: Tensor,
+    /// Layer i's input, detached, `(B, T, C)` each.
+    inputs: Vec<Tensor>,
+    /// The last layer's output as a leaf, so the final norm's backward stops at it.
+    last: Var,
+}
+
+impl Layered {
+    fn forward(student: &Model, ids: &Tensor) -> Result<Self> {
+        let embedded = student.embed(ids)?;
+        let n = student.config().num_hidden_layers;
+        let mut inputs = Vec::with_capacity(n);
+        let mut x = embedded.detach();
+        for i in 0..n {
+            let y = student.layer(i, &x)?.detach(); // the layer's graph is dropped here
+            inputs.push(x);
+            x = y;
+        }
+        Ok(Self {
+            embedded,
+            inputs,
+            last: Var::from_tensor(&x)?,
+        })
+    }
+
+    /// From the gradient at the last layer's output (in `store`), recompute each layer from its
+    /// input, last to first, and push the gradient through it into `grads`; then the embedding.
+    fn backward(
+        self,
+        student: &Model,
+        store: &candle_core::backprop::GradStore,
+        grads: &mut Grads,
+    ) -> Result<()> {
+        let missing = || {
+            Error::invalid(
+                "activation checkpointing lost the gradient between two layers",
+                "this is a bug in retort; train without train.activation_checkpointing",
+            )
+        };
+        let mut g = store
+            .get(self.last.as_tensor())
+            .cloned()
+            .ok_or_else(missing)?;
+        for (i, x) in self.inputs.iter().enumerate().rev() {
+            let xv = Var::from_tensor(x)?;
+            let y = student.layer(i, xv.as_tensor())?;
+            let store = (y * &g)?.sum_all()?.backward()?;
+            grads.add_store(student.vars(), &store)?;
+            g = store.get(xv.as_tensor()).cloned().ok_or_else(missing)?;
+        }
+        if self.embedded.track_op() {
+            let store = (self.embedded * g)?.sum_all()?.backward()?;
+            grads.add_store(student.vars(), &store)?;
+        }
+        Ok(())
+    }
 }
 
 /// One chunk of rows `start..start + len`: the student's logits against the targets (and the

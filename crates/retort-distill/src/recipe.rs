@@ -112,6 +112,9 @@ pub struct TrainParams {
     /// vocabulary (1024 rows at SmolLM2's 49,152 tokens, 320 at Qwen2.5's 151,936).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub chunk_rows: Option<usize>,
+    /// Keep only each decoder layer's input during the forward pass and recompute the layer in
+    /// backward: one extra forward of the decoder for a fraction of the activation memory.
+    pub activation_checkpointing: bool,
     /// Products of the linear layers, LM heads and attention (student and online teacher):
     /// `f32`, or `bf16` (f32 weights and accumulation, bf16 products: on AMX tiles where the CPU
     /// has them, else AVX-512 BF16, else f32). PyTorch's bf16 autocast, without bf16 copies of
@@ -155,6 +158,7 @@ impl Default for TrainParams {
             keep_checkpoints: 2,
             eval_fraction: 0.1,
             chunk_rows: None,
+            activation_checkpointing: false,
             matmul: MatmulPrecision::F32,
             nan_guard: true,
         }

@@ -97,11 +97,26 @@ fn estimate_memory(student: &Model, teacher: Option<&Model>, recipe: &Recipe) ->
     // (6.0 GiB; see docs/performance-history.md).
     let per_layer = tokens * (30 * s.hidden_size as u64 + 8 * s.intermediate_size as u64) * 4
         + (t.batch_size * s.num_attention_heads * t.max_len * t.max_len) as u64 * 4 * 4;
-    let activations = per_layer * s.num_hidden_layers as u64;
-    // A chunk of logits: student and teacher log-probs and ~6 temporaries of (rows, V), plus the
-    // LM head's weight gradient of each chunk (V, C) twice while it is accumulated.
-    let logits_chunk = (t.chunk_rows_for(s.vocab_size) * s.vocab_size) as u64 * 4 * 8
-        + 2 * (s.vocab_size * s.hidden_size) as u64 * 4;
+    let layers = s.num_hidden_layers as u64;
+    let activations = if t.activation_checkpointing {
+        // Each layer's input, plus one layer's activations while it is recomputed.
+        layers * tokens * s.hidden_size as u64 * 4 + per_layer
+    } else {
+        per_layer * layers
+    };
+    // A chunk of logits: student and teacher log-probs and ~6 temporaries of (rows, V); when
+    // the LM head trains (not for a LoRA student), its weight gradient of each chunk (V, C)
+    // twice while it is accumulated.
+    let head_trains = student
+        .vars()
+        .iter()
+        .any(|(n, _)| n == "lm_head.weight" || n == "model.embed_tokens.weight");
+    let head_grad = if head_trains {
+        2 * (s.vocab_size * s.hidden_size) as u64 * 4
+    } else {
+        0
+    };
+    let logits_chunk = (t.chunk_rows_for(s.vocab_size) * s.vocab_size) as u64 * 4 * 8 + head_grad;
     let teacher_weights = teacher.map_or(0, |m| m.config().num_parameters() as u64 * 4);
     // Gradient and two AdamW moments per trained value: every weight, or a LoRA student's
     // adapters (whose base weights get no gradient).
@@ -389,6 +404,7 @@ fn plan_stage(index: usize, stage: &Stage, t: &TrainParams, d: &StageData) -> Re
             kd,
             chunk_rows: d.chunk_rows,
             vocab_limit,
+            checkpoint_layers: t.activation_checkpointing,
         },
         train,
         eval,
@@ -562,13 +578,18 @@ impl Plan {
         let t = &self.recipe.train;
         let _ = writeln!(
             s,
-            "batch {}×≤{} tokens, grad_accum {}, chunk_rows {}{}",
+            "batch {}×≤{} tokens, grad_accum {}, chunk_rows {}{}{}",
             t.batch_size,
             t.max_len,
             t.grad_accum,
             t.chunk_rows_for(c.vocab_size),
             if t.chunk_rows.is_none() {
                 " (from the vocabulary)"
+            } else {
+                ""
+            },
+            if t.activation_checkpointing {
+                ", activation checkpointing (each layer recomputed in backward)"
             } else {
                 ""
             }

@@ -116,6 +116,7 @@ fn cached_forward_kl_matches_the_online_teacher() {
         }),
         chunk_rows: 64,
         vocab_limit: None,
+        checkpoint_layers: false,
     };
     let mb = batch::collate(&refs, 0, &dev).unwrap();
     let n = mb.loss_tokens as f64;

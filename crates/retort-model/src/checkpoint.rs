@@ -14,7 +14,7 @@ use candle_core::{DType, Device};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
-use crate::model::Model;
+use crate::model::{Model, SavedTensor};
 use crate::tokenizer::Tokenizer;
 use crate::weights::{Stored, WeightFormat, Weights};
 
@@ -191,19 +191,7 @@ fn write_dir(model: &Model, tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
     let config_json =
         serde_json::to_string_pretty(&cfg.to_hf_json()).map_err(std::io::Error::from)?;
     fs_err::write(dir.join("config.json"), config_json)?;
-    let tensors: Vec<(String, candle_core::Tensor)> = model
-        .named_tensors()?
-        .into_iter()
-        .map(|(n, t)| Ok((n, t.to_dtype(DType::F32)?.contiguous()?)))
-        .collect::<Result<_>>()?;
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(tensors, Some(metadata), &dir.join("model.safetensors"))
-        .map_err(|e| {
-            Error::invalid(
-                format!("cannot write model.safetensors: {e}"),
-                "check free disk space and permissions",
-            )
-        })?;
+    write_f32_safetensors(&model.saved_tensors()?, &dir.join("model.safetensors"))?;
     tokenizer.save_hf(dir)?;
     let generation = serde_json::json!({
         "bos_token_id": cfg.bos_token_id,
@@ -214,6 +202,59 @@ fn write_dir(model: &Model, tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
         dir.join("generation_config.json"),
         serde_json::to_string_pretty(&generation).map_err(std::io::Error::from)?,
     )?;
+    Ok(())
+}
+
+/// Write `tensors` as an f32 safetensors file (`format = pt`, names in sorted order as the
+/// `safetensors` crate writes them), forming and converting one tensor at a time: the crate's
+/// writer needs every value alive at once, which for a LoRA student's merged weights doubled the
+/// process's peak memory at the final save.
+fn write_f32_safetensors(tensors: &[(String, SavedTensor<'_>)], path: &Path) -> Result<()> {
+    use std::io::Write;
+    let io_err = |e: std::io::Error| {
+        Error::invalid(
+            format!("cannot write {}: {e}", path.display()),
+            "check free disk space and permissions",
+        )
+    };
+    let mut order: Vec<&(String, SavedTensor<'_>)> = tensors.iter().collect();
+    order.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
+    let mut offset = 0usize;
+    for (name, t) in &order {
+        let len = t.dims().iter().product::<usize>() * 4;
+        header.insert(
+            name.clone(),
+            serde_json::json!({ "dtype": "F32", "shape": t.dims(), "data_offsets": [offset, offset + len] }),
+        );
+        offset += len;
+    }
+    let mut head = serde_json::to_vec(&header).map_err(std::io::Error::from)?;
+    head.resize(head.len().next_multiple_of(8), b' '); // the format's 8-byte alignment
+    let file = fs_err::File::create(path)?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    w.write_all(&(head.len() as u64).to_le_bytes())
+        .map_err(io_err)?;
+    w.write_all(&head).map_err(io_err)?;
+    for (_, t) in order {
+        let v = t
+            .value()?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut bytes = Vec::with_capacity(1 << 18);
+        for part in v.chunks(1 << 16) {
+            bytes.clear();
+            for x in part {
+                bytes.extend_from_slice(&x.to_le_bytes());
+            }
+            w.write_all(&bytes).map_err(io_err)?;
+        }
+    }
+    w.into_inner()
+        .map_err(|e| io_err(e.into_error()))?
+        .sync_all()?;
     Ok(())
 }
 

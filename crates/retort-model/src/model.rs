@@ -104,16 +104,44 @@ impl Linear {
     }
 
     /// The dense weight as a checkpoint stores it: with a LoRA update merged in
-    /// (`W + (α/r)·B·A`).
-    fn dense_weight(&self) -> Option<Result<Tensor>> {
+    /// (`W + (α/r)·B·A`) when it is asked for.
+    fn saved_weight(&self) -> Option<SavedTensor<'_>> {
         match &self.weight {
-            LinearWeight::Dense(w) => Some(match &self.lora {
-                Some(ad) => ad.weight_delta().and_then(|d| Ok((w + d)?)),
-                None => Ok(w.clone()),
-            }),
+            LinearWeight::Dense(w) => Some(SavedTensor(match &self.lora {
+                Some(adapter) => Saved::Merged { base: w, adapter },
+                None => Saved::Ready(w.clone()),
+            })),
             LinearWeight::Quantized { .. }
             | LinearWeight::PackedQ8(_)
             | LinearWeight::FrozenBf16(_) => None,
+        }
+    }
+}
+
+/// A tensor a checkpoint stores, formed when its value is asked for: a LoRA student's merged
+/// weights exist one at a time while a checkpoint is written instead of all at once.
+pub struct SavedTensor<'a>(Saved<'a>);
+
+enum Saved<'a> {
+    Ready(Tensor),
+    Merged {
+        base: &'a Tensor,
+        adapter: &'a Adapter,
+    },
+}
+
+impl SavedTensor<'_> {
+    pub fn dims(&self) -> &[usize] {
+        match &self.0 {
+            Saved::Ready(t) => t.dims(),
+            Saved::Merged { base, .. } => base.dims(),
+        }
+    }
+
+    pub fn value(&self) -> Result<Tensor> {
+        match &self.0 {
+            Saved::Ready(t) => Ok(t.clone()),
+            Saved::Merged { base, adapter } => Ok((*base + adapter.weight_delta()?)?),
         }
     }
 }
@@ -574,7 +602,6 @@ impl Model {
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let c = self.cfg.hidden_size;
         if pos0 + t > self.cfg.max_position_embeddings {
             return Err(Error::invalid(
                 format!(
@@ -585,10 +612,7 @@ impl Model {
                 "shorten the input or lower the generation limit",
             ));
         }
-        let mut x = self
-            .embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, c))?; // (B, T, C)
+        let mut x = self.embed(ids)?; // (B, T, C)
         // The CPU path masks inside its fused softmax; other devices add this mask.
         let mask = if self.device.is_cpu() {
             None
@@ -600,25 +624,71 @@ impl Model {
             left_pad,
             mask,
         };
-        for (i, layer) in self.layers.iter().enumerate() {
+        for i in 0..self.layers.len() {
             let layer_cache = match cache.as_deref_mut() {
                 Some(kc) => Some(kc.layer_mut(i)?),
                 None => None,
             };
-            let h = rms_norm(&x, &layer.input_layernorm, self.cfg.rms_norm_eps, self.mode)?;
-            let a = layer
-                .self_attn
-                .forward(&h, &self.rope, &at, layer_cache, self.mode)?;
-            x = (x + a)?;
-            let h = rms_norm(
-                &x,
-                &layer.post_attention_layernorm,
-                self.cfg.rms_norm_eps,
-                self.mode,
-            )?;
-            x = (&x + layer.mlp.forward(&h)?)?;
+            x = self.block(i, &x, &at, layer_cache)?;
         }
-        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, self.mode) // (B, T, C)
+        self.final_norm(&x) // (B, T, C)
+    }
+
+    /// Activation checkpointing's pieces: [`Model::forward`] without a cache and from position 0
+    /// is `final_norm(layer(L−1, … layer(0, embed(ids))))`, so a trainer can keep only each
+    /// layer's input and recompute the layer in backward. `ids (B, T) → (B, T, C)`.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        Ok(self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?)
+    }
+
+    /// Decoder layer `i` on `x (B, T, C)` at positions `0..T`, no padding on the left, no cache.
+    pub fn layer(&self, i: usize, x: &Tensor) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        if i >= self.layers.len() {
+            return Err(Error::invalid(
+                format!("layer {i} of a {}-layer model", self.layers.len()),
+                "this is a bug in retort",
+            ));
+        }
+        let mask = if self.device.is_cpu() {
+            None
+        } else {
+            attention_mask(b, t, 0, &[], &self.device)?
+        };
+        let at = Positions {
+            pos0: 0,
+            left_pad: &[],
+            mask,
+        };
+        self.block(i, x, &at, None)
+    }
+
+    /// The final RMSNorm, `(…, C) → (…, C)`.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        rms_norm(x, &self.norm, self.cfg.rms_norm_eps, self.mode)
+    }
+
+    /// One pre-norm block: `x + attn(norm(x))`, then `+ mlp(norm(·))`.
+    fn block(
+        &self,
+        i: usize,
+        x: &Tensor,
+        at: &Positions,
+        cache: Option<&mut candle_nn::kv_cache::KvCache>,
+    ) -> Result<Tensor> {
+        let layer = &self.layers[i];
+        let eps = self.cfg.rms_norm_eps;
+        let h = rms_norm(x, &layer.input_layernorm, eps, self.mode)?;
+        let a = layer
+            .self_attn
+            .forward(&h, &self.rope, at, cache, self.mode)?;
+        let x = (x + a)?;
+        let h = rms_norm(&x, &layer.post_attention_layernorm, eps, self.mode)?;
+        Ok((&x + layer.mlp.forward(&h)?)?)
     }
 
     /// `hidden (…, C) → logits (…, V)`.
@@ -632,24 +702,34 @@ impl Model {
         self.lm_head(&self.forward(ids, 0, &[], None)?)
     }
 
-    /// Every dense tensor by Hugging Face name, in checkpoint order. Errors on quantized weights.
+    /// Every dense tensor by Hugging Face name, in checkpoint order (a LoRA student's weights
+    /// merged). Errors on quantized weights.
     pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        self.saved_tensors()?
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.value()?)))
+            .collect()
+    }
+
+    /// [`Model::named_tensors`] with each value formed only when asked for.
+    pub fn saved_tensors(&self) -> Result<Vec<(String, SavedTensor<'_>)>> {
         let quantized = || {
             Error::invalid(
                 "cannot save a model whose linear layers are quantized or packed for inference",
                 "load it with dequantized (f32) weights, without `prepack_bf16`, before saving",
             )
         };
-        let dense = |l: &Linear| l.dense_weight().ok_or_else(quantized)?;
+        let ready = |t: &Tensor| SavedTensor(Saved::Ready(t.clone()));
+        let dense = |l| Linear::saved_weight(l).ok_or_else(quantized);
         let mut out = vec![(
             "model.embed_tokens.weight".to_string(),
-            self.embed_tokens.clone(),
+            ready(&self.embed_tokens),
         )];
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             out.push((
                 format!("{p}.input_layernorm.weight"),
-                l.input_layernorm.clone(),
+                ready(&l.input_layernorm),
             ));
             for (n, lin) in [
                 ("self_attn.q_proj", &l.self_attn.q_proj),
@@ -662,15 +742,15 @@ impl Model {
             ] {
                 out.push((format!("{p}.{n}.weight"), dense(lin)?));
                 if let Some(b) = &lin.bias {
-                    out.push((format!("{p}.{n}.bias"), b.clone()));
+                    out.push((format!("{p}.{n}.bias"), ready(b)));
                 }
             }
             out.push((
                 format!("{p}.post_attention_layernorm.weight"),
-                l.post_attention_layernorm.clone(),
+                ready(&l.post_attention_layernorm),
             ));
         }
-        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        out.push(("model.norm.weight".to_string(), ready(&self.norm)));
         if !self.cfg.tie_word_embeddings {
             out.push(("lm_head.weight".to_string(), dense(&self.lm_head)?));
         }
