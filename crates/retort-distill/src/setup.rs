@@ -9,6 +9,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use retort_data::{ReadOptions, dataset};
+use retort_model::lora::LoraTarget;
 use retort_model::model::evenly_spaced_layers;
 use retort_model::{Model, Tokenizer, WeightFormat, checkpoint};
 use serde::Serialize;
@@ -86,16 +87,38 @@ pub struct MemoryEstimate {
     pub total: u64,
 }
 
+/// Autograd's kept values per token and layer, per unit of hidden size C and of MLP width F.
+const ACT_C: u64 = 8;
+const ACT_F: u64 = 2;
+
 fn estimate_memory(student: &Model, teacher: Option<&Model>, recipe: &Recipe) -> MemoryEstimate {
     let s = student.config();
     let t = &recipe.train;
     let p = s.num_parameters() as u64 * 4;
     let tokens = (t.batch_size * t.max_len) as u64;
-    // Per layer and token, autograd keeps ~ (30·C + 8·F) f32 values (the differentiable norm,
-    // RoPE, softmax and SiLU compositions keep their intermediates); attention keeps ~4 copies
-    // of B·H·T² scores. Calibrated against the measured peak RSS of recipes/healthbench-kd.toml
-    // (6.0 GiB; see docs/performance-history.md).
-    let per_layer = tokens * (30 * s.hidden_size as u64 + 8 * s.intermediate_size as u64) * 4
+    // Per layer and token, autograd keeps ~ (ACT_C·C + ACT_F·F) f32 values (the differentiable
+    // norm, RoPE, softmax and SiLU compositions keep their intermediates) and, for a LoRA
+    // student, two of each adapted layer's output width (the update and the sum); attention
+    // keeps ~4 copies of B·H·T² scores. Calibrated against measured peak RSS (docs/performance.md,
+    // "Real students": SmolLM2 KD, Qwen2.5-Coder-0.5B full and LoRA and 1.5B LoRA, with and
+    // without activation checkpointing).
+    let lora_width: u64 = student.lora().map_or(0, |l| {
+        let (c, f) = (s.hidden_size, s.intermediate_size);
+        let kv = s.num_key_value_heads * s.head_dim;
+        let q = s.num_attention_heads * s.head_dim;
+        l.targets
+            .iter()
+            .map(|t| match t {
+                LoraTarget::QProj => q,
+                LoraTarget::KProj | LoraTarget::VProj => kv,
+                LoraTarget::OProj | LoraTarget::DownProj => c,
+                LoraTarget::GateProj | LoraTarget::UpProj => f,
+            } as u64)
+            .sum()
+    });
+    let per_layer = tokens
+        * (ACT_C * s.hidden_size as u64 + ACT_F * s.intermediate_size as u64 + 2 * lora_width)
+        * 4
         + (t.batch_size * s.num_attention_heads * t.max_len * t.max_len) as u64 * 4 * 4;
     let layers = s.num_hidden_layers as u64;
     let activations = if t.activation_checkpointing {
@@ -104,19 +127,19 @@ fn estimate_memory(student: &Model, teacher: Option<&Model>, recipe: &Recipe) ->
     } else {
         per_layer * layers
     };
-    // A chunk of logits: student and teacher log-probs and ~6 temporaries of (rows, V); when
-    // the LM head trains (not for a LoRA student), its weight gradient of each chunk (V, C)
-    // twice while it is accumulated.
+    // A chunk of logits: ~4 (rows, V) tensors alive at once; when the LM head trains (not for a
+    // LoRA student), ~4 (V, C) tensors: each chunk's head gradient, its running sum, and the
+    // embedding's gradient (a tied head is the embedding).
     let head_trains = student
         .vars()
         .iter()
         .any(|(n, _)| n == "lm_head.weight" || n == "model.embed_tokens.weight");
     let head_grad = if head_trains {
-        2 * (s.vocab_size * s.hidden_size) as u64 * 4
+        4 * (s.vocab_size * s.hidden_size) as u64 * 4
     } else {
         0
     };
-    let logits_chunk = (t.chunk_rows_for(s.vocab_size) * s.vocab_size) as u64 * 4 * 8 + head_grad;
+    let logits_chunk = (t.chunk_rows_for(s.vocab_size) * s.vocab_size) as u64 * 4 * 4 + head_grad;
     let teacher_weights = teacher.map_or(0, |m| m.config().num_parameters() as u64 * 4);
     // Gradient and two AdamW moments per trained value: every weight, or a LoRA student's
     // adapters (whose base weights get no gradient).
@@ -132,7 +155,12 @@ fn estimate_memory(student: &Model, teacher: Option<&Model>, recipe: &Recipe) ->
         teacher_weights,
         activations,
         logits_chunk,
-        total: p + grads_and_adam + teacher_weights + activations + logits_chunk,
+        // Activations are freed as the backward pass produces the gradients: the two do not
+        // peak together.
+        total: p
+            + teacher_weights
+            + 2 * trained * 4
+            + (activations.max(trained * 4) + logits_chunk),
     }
 }
 
@@ -645,7 +673,8 @@ impl Plan {
         let m = &self.memory;
         let _ = writeln!(
             s,
-            "memory estimate: {} (student {}, grads+AdamW {}, teacher {}, activations {}, logits chunk {})",
+            "memory estimate: {} peak (student {}, grads+AdamW {}, teacher {}, activations {}, logits chunk {}; \
+             activations are freed as gradients arrive, so they do not add up)",
             gib(m.total),
             gib(m.student_weights),
             gib(m.grads_and_adam),

@@ -170,10 +170,11 @@ impl Adapter {
         Ok((a, b))
     }
 
-    /// `x2 (rows, in) → (rows, out)`: the update's contribution.
+    /// `x2 (rows, in) → (rows, out)`: the update's contribution. Scaled at rank width, so that
+    /// autograd keeps one (rows, out) tensor per adapter instead of two.
     pub fn delta(&self, x2: &Tensor) -> Result<Tensor> {
-        let h = x2.matmul(&self.a.t()?)?; // (rows, r)
-        Ok((h.matmul(&self.b.t()?)? * self.scale)?) // (rows, out)
+        let h = (x2.matmul(&self.a.t()?)? * self.scale)?; // (rows, r)
+        Ok(h.matmul(&self.b.t()?)?) // (rows, out)
     }
 
     /// `scale·B·A (out, in)`: what merging adds to the base weight.

@@ -3,7 +3,8 @@
 //! and gguf-py.
 //!
 //! Without the files these tests print a note and pass, unless `RETORT_REQUIRE_QWEN=1`, where a
-//! missing file fails. References, written by hand:
+//! missing file fails (`RETORT_REQUIRE_QWEN=student`: only the 0.5B student, which CI fetches with
+//! `scripts/fetch-assets qwen-student`). References, written by hand:
 //! - `tests/fixtures/qwen_llamacpp.json`: `scripts/reference/llamacpp_qwen.py` (llama-cpp-python);
 //! - `tests/fixtures/qwen_dequant.json`: `scripts/reference/gguf_dequant.py` (gguf-py);
 //! - `tests/fixtures/qwen_template.json`: `scripts/reference/hf_qwen_template.py` (transformers,
@@ -31,8 +32,13 @@ fn asset(name: &str) -> Option<PathBuf> {
     if p.exists() {
         return Some(p);
     }
+    let required = match std::env::var("RETORT_REQUIRE_QWEN").as_deref() {
+        Ok("student") => name == STUDENT,
+        Ok(_) => true,
+        Err(_) => false,
+    };
     assert!(
-        std::env::var_os("RETORT_REQUIRE_QWEN").is_none(),
+        !required,
         "{} is missing; run scripts/fetch-assets qwen",
         p.display()
     );
@@ -239,4 +245,66 @@ fn chat_template_and_assistant_mask_match_transformers() {
         let got: Vec<String> = runs.iter().map(|r| tok.decode(r, false).unwrap()).collect();
         assert_eq!(got, answers, "case {i}: masked spans");
     }
+}
+
+/// LoRA on the real 0.5B student (the Qwen2 path with real weights, not a tiny random model):
+/// a few plain gradient steps on the adapters lower the loss of one conversation, and the merged
+/// checkpoint gives the adapter's logits.
+#[test]
+fn lora_on_the_real_student_learns_and_merges() {
+    use retort_model::lora::{LoraConfig, LoraTarget};
+    let Some(path) = asset(STUDENT) else { return };
+    let ck = checkpoint::read(&path, &Device::Cpu).unwrap();
+    let cfg = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        targets: vec![LoraTarget::QProj, LoraTarget::VProj, LoraTarget::DownProj],
+        ..LoraConfig::default()
+    };
+    let student = ck.lora(&cfg, 0).unwrap();
+    let chat = ck
+        .tokenizer
+        .encode_chat(&[
+            Message::user("Name the largest planet."),
+            Message::assistant("Jupiter is the largest planet in the solar system."),
+        ])
+        .unwrap();
+    let x = Tensor::new(chat.ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let loss = || retort_test::next_token_loss(&student, &x).unwrap();
+    let scalar = |t: &Tensor| t.to_scalar::<f32>().unwrap();
+    let before = scalar(&loss());
+    for _ in 0..4 {
+        let l = loss();
+        let grads = l.backward().unwrap();
+        for (name, var) in student.vars() {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient"));
+            var.set(&(var.as_tensor() - (g * 0.05).unwrap()).unwrap())
+                .unwrap();
+        }
+    }
+    let after = scalar(&loss());
+    eprintln!("real 0.5B LoRA: next-token loss {before:.4} -> {after:.4} after 4 steps");
+    assert!(
+        after < before - 0.05,
+        "the loss did not fall: {before} -> {after}"
+    );
+    let tensors = student
+        .named_tensors()
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| (n, retort_model::weights::Stored::Dense(t)))
+        .collect();
+    let merged = retort_model::Model::frozen(
+        student.config(),
+        &retort_model::Weights::new(&path, tensors, &Device::Cpu),
+        WeightFormat::F32,
+    )
+    .unwrap();
+    let d = retort_test::max_abs_diff(&student.logits(&x).unwrap(), &merged.logits(&x).unwrap());
+    assert!(d < 1e-2, "merged vs adapter logits differ by {d}");
 }
