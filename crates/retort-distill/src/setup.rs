@@ -148,7 +148,11 @@ fn estimate_memory(student: &Model, teacher: Option<&Model>, recipe: &Recipe) ->
         .iter()
         .map(|(_, v)| v.elem_count() as u64)
         .sum();
-    let grads_and_adam = 3 * trained * 4;
+    let moment_bytes = match t.adamw.moments {
+        crate::adamw::MomentDtype::F32 => 4,
+        crate::adamw::MomentDtype::Bf16 => 2,
+    };
+    let grads_and_adam = trained * 4 + 2 * trained * moment_bytes;
     MemoryEstimate {
         student_weights: p,
         grads_and_adam,
@@ -159,7 +163,7 @@ fn estimate_memory(student: &Model, teacher: Option<&Model>, recipe: &Recipe) ->
         // peak together.
         total: p
             + teacher_weights
-            + 2 * trained * 4
+            + 2 * trained * moment_bytes
             + (activations.max(trained * 4) + logits_chunk),
     }
 }

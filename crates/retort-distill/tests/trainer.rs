@@ -325,6 +325,33 @@ fn lora_run_trains_only_adapters_and_resume_is_bit_exact() {
 }
 
 #[test]
+fn bf16_adamw_moments_train_and_resume_bit_exact() {
+    let fx = fixture(r#"adamw.moments = "bf16""#);
+    let a = fx.root.join("run-a");
+    train(&fx.recipe, &a, false, None).unwrap();
+    let b = fx.root.join("run-b");
+    interrupted_twice_then_resumed(&fx.recipe, &b, |_| {});
+    let wa = fs_err::read(a.join("model/model.safetensors")).unwrap();
+    assert!(wa == fs_err::read(b.join("model/model.safetensors")).unwrap());
+    assert_eq!(records(&b, "train"), records(&a, "train"));
+    // The stored moments are bf16 (half the size of the f32 run's).
+    let latest = fs_err::read_to_string(a.join("checkpoints/latest")).unwrap();
+    let bytes = fs_err::read(
+        a.join("checkpoints")
+            .join(latest.trim())
+            .join("optimizer.safetensors"),
+    )
+    .unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (name, m) = st
+        .tensors()
+        .into_iter()
+        .find(|(n, _)| n.starts_with("m."))
+        .unwrap();
+    assert_eq!(m.dtype(), safetensors::Dtype::BF16, "{name}");
+}
+
+#[test]
 fn nan_guard_stops_with_the_last_checkpoint_intact() {
     let fx = fixture("");
     let out = fx.root.join("run");
