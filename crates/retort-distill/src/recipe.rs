@@ -681,6 +681,18 @@ method = "sft"
             ("stages.1.epochs=0", "`stages.1.epochs`"),
             ("stages.0.max_steps=0", "`stages.0.max_steps`"),
             ("student.num_layers=0", "`student.num_layers` = 0"),
+            ("student.lora.rank=0", "`student.lora.rank` is 0"),
+            ("student.lora.rank=1000000000", "`student.lora.rank`"),
+            ("student.lora.alpha=nan", "`student.lora.alpha` is NaN"),
+            ("student.lora.alpha=-2", "`student.lora.alpha`"),
+            ("student.lora.dropout=0.1", "`student.lora.dropout`"),
+            ("student.lora.targets=[]", "`student.lora.targets` is empty"),
+            ("student.lora.targets=[\"qkv\"]", "student.lora.targets"),
+            ("train.adamw.moments=\"fp8\"", "train.adamw.moments"),
+            (
+                "train.activation_checkpointing=2",
+                "train.activation_checkpointing",
+            ),
             (
                 "student.num_layers=-1",
                 "`student.num_layers` (from --set student.num_layers=-1)",

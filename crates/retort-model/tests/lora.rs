@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::print_stderr)] // test code: a panic is a failed test
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use retort_model::lora::{self, LoraConfig, LoraTarget};
 use retort_model::{Arch, Model, WeightFormat, Weights, weights::Stored};
 use retort_test::{finite_difference_at_largest, ids, max_abs_diff, random_weights, tiny_config};
@@ -87,11 +87,7 @@ fn lora_gradients_match_finite_differences() {
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("no gradient for {name}"));
         let (g, fd, rel) = finite_difference_at_largest(var, grad, 1e-2, || {
-            next_token_loss(&student, &x)
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
+            retort_test::scalar_f64(&next_token_loss(&student, &x))
         });
         assert!(
             g != 0.0 && rel < 2e-2,

@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::print_stderr)] // test code: a panic is a failed test
 
-use candle_core::{D, DType, Device, IndexOp, Tensor};
+use candle_core::{D, Device, IndexOp, Tensor};
 use retort_model::batching::generate_continuous;
 use retort_model::generation::{SamplingParams, generate, generate_each};
 use retort_model::{Arch, Model, WeightFormat, checkpoint};
@@ -75,11 +75,7 @@ fn gradients_match_finite_differences() {
         let var = &student.vars().iter().find(|(n, _)| n == name).unwrap().1;
         let (g, fd, rel) =
             finite_difference_at_largest(var, grads.get(var.as_tensor()).unwrap(), 1e-2, || {
-                next_token_loss(&student, &x)
-                    .to_dtype(DType::F64)
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap()
+                retort_test::scalar_f64(&next_token_loss(&student, &x))
             });
         assert!(
             rel < 2e-2,

@@ -360,6 +360,13 @@ pub fn next_token_loss(model: &Model, x: &Tensor) -> candle_core::Result<Tensor>
     logp.gather(&targets.unsqueeze(1)?, 1)?.mean_all()?.neg()
 }
 
+/// A scalar loss tensor as f64.
+pub fn scalar_f64(loss: &Tensor) -> f64 {
+    loss.to_dtype(candle_core::DType::F64)
+        .and_then(|t| t.to_scalar::<f64>())
+        .expect("a scalar loss")
+}
+
 /// Checks autograd against a central finite difference at the entry of `var` whose gradient
 /// is largest: `loss` recomputes the loss (f64) from the model that holds `var`; `grad` is
 /// autograd's gradient of `var`. Returns (autograd, finite difference, relative error); `var`
