@@ -413,7 +413,7 @@ unsafe fn pack_block_simd(
 /// Transposes a 16 × 16 matrix of `u32` held as 16 rows.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn transpose16(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
+pub(super) fn transpose16(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
     use std::arch::x86_64::*;
     // Within each 128-bit lane L: t pairs rows, u then holds column 4L + c of rows 4i..4i+4
     // in u[4i + c].

@@ -1,37 +1,22 @@
-//! `C (m×n) = A (m×k) · B (k×n)` with bf16 products and f32 accumulation, on AVX-512 BF16
-//! (`vdpbf16ps`): what PyTorch's bf16 autocast does on a CPU, without the bf16 copies.
+//! `C (m×n) = A (m×k) · B (k×n)` with bf16 products and f32 accumulation: what PyTorch's bf16
+//! autocast does on a CPU, without the bf16 copies.
 //!
 //! candle 0.11 has no bf16 GEMM on the CPU (it widens bf16 to f32 and multiplies in f32), so
-//! this is ours; `cargo bench -p retort-model --bench model -- gemm` measures it against candle's
-//! f32 GEMM on the training shapes. Inputs and output stay f32: each operand is rounded to bf16
-//! (round to nearest even) while it is packed, so a training step keeps f32 master weights and
-//! f32 activations and only the multiplies run at bf16 precision.
+//! this is ours; `cargo bench -p retort-kernels --bench kernels -- gemm` measures it against
+//! candle's f32 GEMM on the training shapes. Inputs and output stay f32: each operand is rounded
+//! to bf16 (round to nearest even) while it is packed, so a training step keeps f32 master
+//! weights and f32 activations and only the multiplies run at bf16 precision.
 //!
-//! Layout (BLIS-style): for each block of `KC` rows of B, B is packed into panels of `NR` columns
-//! and A into panels of `MR` rows, both as *pairs* along k (one `u32` holds the bf16 values of k
-//! and k + 1, the operand shape `vdpbf16ps` wants). The micro-kernel keeps an `MR × NR` tile of C
-//! in 24 zmm registers. Two threads split C along its longer side.
+//! This file holds the contract, the dispatch and the portable reference: the kernels are
+//! [`super::amx_gemm`] (AMX tiles, where the CPU has them) and [`super::vdp_gemm`] (AVX-512 BF16,
+//! `vdpbf16ps`).
 //!
 //! Shapes: `A (m, k)`, `B (k, n)`, `C (m, n)` row-major contiguous; A and B may have any strides.
 
-// The micro-kernel is SIMD intrinsics on raw pointers; each unsafe block states its invariant.
+// The output casts between `f32` and `MaybeUninit<f32>`; each unsafe block states its invariant.
 #![allow(unsafe_code)]
 
 use std::mem::MaybeUninit;
-
-#[cfg(target_arch = "x86_64")]
-use std::arch::x86_64::*;
-
-/// Rows of C per micro-tile.
-const MR: usize = 6;
-/// Columns of C per micro-tile: four zmm registers of 16 f32.
-const NR: usize = 64;
-/// Rows of B (k) per packed block; even, so pairs never straddle two blocks.
-const KC: usize = 256;
-/// Rows of A per packed block (a multiple of MR).
-const MC: usize = 96;
-/// Columns of B per packed block (a multiple of NR).
-const NC: usize = 1024;
 
 /// A read-only strided matrix view: element (i, j) is `data[offset + i·rs + j·cs]`.
 #[derive(Debug, Clone, Copy)]
@@ -54,9 +39,9 @@ pub fn available() -> bool {
     super::amx_gemm::available() || vdpbf16ps_available()
 }
 
-/// Whether this CPU runs the `vdpbf16ps` kernel of this file (AVX-512F and AVX-512 BF16).
+/// Whether this CPU runs the `vdpbf16ps` kernel ([`super::vdp_gemm`]: AVX-512F and AVX-512 BF16).
 pub fn vdpbf16ps_available() -> bool {
-    crate::cpu::features().avx512bf16
+    super::vdp_gemm::available()
 }
 
 /// f32 → bf16 bits, round to nearest even (as `half::bf16::from_f32` and `vcvtne2ps2bf16`,
@@ -90,9 +75,8 @@ pub fn gemm(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32], t
     gemm_uninit(m, n, k, a, b, c, threads);
 }
 
-/// [`gemm()`] into memory that need not be initialised (an output tensor's fresh buffer): AMX
-/// writes every element without reading it; the `vdpbf16ps` kernel accumulates, so there C is
-/// zeroed first, once.
+/// [`gemm()`] into memory that need not be initialised (an output tensor's fresh buffer): both
+/// kernels write every element without reading it first.
 pub fn gemm_uninit(
     m: usize,
     n: usize,
@@ -104,12 +88,9 @@ pub fn gemm_uninit(
 ) {
     if super::amx_gemm::available() {
         super::amx_gemm::gemm_uninit(m, n, k, a, b, c, threads);
-        return;
+    } else {
+        super::vdp_gemm::gemm_uninit(m, n, k, a, b, c, threads);
     }
-    c.fill(MaybeUninit::new(0.0));
-    // SAFETY: every element was just initialised, and `MaybeUninit<f32>` has f32's layout.
-    let c = unsafe { &mut *(c as *mut [MaybeUninit<f32>] as *mut [f32]) };
-    accumulate_vdpbf16ps(m, n, k, a, b, c, threads);
 }
 
 /// [`gemm()`] on AVX-512 BF16 (`vdpbf16ps`) whatever else the CPU has. Panics unless
@@ -123,8 +104,10 @@ pub fn gemm_vdpbf16ps(
     c: &mut [f32],
     threads: usize,
 ) {
-    c.fill(0.0);
-    accumulate_vdpbf16ps(m, n, k, a, b, c, threads);
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and the kernel writes only
+    // initialised values.
+    let c = unsafe { &mut *(c as *mut [f32] as *mut [MaybeUninit<f32>]) };
+    super::vdp_gemm::gemm_uninit(m, n, k, a, b, c, threads);
 }
 
 /// The portable reference of [`gemm()`]: the same contract (operands rounded to bf16, products
@@ -160,59 +143,6 @@ pub fn gemm_scalar(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [
     }
 }
 
-/// `C += A · B` on AVX-512 BF16.
-fn accumulate_vdpbf16ps(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: MatRef,
-    b: MatRef,
-    c: &mut [f32],
-    threads: usize,
-) {
-    assert!(vdpbf16ps_available(), "bf16 GEMM needs AVX-512 BF16");
-    assert_eq!(c.len(), m * n);
-    if m == 0 || n == 0 || k == 0 {
-        return;
-    }
-    let threads = threads.clamp(1, 64);
-    // Split the longer side of C; each thread packs its own part and all of the other operand.
-    let split_rows = m >= n;
-    let parts = if split_rows {
-        threads.min(m.div_ceil(MR))
-    } else {
-        threads.min(n.div_ceil(NR))
-    };
-    if parts <= 1 {
-        block(m, n, k, a, b, CPtr(c.as_mut_ptr()), n);
-        return;
-    }
-    let unit = if split_rows { MR } else { NR };
-    let len = if split_rows { m } else { n };
-    let per = len.div_ceil(parts).div_ceil(unit) * unit;
-    let base = CPtr(c.as_mut_ptr());
-    std::thread::scope(|s| {
-        for start in (0..len).step_by(per) {
-            let count = per.min(len - start);
-            s.spawn(move || {
-                if split_rows {
-                    let a = MatRef {
-                        offset: a.offset + start * a.rs,
-                        ..a
-                    };
-                    block(count, n, k, a, b, base.add(start * n), n);
-                } else {
-                    let b = MatRef {
-                        offset: b.offset + start * b.cs,
-                        ..b
-                    };
-                    block(m, count, k, a, b, base.add(start), n);
-                }
-            });
-        }
-    });
-}
-
 /// A raw pointer into C that threads share; each writes a disjoint set of elements (rows or
 /// columns here, 32×32 blocks in [`super::amx_gemm`]).
 #[derive(Clone, Copy)]
@@ -226,117 +156,6 @@ impl CPtr {
         // SAFETY: callers pass an offset inside C (a row, column or block start below m·n).
         CPtr(unsafe { self.0.add(off) })
     }
-}
-
-/// One thread's share: `C (m×n, row stride ldc) += A · B`, blocked and packed.
-fn block(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: CPtr, ldc: usize) {
-    let mut bpack = vec![0u32; KC / 2 * NC.min(n.div_ceil(NR) * NR)];
-    let mut apack = vec![0u32; KC / 2 * MC];
-    for jc in (0..n).step_by(NC) {
-        let nc = NC.min(n - jc);
-        for pc in (0..k).step_by(KC) {
-            let kc = KC.min(k - pc);
-            let kp = kc.div_ceil(2);
-            pack::<NR>(nc, kc, |j, p| b.at(pc + p, jc + j), &mut bpack);
-            for ic in (0..m).step_by(MC) {
-                let mc = MC.min(m - ic);
-                pack::<MR>(mc, kc, |i, p| a.at(ic + i, pc + p), &mut apack);
-                for jr in (0..nc).step_by(NR) {
-                    let nr = NR.min(nc - jr);
-                    let bp = &bpack[jr / NR * kp * NR..][..kp * NR];
-                    for ir in (0..mc).step_by(MR) {
-                        let mr = MR.min(mc - ir);
-                        let ap = &apack[ir / MR * kp * MR..][..kp * MR];
-                        let cp = c.add((ic + ir) * ldc + jc + jr);
-                        // SAFETY: `available()` was checked by `gemm`; the tile lies inside C.
-                        unsafe { micro(kp, ap, bp, cp.0, ldc, mr, nr) };
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Packs a block of `len` rows of A (W = MR) or columns of B (W = NR) by `kc` values of k into
-/// W-wide panels of k-pairs: `out[panel][p][i] = (at(i, 2p), at(i, 2p+1))` as bf16, where
-/// `at(i, k)` reads row/column i of the block at k; zero past the edges.
-fn pack<const W: usize>(len: usize, kc: usize, at: impl Fn(usize, usize) -> f32, out: &mut [u32]) {
-    let kp = kc.div_ceil(2);
-    for (panel, i0) in (0..len).step_by(W).enumerate() {
-        let dst = &mut out[panel * kp * W..][..kp * W];
-        let valid = W.min(len - i0);
-        for i in 0..W {
-            for p in 0..kp {
-                dst[p * W + i] = if i >= valid {
-                    0
-                } else {
-                    let hi = if 2 * p + 1 < kc {
-                        at(i0 + i, 2 * p + 1)
-                    } else {
-                        0.0
-                    };
-                    pair(at(i0 + i, 2 * p), hi)
-                };
-            }
-        }
-    }
-}
-
-/// `C[0..mr, 0..nr] += Apanel · Bpanel` over `kp` k-pairs.
-///
-/// # Safety
-/// The CPU has AVX-512F and AVX-512 BF16; `c` points at an `mr × nr` tile with row stride `ldc`
-/// inside C; `a` holds `kp·MR` and `b` `kp·NR` values.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn micro(kp: usize, a: &[u32], b: &[u32], c: *mut f32, ldc: usize, mr: usize, nr: usize) {
-    debug_assert!(a.len() >= kp * MR && b.len() >= kp * NR);
-    let mut acc = [[_mm512_setzero_ps(); 4]; MR];
-    let (ap, bp) = (a.as_ptr(), b.as_ptr());
-    for p in 0..kp {
-        // SAFETY: p < kp and the panels hold kp·NR / kp·MR values.
-        unsafe {
-            let bq = bp.add(p * NR) as *const __m512i;
-            let bv: [__m512bh; 4] = [
-                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bq)),
-                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bq.add(1))),
-                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bq.add(2))),
-                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bq.add(3))),
-            ];
-            let aq = ap.add(p * MR);
-            for (i, row) in acc.iter_mut().enumerate() {
-                let ai =
-                    std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(*aq.add(i) as i32));
-                for (v, r) in row.iter_mut().enumerate() {
-                    *r = _mm512_dpbf16_ps(*r, ai, bv[v]);
-                }
-            }
-        }
-    }
-    for (i, row) in acc.iter().enumerate().take(mr) {
-        for (v, r) in row.iter().enumerate() {
-            let col = v * 16;
-            if col >= nr {
-                break;
-            }
-            // SAFETY: row i < mr and columns col.. < nr are inside the tile.
-            unsafe {
-                let cp = c.add(i * ldc + col);
-                if nr - col >= 16 {
-                    _mm512_storeu_ps(cp, _mm512_add_ps(_mm512_loadu_ps(cp), *r));
-                } else {
-                    let mask: __mmask16 = (1u16 << (nr - col)) - 1;
-                    let old = _mm512_maskz_loadu_ps(mask, cp);
-                    _mm512_mask_storeu_ps(cp, mask, _mm512_add_ps(old, *r));
-                }
-            }
-        }
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn micro(_: usize, _: &[u32], _: &[u32], _: *mut f32, _: usize, _: usize, _: usize) {
-    unreachable!("bf16 GEMM is x86_64-only; `available()` is false elsewhere")
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! A frozen linear weight packed once for the AMX bf16 GEMM: `y = x·Wᵀ` without re-packing `W`.
+//! A frozen linear weight packed once for the bf16 GEMM: `y = x·Wᵀ` without re-packing `W`.
 //!
 //! With `train.matmul = "bf16"` every product packs both operands to bf16 tiles, the weight
 //! included. A trained weight changes every step, so it must be; the online teacher's never does,
@@ -7,27 +7,46 @@
 //! products are the ones the per-call packing gives, bit for bit: the same bf16 rounding and the
 //! same blocking (tested in `tests/model.rs`).
 //!
-//! Inference only (no backward); AMX only ([`amx_gemm::available`]).
+//! Inference only (no backward); in the layout of the kernel this CPU runs: AMX tiles
+//! ([`amx_gemm::PackedB`]) or AVX-512 BF16 ([`vdp_gemm::PackedB`]).
 
 use std::mem::MaybeUninit;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
-use super::amx_gemm::{self, PackedB};
 use super::bf16_gemm::MatRef;
+use super::{amx_gemm, vdp_gemm};
 
 /// `W (out, in)` as the pre-packed right operand `Wᵀ (in × out)`.
 #[derive(Debug)]
 pub struct FrozenBf16 {
-    packed: PackedB,
+    packed: Packed,
+}
+
+#[derive(Debug)]
+enum Packed {
+    Amx(amx_gemm::PackedB),
+    Vdp(vdp_gemm::PackedB),
+}
+
+impl Packed {
+    /// `(k, n)` = `(in, out)`.
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            Packed::Amx(p) => p.dims(),
+            Packed::Vdp(p) => p.dims(),
+        }
+    }
 }
 
 impl FrozenBf16 {
-    /// Packs an f32 CPU weight `(out, in)`. Needs [`amx_gemm::available`].
+    /// Packs an f32 CPU weight `(out, in)`. Needs [`super::bf16_gemm::available`].
     pub fn new(w: &Tensor) -> candle_core::Result<Self> {
-        if !amx_gemm::available() {
-            candle_core::bail!("frozen bf16 weight: this CPU has no AMX tiles (or RETORT_AMX=0)");
+        if !super::bf16_gemm::available() {
+            candle_core::bail!(
+                "frozen bf16 weight: this CPU has neither AMX tiles nor AVX-512 BF16"
+            );
         }
         let (out, inp) = w.dims2()?;
         let w = w.to_dtype(DType::F32)?.contiguous()?;
@@ -40,9 +59,12 @@ impl FrozenBf16 {
             cs: inp,
         };
         let threads = candle_core::utils::get_num_threads();
-        Ok(Self {
-            packed: PackedB::new(inp, out, b, threads),
-        })
+        let packed = if amx_gemm::available() {
+            Packed::Amx(amx_gemm::PackedB::new(inp, out, b, threads))
+        } else {
+            Packed::Vdp(vdp_gemm::PackedB::new(inp, out, b, threads))
+        };
+        Ok(Self { packed })
     }
 
     /// `(out, in)`.
@@ -81,13 +103,11 @@ impl CustomOp1 for FrozenBf16 {
         };
         let mut c: Vec<f32> = Vec::with_capacity(m * n);
         let out: &mut [MaybeUninit<f32>] = &mut c.spare_capacity_mut()[..m * n];
-        amx_gemm::gemm_packed_b_uninit(
-            m,
-            a,
-            &self.packed,
-            out,
-            candle_core::utils::get_num_threads(),
-        );
+        let threads = candle_core::utils::get_num_threads();
+        match &self.packed {
+            Packed::Amx(p) => amx_gemm::gemm_packed_b_uninit(m, a, p, out, threads),
+            Packed::Vdp(p) => vdp_gemm::gemm_packed_b_uninit(m, a, p, out, threads),
+        }
         // SAFETY: `gemm_packed_b_uninit` writes all m·n values.
         #[allow(unsafe_code)]
         unsafe {

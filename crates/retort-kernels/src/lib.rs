@@ -2,8 +2,9 @@
 //! `docs/performance-history.md`) and tests against the plain composition it replaces (values and
 //! gradients).
 //!
-//! - [`bf16_gemm`]: f32-in/f32-out GEMM with bf16 products (AVX-512 BF16); candle widens bf16
-//!   to f32; [`amx_gemm`]: the same contract on AMX tiles, chosen where the CPU has them.
+//! - [`bf16_gemm`]: f32-in/f32-out GEMM with bf16 products (candle widens bf16 to f32): the
+//!   contract and its portable reference; the kernels are [`vdp_gemm`] (AVX-512 BF16) and
+//!   [`amx_gemm`] (AMX tiles, chosen where the CPU has them).
 //!   [`matmul`]: that GEMM as a differentiable op, and the precision switch; [`frozen_bf16`]:
 //!   a frozen weight packed once for it.
 //! - [`mod@rms_norm`], [`mod@rope`], [`mod@swiglu`], [`softmax`]: the trainable model's elementwise and
@@ -39,6 +40,7 @@ pub mod softmax;
 pub mod swiglu;
 #[cfg(test)]
 mod testing;
+pub mod vdp_gemm;
 
 pub use decode_attention::decode_attention;
 pub use matmul::{MatmulPrecision, matmul_bf16};

@@ -538,7 +538,8 @@ impl Model {
         }
     }
 
-    /// For a frozen model with bf16 products ([`MatmulPrecision::Bf16`]) on a CPU with AMX: packs
+    /// For a frozen model with bf16 products ([`MatmulPrecision::Bf16`]) on a CPU with AMX or
+    /// AVX-512 BF16: packs
     /// every dense linear weight and the LM head once into bf16 tiles
     /// ([`kernels::frozen_bf16`]) and drops their f32 copies, so no forward pass re-packs them.
     /// The products are bit for bit those of bf16 precision, which now also runs for inputs of
@@ -546,7 +547,7 @@ impl Model {
     /// model can no longer be saved. Returns how many weights were packed (0 where
     /// this does not apply).
     pub fn prepack_bf16(&mut self) -> Result<usize> {
-        if self.mode != Mode::Frozen || !self.device.is_cpu() || !kernels::amx_gemm::available() {
+        if self.mode != Mode::Frozen || !self.device.is_cpu() || !kernels::bf16_gemm::available() {
             return Ok(0);
         }
         let mut packed = 0;

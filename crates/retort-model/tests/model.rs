@@ -747,12 +747,15 @@ fn bf16_products_track_f32_in_loss_and_gradients() {
 /// A frozen model's weights packed once (`prepack_bf16`) give the logits that bf16 products with
 /// per-call packing give, bit for bit, and every linear weight and the LM head get packed.
 #[test]
-#[cfg_attr(not(retort_cpu_amx), ignore = "this CPU has no AMX tiles")]
+#[cfg_attr(
+    not(any(retort_cpu_amx, retort_cpu_avx512bf16)),
+    ignore = "this CPU has neither AMX tiles nor AVX-512 BF16"
+)]
 fn prepacked_frozen_weights_give_the_bf16_logits_bit_for_bit() {
-    use retort_kernels::{MatmulPrecision, amx_gemm};
+    use retort_kernels::{MatmulPrecision, bf16_gemm};
     assert!(
-        amx_gemm::available(),
-        "built on a CPU with AMX tiles, running on one without"
+        bf16_gemm::available(),
+        "built on a CPU with a bf16 GEMM, running on one without"
     );
     let cfg = tiny_config(Arch::Llama);
     // 2 × 12 = 24 rows: above the 8 rows under which unpacked bf16 falls back to f32.
