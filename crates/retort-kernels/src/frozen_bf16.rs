@@ -3,9 +3,9 @@
 //! With `train.matmul = "bf16"` every product packs both operands to bf16 tiles, the weight
 //! included. A trained weight changes every step, so it must be; the online teacher's never does,
 //! yet its 134 M weights were converted and re-laid out at every step. Here they are packed once
-//! ([`amx_gemm::PackedB`], [`vdp_gemm::PackedB`]) and the f32 copy is dropped, which also halves the teacher's weight memory. The
-//! products are the ones the per-call packing gives, bit for bit: the same bf16 rounding and the
-//! same blocking (tested in `tests/model.rs`).
+//! and the f32 copy is dropped, which also halves the teacher's weight memory. The products are
+//! the ones the per-call packing gives, bit for bit: the same bf16 rounding and the same
+//! blocking (tested in `tests/model.rs` and in each kernel).
 //!
 //! Inference only (no backward); in the layout of the kernel this CPU runs: AMX tiles
 //! ([`amx_gemm::PackedB`]) or AVX-512 BF16 ([`vdp_gemm::PackedB`]).
