@@ -235,7 +235,8 @@ pub struct TrainArgs {
 
 #[derive(Debug, Args)]
 pub struct LabelArgs {
-    /// The teacher: a GGUF file or a Hugging Face directory (scored in f32).
+    /// The teacher: a GGUF file or a Hugging Face directory (dequantized to f32), or an
+    /// OpenAI-compatible server (`http://HOST/v1`).
     #[arg(long, value_name = "PATH")]
     pub teacher: PathBuf,
     /// The dataset whose assistant tokens are labelled (JSONL, JSON or Parquet).
@@ -266,6 +267,11 @@ pub struct LabelArgs {
     /// Sequences per teacher forward.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
+    /// Products of a local teacher: f32 (exact) or bf16 (f32 accumulation, weights packed once;
+    /// several times faster on CPUs with AVX-512 BF16 or AMX, f32 elsewhere). Recorded in the
+    /// manifest; a cache resumes only with the same value.
+    #[arg(long, default_value = "f32", value_name = "f32|bf16")]
+    pub matmul: retort_kernels::MatmulPrecision,
     /// Samples per shard (the unit of resumption).
     #[arg(long, default_value_t = 64)]
     pub shard_samples: usize,

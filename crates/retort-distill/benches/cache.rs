@@ -132,6 +132,7 @@ fn main() {
         temperature: 1.0,
         min_prob: 0.0,
         encoding: Encoding::new(Codec::Q8, vocab),
+        matmul: Default::default(),
         shard_samples: batch,
         samples: batch,
         shards: vec![ShardInfo {

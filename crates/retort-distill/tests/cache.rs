@@ -82,6 +82,7 @@ fn opts(fx: &Fx, out: &str, k: usize, codec: Codec) -> LabelOptions {
         batch_size: 3,
         shard_samples: 4,
         chunk_rows: 7,
+        matmul: Default::default(),
         command: format!("retort label --out {out}"),
     }
 }
@@ -243,6 +244,35 @@ fn recoding_to_a_smaller_k_equals_labelling_at_that_k() {
     let c = recode::compare(&a, &q).unwrap();
     assert!(c.mean_kl < 1e-3 && c.top1_agreement > 0.95, "{c:?}");
     assert!(q.manifest.bytes() < a.manifest.bytes());
+}
+
+/// `--matmul bf16` labels (weights packed once, bf16 products) stay within a small KL of f32's,
+/// the manifest records the products, and a cache resumes only with the same ones.
+#[test]
+fn bf16_products_label_close_to_f32_and_are_recorded() {
+    use retort_kernels::MatmulPrecision;
+    let fx = fixture();
+    label_ok(&opts(&fx, "f32", 5, Codec::F32));
+    let mut o = opts(&fx, "bf16", 5, Codec::F32);
+    o.matmul = MatmulPrecision::Bf16;
+    let m = label_ok(&o);
+    assert_eq!(m.matmul, MatmulPrecision::Bf16);
+    let a = Reader::open(&fx.root.join("f32"), false).unwrap();
+    let b = Reader::open(&fx.root.join("bf16"), false).unwrap();
+    assert_eq!(a.manifest.matmul, MatmulPrecision::F32);
+    let c = recode::compare(&a, &b).unwrap();
+    assert_eq!(c.samples, a.len());
+    assert!(c.mean_kl < 1e-3 && c.top1_agreement > 0.95, "{c:?}");
+    if retort_kernels::bf16_gemm::available() {
+        // The bf16 products did run: the values are not f32's.
+        assert!(c.max_kl > 0.0, "{c:?}");
+    }
+    let mut other = o.clone();
+    other.matmul = MatmulPrecision::F32;
+    let e = label(&other, &AtomicBool::new(false), &mut SilentLabel)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("matmul differs"), "{e}");
 }
 
 /// Stops labelling after `after` batches.

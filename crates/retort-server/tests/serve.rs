@@ -210,6 +210,7 @@ fn labelling_over_http_writes_the_cache_local_labelling_writes() {
         batch_size: 4,
         shard_samples: 7,
         chunk_rows: 64,
+        matmul: Default::default(),
         command: "test".into(),
     };
     let stop = std::sync::atomic::AtomicBool::new(false);

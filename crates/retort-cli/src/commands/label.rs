@@ -77,6 +77,7 @@ pub fn run(args: LabelArgs, ctx: &super::Ctx) -> Result<()> {
         batch_size: args.batch_size,
         shard_samples: args.shard_samples,
         chunk_rows: 256,
+        matmul: args.matmul,
         command,
     };
     let stop = super::stop_on_ctrl_c("stopping after this batch (finished shards are kept)")?;

@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use retort_data::{ReadOptions, dataset};
+use retort_kernels::MatmulPrecision;
 use retort_model::{Model, Tokenizer, WeightFormat, checkpoint};
 
 use super::codec::{Codec, TopK};
@@ -46,6 +47,10 @@ pub struct LabelOptions {
     pub shard_samples: usize,
     /// Rows of logits computed at once.
     pub chunk_rows: usize,
+    /// Products of a local teacher's linear layers and LM head: `F32` (exact) or `Bf16` (f32
+    /// accumulation, the frozen weights packed once; f32 where the CPU has no bf16 GEMM). A
+    /// remote teacher's are its server's.
+    pub matmul: MatmulPrecision,
     /// The command line, recorded in the manifest for guards to print.
     pub command: String,
 }
@@ -212,7 +217,12 @@ pub fn label(
 ) -> Result<LabelReport> {
     check_options(opts)?;
     let ck = checkpoint::read(&opts.teacher, &opts.device)?;
-    let teacher = ck.frozen(WeightFormat::F32)?;
+    let mut teacher = ck.frozen(WeightFormat::F32)?;
+    teacher.set_matmul_precision(opts.matmul);
+    let packed = teacher.prepack_bf16()?;
+    if packed > 0 {
+        tracing::debug!("teacher: {packed} weights packed once for bf16 products");
+    }
     let scorer = LocalScorer {
         model: &teacher,
         path: opts.teacher.clone(),
@@ -347,6 +357,7 @@ pub fn label_with(
         temperature: opts.temperature,
         min_prob: opts.min_prob,
         encoding: Encoding::new(opts.codec, vocab),
+        matmul: opts.matmul,
         shard_samples: opts.shard_samples,
         samples: samples.len(),
         shards: Vec::new(),

@@ -9,6 +9,7 @@ use super::codec::Codec;
 use crate::batch::Truncation;
 use crate::error::{Error, Result};
 use retort_data::files::write_atomic;
+use retort_kernels::MatmulPrecision;
 
 /// Bumped on any change a reader of the previous version would misread.
 pub const FORMAT_VERSION: u32 = 1;
@@ -105,6 +106,9 @@ pub struct Manifest {
     #[serde(default)]
     pub min_prob: f64,
     pub encoding: Encoding,
+    /// Products of the (local) teacher's matmuls; caches written before this field: f32.
+    #[serde(default)]
+    pub matmul: MatmulPrecision,
     /// Samples per shard.
     pub shard_samples: usize,
     /// Samples the dataset has after tokenization and truncation.
@@ -117,7 +121,7 @@ pub struct Manifest {
 impl Manifest {
     /// The settings that must match for `retort label` to resume into an existing cache.
     pub fn same_settings(&self, o: &Manifest) -> std::result::Result<(), String> {
-        let checks: [(&str, String, String); 9] = [
+        let checks: [(&str, String, String); 10] = [
             (
                 "min_prob",
                 self.min_prob.to_string(),
@@ -153,6 +157,11 @@ impl Manifest {
                 "codec",
                 self.encoding.codec.to_string(),
                 o.encoding.codec.to_string(),
+            ),
+            (
+                "matmul",
+                format!("{:?}", self.matmul).to_lowercase(),
+                format!("{:?}", o.matmul).to_lowercase(),
             ),
             (
                 "shard_samples",
