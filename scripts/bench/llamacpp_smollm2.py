@@ -7,14 +7,15 @@ generation. Run both in the same session to compare.
     # CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF"
     # (the native build died with SIGILL there); on the AMX Xeon with AVX-512 on and AMX off
     # (the native build segfaulted), flags in docs/performance-history.md
-    python3 scripts/bench/llamacpp_smollm2.py
+    python3 scripts/bench/llamacpp_smollm2.py [GGUF]   # default: the SmolLM2 teacher
 """
 import statistics
+import sys
 import time
 
 from llama_cpp import Llama
 
-GGUF = "assets/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF = sys.argv[1] if len(sys.argv) > 1 else "assets/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
           "<|im_start|>user\nWhy is the sky blue?<|im_end|>\n<|im_start|>assistant\n")
 

@@ -48,6 +48,9 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Build a depth-pruned student from a teacher and save it as a Hugging Face directory.
     InitStudent(InitStudentArgs),
+    /// Write a model (a trained student's `model/` directory, or any checkpoint) as a GGUF file
+    /// that llama.cpp, Ollama and LM Studio run.
+    ExportGguf(ExportGgufArgs),
     /// Train a student from a recipe: SFT, KD, or several stages (e.g. KD then SFT).
     Train(TrainArgs),
     /// Label a dataset with the teacher's top-k log-probs once, for KD runs that read the cache.
@@ -463,6 +466,27 @@ pub struct InitStudentArgs {
     /// Output directory (Hugging Face format).
     #[arg(long, short = 'o', value_name = "DIR")]
     pub out: PathBuf,
+    /// Replace `--out` if it exists.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportGgufArgs {
+    /// The model: a Hugging Face directory (e.g. `runs/NAME/model`, LoRA already merged) or a
+    /// GGUF file (re-quantized).
+    #[arg(value_name = "MODEL")]
+    pub model: PathBuf,
+    /// Type of the weight matrices: q8_0 (near-lossless, ~1 byte per weight), q4_0 (smallest),
+    /// f16 or f32. Norms and biases stay f32.
+    #[arg(long, default_value = "q8_0", value_name = "q8_0|q4_0|f16|f32")]
+    pub quant: retort_model::gguf_write::GgufType,
+    /// The GGUF file to write.
+    #[arg(long, short = 'o', value_name = "FILE.gguf")]
+    pub out: PathBuf,
+    /// `general.name` in the file (default: the model directory's name).
+    #[arg(long)]
+    pub name: Option<String>,
     /// Replace `--out` if it exists.
     #[arg(long)]
     pub force: bool,

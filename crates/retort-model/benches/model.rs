@@ -90,6 +90,27 @@ fn main() {
                 m,
                 (b * t) as f64 / m
             );
+            // As `retort label --matmul bf16` and an online teacher with `train.matmul = "bf16"`:
+            // bf16 products, the weights packed once.
+            if retort_kernels::bf16_gemm::available() {
+                let mut packed = ck.frozen(format).unwrap();
+                packed.set_matmul_precision(retort_kernels::MatmulPrecision::Bf16);
+                packed.prepack_bf16().unwrap();
+                let _ = packed.logits(&x.narrow(1, 0, 16).unwrap()).unwrap();
+                let times: Vec<f64> = (0..3)
+                    .map(|_| {
+                        let t0 = Instant::now();
+                        std::hint::black_box(packed.logits(&x).unwrap());
+                        t0.elapsed().as_secs_f64()
+                    })
+                    .collect();
+                let m = median(times);
+                println!(
+                    "score {fname} bf16-prepacked 4x256 (full logits): {:.3}s = {:.1} tok/s",
+                    m,
+                    (b * t) as f64 / m
+                );
+            }
         }
         let prompt = tok
             .encode_prompt(&[Message::user("Why is the sky blue?")])

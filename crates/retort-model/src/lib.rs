@@ -24,6 +24,7 @@ pub mod device;
 mod error;
 pub mod generation;
 pub mod gguf;
+pub mod gguf_write;
 pub mod kv_cache;
 pub mod lora;
 pub mod model;

@@ -5,6 +5,7 @@ mod chat;
 mod data;
 mod eval;
 mod experiment;
+mod export_gguf;
 mod generate;
 mod info;
 mod init_student;
@@ -40,6 +41,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Chat(a) => chat::run(a, ctx),
         Command::Generate(a) => generate::run(a, ctx),
         Command::InitStudent(a) => init_student::run(a, ctx),
+        Command::ExportGguf(a) => export_gguf::run(a, ctx),
         Command::Train(a) => train::run(a, ctx),
         Command::Label(a) => label::run(a, ctx),
         Command::Cache(crate::cli::CacheCommand::Inspect(a)) => cache::inspect(a, quiet),
