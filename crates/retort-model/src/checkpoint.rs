@@ -35,7 +35,8 @@ pub struct Checkpoint {
     pub tokenizer: Tokenizer,
 }
 
-/// Read a GGUF file or a Hugging Face model directory.
+/// Read a GGUF file, a Hugging Face model directory, or a PEFT LoRA adapter directory (merged
+/// into its base).
 pub fn read(path: &Path, device: &Device) -> Result<Checkpoint> {
     if !path.exists() {
         return Err(Error::invalid(
@@ -43,11 +44,43 @@ pub fn read(path: &Path, device: &Device) -> Result<Checkpoint> {
             "pass a .gguf file or a Hugging Face model directory; `scripts/fetch-assets` installs the default teacher under assets/",
         ));
     }
-    if path.is_dir() {
+    if path.is_dir()
+        && path.join("adapter_config.json").exists()
+        && !path.join("config.json").exists()
+    {
+        read_adapter_dir(path, device)
+    } else if path.is_dir() {
         read_hf_dir(path, device)
     } else {
         read_gguf(path, device)
     }
+}
+
+/// A PEFT LoRA adapter directory (a LoRA run's stage checkpoints, `model/adapter`, or one `peft`
+/// saved): its base model, read as usual, with every update merged into the weight it changes.
+/// The tokenizer and configuration are the base's.
+fn read_adapter_dir(dir: &Path, device: &Device) -> Result<Checkpoint> {
+    let cfg = crate::lora::read_adapter_config(dir)?;
+    if cfg.base.is_dir() && cfg.base.join("adapter_config.json").exists() {
+        return Err(Error::invalid(
+            format!(
+                "`{}`: the base model `{}` is itself an adapter",
+                dir.display(),
+                cfg.base.display()
+            ),
+            "point base_model_name_or_path at the full base model",
+        ));
+    }
+    let mut ck = read(&cfg.base, device)?;
+    let merged = crate::lora::merge_adapter_file(&mut ck.weights.tensors, dir, cfg.scale, device)?;
+    tracing::debug!(
+        "{}: {merged} LoRA updates merged into {}",
+        dir.display(),
+        cfg.base.display()
+    );
+    ck.weights.source = dir.to_path_buf();
+    ck.path = dir.to_path_buf();
+    Ok(ck)
 }
 
 fn read_gguf(path: &Path, device: &Device) -> Result<Checkpoint> {

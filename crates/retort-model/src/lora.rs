@@ -278,6 +278,151 @@ pub fn load_adapter(model: &Model, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A PEFT LoRA directory's `adapter_config.json`, as far as merging needs it.
+#[derive(Debug, Clone)]
+pub struct AdapterConfig {
+    /// The base model (`base_model_name_or_path`), resolved: absolute, or relative to the
+    /// adapter's directory.
+    pub base: PathBuf,
+    /// `lora_alpha / r` (`lora_alpha / √r` with `use_rslora`).
+    pub scale: f64,
+}
+
+/// Read `dir/adapter_config.json`. Only plain LoRA is merged: DoRA and `fan_in_fan_out` are
+/// refused, naming the field.
+pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
+    let path = dir.join("adapter_config.json");
+    let text = fs_err::read_to_string(&path)?;
+    let bad =
+        |what: String, hint: &str| Error::invalid(format!("`{}`: {what}", path.display()), hint);
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        bad(
+            format!("invalid JSON: {e}"),
+            "fix the file or save the adapter again",
+        )
+    })?;
+    if v["peft_type"] != "LORA" {
+        return Err(bad(
+            format!("peft_type is {}, not LORA", v["peft_type"]),
+            "retort merges LoRA adapters only",
+        ));
+    }
+    for flag in ["use_dora", "fan_in_fan_out"] {
+        if v[flag].as_bool() == Some(true) {
+            return Err(bad(
+                format!("`{flag}` is true"),
+                "retort merges plain LoRA adapters only; merge this one with peft (merge_and_unload) and pass the merged directory",
+            ));
+        }
+    }
+    let r = v["r"].as_f64().filter(|r| *r >= 1.0).ok_or_else(|| {
+        bad(
+            "`r` is missing or below 1".into(),
+            "save the adapter again with peft or retort",
+        )
+    })?;
+    let alpha = v["lora_alpha"]
+        .as_f64()
+        .filter(|a| a.is_finite())
+        .ok_or_else(|| {
+            bad(
+                "`lora_alpha` is missing or not a number".into(),
+                "save the adapter again with peft or retort",
+            )
+        })?;
+    let scale = if v["use_rslora"].as_bool() == Some(true) {
+        alpha / r.sqrt()
+    } else {
+        alpha / r
+    };
+    let base_str = v["base_model_name_or_path"].as_str().unwrap_or_default();
+    let given = PathBuf::from(base_str);
+    let base = if given.is_absolute() {
+        given
+    } else {
+        dir.join(given)
+    };
+    if base_str.is_empty() || !base.exists() {
+        return Err(bad(
+            format!(
+                "the base model `{base_str}` (base_model_name_or_path) is not a local file or directory"
+            ),
+            "set base_model_name_or_path to the base model's path (a GGUF file or Hugging Face directory; relative paths are from the adapter's directory)",
+        ));
+    }
+    Ok(AdapterConfig { base, scale })
+}
+
+/// Add `scale·B·A` of every adapter pair in `dir/adapter_model.safetensors` (PEFT names) into
+/// the base weight it updates. Returns how many weights changed. An adapter without its pair,
+/// for a weight the base lacks, or of the wrong shape is an error naming the tensor.
+pub(crate) fn merge_adapter_file(
+    tensors: &mut HashMap<String, crate::weights::Stored>,
+    dir: &Path,
+    scale: f64,
+    device: &Device,
+) -> Result<usize> {
+    let path = dir.join("adapter_model.safetensors");
+    let bytes = fs_err::read(&path)?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::CorruptWeights {
+        path: path.clone(),
+        format: "safetensors",
+        reason: e.to_string(),
+    })?;
+    let load = |name: &str| -> Result<Tensor> {
+        let view = st.tensor(name).map_err(|_| Error::Weights {
+            path: path.clone(),
+            name: name.to_string(),
+            problem: "is missing (each lora_A needs its lora_B)".into(),
+        })?;
+        Ok(candle_core::safetensors::Load::load(&view, device)?.to_dtype(DType::F32)?)
+    };
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    let mut merged = 0;
+    for a_name in names.iter().filter(|n| n.ends_with(".lora_A.weight")) {
+        let module = a_name
+            .trim_end_matches(".lora_A.weight")
+            .trim_start_matches(PEFT_PREFIX);
+        let b_name = a_name.replace(".lora_A.weight", ".lora_B.weight");
+        let (a, b) = (load(a_name)?, load(&b_name)?);
+        let base_name = format!("{module}.weight");
+        let Some(stored) = tensors.get(&base_name) else {
+            return Err(Error::Weights {
+                path: path.clone(),
+                name: a_name.clone(),
+                problem: format!("updates `{base_name}`, which the base model does not have"),
+            });
+        };
+        let base = match stored {
+            crate::weights::Stored::Dense(t) => t.to_dtype(DType::F32)?,
+            crate::weights::Stored::Quantized(q) => q.dequantize(device)?,
+        };
+        let delta = (b.matmul(&a)? * scale)?;
+        if delta.dims() != base.dims() {
+            return Err(Error::Weights {
+                path: path.clone(),
+                name: a_name.clone(),
+                problem: format!(
+                    "B·A has shape {:?}, the base weight `{base_name}` {:?}",
+                    delta.dims(),
+                    base.dims()
+                ),
+            });
+        }
+        tensors.insert(base_name, crate::weights::Stored::Dense((base + delta)?));
+        merged += 1;
+    }
+    if merged == 0 {
+        return Err(Error::Weights {
+            path,
+            name: "*.lora_A.weight".into(),
+            problem: "none found: the file holds no LoRA adapter".into(),
+        });
+    }
+    Ok(merged)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -194,3 +194,63 @@ fn bad_lora_settings_are_refused_before_building() {
         .to_string();
     assert!(e.contains("lora.dropout"), "{e}");
 }
+
+/// A PEFT adapter directory reads as a model (`checkpoint::read`): its base (a saved Hugging
+/// Face directory, found relative to the adapter) with every update merged, giving the LoRA
+/// student's logits; bad adapter configurations are refused naming the field.
+#[test]
+fn an_adapter_directory_reads_as_its_merged_model() {
+    use retort_model::checkpoint;
+    let dir = tempfile::tempdir().unwrap();
+    let c = tiny_config(Arch::Llama);
+    let base_dir = retort_test::write_tiny_model(dir.path(), &c, 6);
+    let base = checkpoint::read(&base_dir, &Device::Cpu).unwrap();
+    let lc = LoraConfig {
+        targets: vec![LoraTarget::QProj, LoraTarget::KProj, LoraTarget::UpProj],
+        ..cfg(2)
+    };
+    let student = Model::with_lora(&c, &base.weights, &lc, 7).unwrap();
+    randomize_b(&student, 8);
+    let adapter = dir.path().join("adapter");
+    fs_err::create_dir_all(&adapter).unwrap();
+    // Relative to the adapter's directory, as a run's `model/adapter` may be moved with its base.
+    lora::save_adapter(&student, "../tiny".as_ref(), &adapter).unwrap();
+    let read = checkpoint::read(&adapter, &Device::Cpu).unwrap();
+    let merged = read.frozen(WeightFormat::F32).unwrap();
+    let x = ids(&[&[1, 5, 6, 7, 8, 9, 2, 4]]);
+    let d = max_abs_diff(&student.logits(&x).unwrap(), &merged.logits(&x).unwrap());
+    let moved = max_abs_diff(
+        &student.logits(&x).unwrap(),
+        &base.frozen(WeightFormat::F32).unwrap().logits(&x).unwrap(),
+    );
+    assert!(
+        d < 1e-4 && moved > 1e-2,
+        "merged vs adapter {d}, moved {moved}"
+    );
+    assert_eq!(
+        read.tokenizer.encode("hello world").unwrap(),
+        base.tokenizer.encode("hello world").unwrap()
+    );
+
+    let cfg_path = adapter.join("adapter_config.json");
+    let original = fs_err::read_to_string(&cfg_path).unwrap();
+    let edit = |key: &str, value: serde_json::Value| {
+        let mut v: serde_json::Value = serde_json::from_str(&original).unwrap();
+        v[key] = value;
+        fs_err::write(&cfg_path, v.to_string()).unwrap();
+        checkpoint::read(&adapter, &Device::Cpu)
+            .unwrap_err()
+            .to_string()
+    };
+    let e = edit("base_model_name_or_path", "Qwen/Qwen2.5-0.5B".into());
+    assert!(
+        e.contains("base_model_name_or_path") && e.contains("hint"),
+        "{e}"
+    );
+    let e = edit("use_dora", true.into());
+    assert!(e.contains("use_dora"), "{e}");
+    let e = edit("peft_type", "IA3".into());
+    assert!(e.contains("peft_type"), "{e}");
+    let e = edit("r", 0.into());
+    assert!(e.contains("`r`"), "{e}");
+}
