@@ -213,7 +213,7 @@ fn load_student(
 fn shared_vocab(
     student: &Model,
     s_tok: &Tokenizer,
-    teacher: &Model,
+    teacher_vocab: usize,
     t_tok: &Tokenizer,
     t_path: &Path,
 ) -> Result<Option<usize>> {
@@ -228,7 +228,7 @@ fn shared_vocab(
              model family, or use method = \"sft\" on teacher-written data",
         ));
     }
-    let (vs, vt) = (student.config().vocab_size, teacher.config().vocab_size);
+    let (vs, vt) = (student.config().vocab_size, teacher_vocab);
     if vs == vt {
         return Ok(None);
     }
@@ -283,44 +283,70 @@ pub fn prepare(recipe: Recipe, device: &Device) -> Result<Plan> {
         Some(dir) if needs_teacher => Some(Reader::open(dir, teacher_ck.is_some())?),
         _ => None,
     };
-    let (teacher, teacher_id, vocab_limit) = match (&teacher_ck, needs_teacher) {
+    let (teacher_id, vocab_limit) = match (&teacher_ck, needs_teacher) {
         (Some(ck), true) => {
-            let mut t = ck.frozen(WeightFormat::F32)?;
-            t.set_matmul_precision(recipe.train.matmul);
-            // With bf16 products on AMX, the frozen weights are packed once, not every step.
-            let packed = t.prepack_bf16()?;
-            if packed > 0 {
-                tracing::debug!("teacher: {packed} weights packed once for bf16 products");
-            }
-            let limit = shared_vocab(&student, &tokenizer, &t, &ck.tokenizer, &ck.path)?;
+            let limit = shared_vocab(
+                &student,
+                &tokenizer,
+                ck.config.vocab_size,
+                &ck.tokenizer,
+                &ck.path,
+            )?;
             let id = TeacherId {
                 path: ck.path.clone(),
                 sha256: retort_model::checkpoint::weights_sha256(&ck.path)?,
                 arch: format!("{:?}", ck.config.arch).to_lowercase(),
                 tokenizer_fingerprint: ck.tokenizer.fingerprint(),
             };
-            (Some(t), Some(id), limit)
+            (Some(id), limit)
         }
-        _ => (None, None, None),
+        _ => (None, None),
     };
-    drop(teacher_ck);
     let (teacher_id, vocab_limit) = match (&cache, teacher_id) {
         (Some(c), id) => cache_identity(c, id, &student, &tokenizer)?,
         (None, id) => (id, vocab_limit),
     };
     let pad_id = tokenizer.stop_ids().first().copied().unwrap_or(0);
+    let live_teacher = needs_teacher && teacher_ck.is_some();
     let mut stages = Vec::with_capacity(recipe.stages.len());
     for (index, stage) in recipe.stages.iter().enumerate() {
         let data = StageData {
             tokenizer: &tokenizer,
             context,
             cache: cache.as_ref(),
-            live_teacher: teacher.is_some(),
+            live_teacher,
             vocab_limit,
             chunk_rows: recipe.train.chunk_rows_for(student.config().vocab_size),
         };
         stages.push(plan_stage(index, stage, &recipe.train, &data)?);
     }
+    // The teacher model is built only if some KD sample is missing from the cache: a complete
+    // cache trains without it (the 1.5B teacher's f32 weights are 6.6 GB).
+    let cache_covers_all = cache.is_some()
+        && stages.iter().all(|sp| match sp.report.cache_hits {
+            Some((tr, ev)) => tr == sp.report.train_samples && ev == sp.report.eval_samples,
+            None => sp.objective.kd.is_none(),
+        });
+    let teacher = match (&teacher_ck, live_teacher && !cache_covers_all) {
+        (Some(ck), true) => {
+            let mut t = ck.frozen(WeightFormat::F32)?;
+            t.set_matmul_precision(recipe.train.matmul);
+            // With bf16 products, the frozen weights are packed once, not every step.
+            let packed = t.prepack_bf16()?;
+            if packed > 0 {
+                tracing::debug!("teacher: {packed} weights packed once for bf16 products");
+            }
+            Some(t)
+        }
+        (Some(_), false) if live_teacher => {
+            tracing::info!(
+                "teacher: not loaded, the logit cache holds every sample of every KD stage"
+            );
+            None
+        }
+        _ => None,
+    };
+    drop(teacher_ck);
     let memory = estimate_memory(&student, teacher.as_ref(), &recipe);
     Ok(Plan {
         recipe,

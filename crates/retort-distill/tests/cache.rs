@@ -171,6 +171,10 @@ fn training_from_a_full_vocabulary_cache_equals_the_online_teacher() {
         steps += (x["kind"] == "train") as usize;
     }
     assert!(steps >= 4, "{steps} steps");
+    // A cache that holds every sample trains without building the teacher's model, though its
+    // path is given (and its identity checked against the cache's).
+    let plan = prepare(Recipe::load(&cached, &[]).unwrap(), &Device::Cpu).unwrap();
+    assert!(plan.teacher.is_none() && plan.teacher_id.is_some() && plan.cache.is_some());
     // The same with the student from a directory and no live teacher at all.
     let student = fx.root.join("run-online/model");
     let cache_only = recipe(

@@ -193,7 +193,8 @@ pub const PEFT_PREFIX: &str = "base_model.model.";
 
 /// Write `model`'s adapter as a PEFT directory (`adapter_config.json`,
 /// `adapter_model.safetensors`, f32) into an existing directory `dir`. `base` is recorded as
-/// `base_model_name_or_path`.
+/// `base_model_name_or_path`, made absolute when it exists (so the adapter reads back from any
+/// working directory).
 pub fn save_adapter(model: &Model, base: &Path, dir: &Path) -> Result<()> {
     let cfg = model.lora().ok_or_else(|| {
         Error::invalid(
@@ -222,7 +223,10 @@ pub fn save_adapter(model: &Model, base: &Path, dir: &Path) -> Result<()> {
     let json = serde_json::json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base.display().to_string(),
+        "base_model_name_or_path": std::fs::canonicalize(base)
+            .unwrap_or_else(|_| base.to_path_buf())
+            .display()
+            .to_string(),
         "r": cfg.rank,
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,
@@ -281,8 +285,8 @@ pub fn load_adapter(model: &Model, dir: &Path) -> Result<()> {
 /// A PEFT LoRA directory's `adapter_config.json`, as far as merging needs it.
 #[derive(Debug, Clone)]
 pub struct AdapterConfig {
-    /// The base model (`base_model_name_or_path`), resolved: absolute, or relative to the
-    /// adapter's directory.
+    /// The base model (`base_model_name_or_path`), resolved: absolute, relative to the working
+    /// directory (as `peft` reads it), or relative to the adapter's directory.
     pub base: PathBuf,
     /// `lora_alpha / r` (`lora_alpha / √r` with `use_rslora`).
     pub scale: f64,
@@ -337,7 +341,8 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
     };
     let base_str = v["base_model_name_or_path"].as_str().unwrap_or_default();
     let given = PathBuf::from(base_str);
-    let base = if given.is_absolute() {
+    // As `peft` resolves it (from the working directory), else from the adapter's directory.
+    let base = if given.is_absolute() || given.exists() {
         given
     } else {
         dir.join(given)
