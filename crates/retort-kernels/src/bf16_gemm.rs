@@ -179,17 +179,7 @@ mod tests {
 
     type Gemm = fn(usize, usize, usize, MatRef, MatRef, &mut [f32], usize);
 
-    fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-        (0..len)
-            .map(|_| {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::testing::uniform as values;
 
     #[test]
     fn rounding_is_to_nearest_even() {

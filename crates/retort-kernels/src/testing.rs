@@ -56,3 +56,16 @@ pub fn require(has: bool, what: &str) {
         "this test needs {what}: the build host had it, this CPU has not (rebuild the tests here)"
     );
 }
+
+/// `len` seeded values in [-1, 1) (an LCG; the GEMM tests' inputs).
+pub fn uniform(len: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    (0..len)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}

@@ -492,17 +492,7 @@ unsafe fn micro(
 mod tests {
     use super::*;
 
-    fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-        (0..len)
-            .map(|_| {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::testing::uniform as values;
 
     /// A `B` packed once gives the per-call GEMM's results bit for bit, whichever operand is
     /// the one packed whole, across k blocks, on any thread count.

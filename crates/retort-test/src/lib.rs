@@ -231,32 +231,6 @@ pub fn write_tiny_gguf(path: &Path, cfg: &Config, weights: &Weights, dtype: Ggml
             Value::String(CHATML.into()),
         ),
     ];
-    let gguf_name = |hf: &str| -> String {
-        let fixed = [
-            ("model.embed_tokens.weight", "token_embd.weight"),
-            ("model.norm.weight", "output_norm.weight"),
-            ("lm_head.weight", "output.weight"),
-        ];
-        if let Some((_, g)) = fixed.iter().find(|(h, _)| *h == hf) {
-            return g.to_string();
-        }
-        let rest = hf.strip_prefix("model.layers.").unwrap();
-        let (layer, rest) = rest.split_once('.').unwrap();
-        let (module, kind) = rest.rsplit_once('.').unwrap();
-        let g = match module {
-            "self_attn.q_proj" => "attn_q",
-            "self_attn.k_proj" => "attn_k",
-            "self_attn.v_proj" => "attn_v",
-            "self_attn.o_proj" => "attn_output",
-            "mlp.gate_proj" => "ffn_gate",
-            "mlp.up_proj" => "ffn_up",
-            "mlp.down_proj" => "ffn_down",
-            "input_layernorm" => "attn_norm",
-            "post_attention_layernorm" => "ffn_norm",
-            other => panic!("{other}"),
-        };
-        format!("blk.{layer}.{g}.{kind}")
-    };
     let mut names: Vec<&String> = weights.names().collect();
     names.sort();
     let mut tensors = Vec::new();
@@ -286,7 +260,7 @@ pub fn write_tiny_gguf(path: &Path, cfg: &Config, weights: &Weights, dtype: Ggml
         } else {
             QTensor::quantize(&t, GgmlDType::F32).unwrap()
         };
-        tensors.push((gguf_name(name), q));
+        tensors.push((retort_model::gguf_write::gguf_name(name).unwrap(), q));
     }
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
