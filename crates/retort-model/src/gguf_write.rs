@@ -24,6 +24,7 @@ use std::collections::HashMap;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
+use candle_core::Tensor;
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
 
@@ -152,23 +153,7 @@ pub fn write_gguf(ck: &Checkpoint, ty: GgufType, out: &Path, name: &str) -> Resu
             continue;
         };
         let dims = weights.tensors()[hf].dims();
-        let mut t = weights.dense(hf, &dims)?;
-        let heads = if hf.ends_with("self_attn.q_proj.weight") {
-            Some(cfg.num_attention_heads)
-        } else if hf.ends_with("self_attn.k_proj.weight") {
-            Some(cfg.num_key_value_heads)
-        } else {
-            None
-        };
-        if let (Some(h), Arch::Llama) = (heads, cfg.arch) {
-            // llama.cpp's converter: w.reshape(H, 2, D/2, C).swapaxes(1, 2).reshape(H·D, C).
-            let (rows, cols) = t.dims2()?;
-            t = t
-                .reshape((h, 2, rows / h / 2, cols))?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((rows, cols))?;
-        }
+        let t = to_gguf_layout(cfg, hf, weights.dense(hf, &dims)?)?;
         let dtype = if dims.len() < 2 {
             GgmlDType::F32
         } else if dims[dims.len() - 1].is_multiple_of(ty.ggml().block_size()) {
@@ -225,6 +210,27 @@ pub fn write_gguf(ck: &Checkpoint, ty: GgufType, out: &Path, name: &str) -> Resu
         pre_tokenizer: pre,
         f16_fallback,
     })
+}
+
+/// A weight in llama.cpp's row order: for `llama`, the rows of `q_proj`/`k_proj` permuted as its
+/// converter does for interleaved RoPE (`w.reshape(H, 2, D/2, C).swapaxes(1, 2)`; the inverse of
+/// what [`crate::gguf`] undoes on load); every other tensor as it is.
+pub fn to_gguf_layout(cfg: &Config, hf: &str, t: Tensor) -> Result<Tensor> {
+    let heads = if hf.ends_with("self_attn.q_proj.weight") {
+        cfg.num_attention_heads
+    } else if hf.ends_with("self_attn.k_proj.weight") {
+        cfg.num_key_value_heads
+    } else {
+        return Ok(t);
+    };
+    if cfg.arch != Arch::Llama {
+        return Ok(t);
+    }
+    let (rows, cols) = t.dims2()?;
+    Ok(t.reshape((heads, 2, rows / heads / 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))?)
 }
 
 fn model_metadata(cfg: &Config, ty: GgufType, name: &str) -> Vec<(String, Value)> {

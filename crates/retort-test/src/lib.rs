@@ -236,25 +236,12 @@ pub fn write_tiny_gguf(path: &Path, cfg: &Config, weights: &Weights, dtype: Ggml
     let mut tensors = Vec::new();
     for name in names {
         let dims = weights.tensors()[name].dims();
-        let mut t = weights.dense(name, &dims).unwrap();
-        let heads = if name.ends_with("q_proj.weight") {
-            Some(cfg.num_attention_heads)
-        } else if name.ends_with("k_proj.weight") {
-            Some(cfg.num_key_value_heads)
-        } else {
-            None
-        };
-        if let (Some(h), Arch::Llama) = (heads, cfg.arch) {
-            // llama.cpp's converter: w.reshape(H, 2, D/2, C).swapaxes(1, 2).reshape(H·D, C).
-            let (rows, cols) = t.dims2().unwrap();
-            t = t
-                .reshape((h, 2, rows / h / 2, cols))
-                .unwrap()
-                .transpose(1, 2)
-                .unwrap()
-                .reshape((rows, cols))
-                .unwrap();
-        }
+        let t = retort_model::gguf_write::to_gguf_layout(
+            cfg,
+            name,
+            weights.dense(name, &dims).unwrap(),
+        )
+        .unwrap();
         let q = if dims.len() == 2 {
             QTensor::quantize(&t, dtype).unwrap()
         } else {
