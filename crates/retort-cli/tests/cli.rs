@@ -334,6 +334,90 @@ fn data_inspect_reports_statistics_and_names_bad_records() {
     ]));
 }
 
+/// `eval --matmul bf16` scores what f32 scores to bf16's precision and says which products ran.
+#[test]
+fn eval_with_bf16_products_is_close_to_f32_and_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny(dir.path(), 2);
+    let data = dir.path().join("d.jsonl");
+    write_chat_data(&data, 6);
+    let report = |matmul: &str| {
+        let json = dir.path().join(format!("{matmul}.json"));
+        ok(&retort(&[
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--generate",
+            "0",
+            "--max-len",
+            "32",
+            "--matmul",
+            matmul,
+            "--json",
+            json.to_str().unwrap(),
+        ]));
+        let v: serde_json::Value =
+            serde_json::from_str(&fs_err::read_to_string(&json).unwrap()).unwrap();
+        v[0].clone()
+    };
+    let (f, b) = (report("f32"), report("bf16"));
+    assert_eq!(f["matmul"], "f32");
+    let expected = if retort_kernels::bf16_gemm::available() {
+        "bf16"
+    } else {
+        "f32"
+    };
+    assert_eq!(b["matmul"], expected);
+    let (nf, nb) = (
+        f["tokens"]["nll"].as_f64().unwrap(),
+        b["tokens"]["nll"].as_f64().unwrap(),
+    );
+    assert!(nf.is_finite() && nf > 0.0, "{nf}");
+    assert!((nf - nb).abs() < 0.02 * nf, "f32 {nf} vs bf16 {nb}");
+    assert_eq!(f["tokens"]["tokens"], b["tokens"]["tokens"]);
+}
+
+/// `retort … | head`: stdout closed before the first line. Every command that prints ends
+/// quietly with success instead of panicking ("failed printing to stdout").
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny(dir.path(), 1);
+    let data = dir.path().join("d.jsonl");
+    write_chat_data(&data, 3);
+    let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let commands: [&[&str]; 3] = [
+        &["info", "--model", m],
+        &["data", "inspect", d, "-m", m],
+        &[
+            "eval",
+            "--model",
+            m,
+            "--data",
+            d,
+            "--generate",
+            "0",
+            "--max-len",
+            "16",
+        ],
+    ];
+    for args in commands {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader); // every write now fails with EPIPE
+        let out = Command::new(env!("CARGO_BIN_EXE_retort"))
+            .args(["--quiet", "--threads", "2"])
+            .args(args)
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
 #[test]
 fn train_dry_run_then_interrupted_and_resumed_run() {
     let dir = tempfile::tempdir().unwrap();

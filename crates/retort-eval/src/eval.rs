@@ -96,6 +96,8 @@ pub struct EvalReport {
     pub max_len: usize,
     pub tokens: TokenMeans,
     pub generation: Option<GenReport>,
+    /// The products the model (and teacher) ran: `f32` or `bf16` (filled by the caller).
+    pub matmul: String,
     pub seconds: f64,
 }
 
@@ -140,6 +142,7 @@ pub fn evaluate(
         max_len: opts.max_len,
         tokens: sums.means(),
         generation,
+        matmul: "f32".into(),
         seconds: t0.elapsed().as_secs_f64(),
     })
 }

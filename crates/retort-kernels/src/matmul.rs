@@ -28,6 +28,14 @@ impl MatmulPrecision {
     pub fn bf16_runs_here(self) -> bool {
         self == MatmulPrecision::Bf16 && bf16_gemm::available()
     }
+
+    /// `f32` or `bf16`, as flags and recipes spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            MatmulPrecision::F32 => "f32",
+            MatmulPrecision::Bf16 => "bf16",
+        }
+    }
 }
 
 impl std::str::FromStr for MatmulPrecision {

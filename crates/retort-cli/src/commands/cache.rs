@@ -67,10 +67,10 @@ pub fn inspect(args: CacheInspectArgs, quiet: bool) -> Result<()> {
         against,
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&rep)?);
+        outln!("{}", serde_json::to_string_pretty(&rep)?)?;
         return Ok(());
     }
-    println!(
+    outln!(
         "{}: {} (format v{}), all {} shard checksums verified",
         rep.dir,
         if rep.complete {
@@ -80,18 +80,18 @@ pub fn inspect(args: CacheInspectArgs, quiet: bool) -> Result<()> {
         },
         rep.format_version,
         rep.shards
-    );
-    println!(
+    )?;
+    outln!(
         "teacher {} (sha256 {}…)",
         rep.teacher,
         &rep.teacher_sha256[..12]
-    );
-    println!(
+    )?;
+    outln!(
         "data    {} (sha256 {}…)",
         rep.dataset,
         &rep.dataset_sha256[..12]
-    );
-    println!(
+    )?;
+    outln!(
         "k={} T={} codec {}: {} samples ({} distinct), {} tokens, {} bytes = {:.1} bytes/token",
         rep.k,
         rep.temperature,
@@ -101,9 +101,9 @@ pub fn inspect(args: CacheInspectArgs, quiet: bool) -> Result<()> {
         rep.tokens,
         rep.bytes,
         rep.bytes_per_token
-    );
+    )?;
     if let Some(c) = rep.against {
-        println!(
+        outln!(
             "against {}: {} samples, {} tokens; KL per token mean {:.3e}, max {:.3e} nats; top-1 agreement {:.4}",
             args.against
                 .as_ref()
@@ -114,7 +114,7 @@ pub fn inspect(args: CacheInspectArgs, quiet: bool) -> Result<()> {
             c.mean_kl,
             c.max_kl,
             c.top1_agreement
-        );
+        )?;
     }
     Ok(())
 }
@@ -134,7 +134,7 @@ pub fn recode(args: CacheRecodeArgs, quiet: bool) -> Result<()> {
     );
     pb.finish_and_clear();
     let m = m.with_context(|| format!("cannot recode into `{}`", args.out.display()))?;
-    println!(
+    outln!(
         "{}: k={} codec {}, {} tokens, {} bytes ({:.1} bytes/token)",
         args.out.display(),
         m.k,
@@ -142,6 +142,6 @@ pub fn recode(args: CacheRecodeArgs, quiet: bool) -> Result<()> {
         m.positions(),
         m.bytes(),
         m.bytes() as f64 / m.positions().max(1) as f64
-    );
+    )?;
     Ok(())
 }

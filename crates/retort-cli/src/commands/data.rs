@@ -136,9 +136,9 @@ pub fn inspect(args: InspectArgs, ctx: &super::Ctx) -> Result<()> {
         tokens,
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {
-        print_report(&report);
+        print_report(&report)?;
     }
     if report.invalid > 0 && !args.skip_invalid {
         bail!(
@@ -150,18 +150,18 @@ pub fn inspect(args: InspectArgs, ctx: &super::Ctx) -> Result<()> {
     Ok(())
 }
 
-fn print_report(r: &Report) {
-    println!(
+fn print_report(r: &Report) -> std::io::Result<()> {
+    outln!(
         "{} ({} format, sha256 {}…)",
         r.file,
         r.format,
         &r.sha256[..12]
-    );
-    println!("records: {} valid, {} invalid", r.records, r.invalid);
+    )?;
+    outln!("records: {} valid, {} invalid", r.records, r.invalid)?;
     for e in &r.invalid_examples {
-        println!("  invalid: {}", e.replace('\n', "\n           "));
+        outln!("  invalid: {}", e.replace('\n', "\n           "))?;
     }
-    println!(
+    outln!(
         "turns: {} ({} system, {} user, {} assistant, {} of them weight 0); {} multi-turn records",
         r.turns,
         r.system_turns,
@@ -169,21 +169,34 @@ fn print_report(r: &Report) {
         r.assistant_turns,
         r.assistant_turns_without_loss,
         r.multi_turn_records
-    );
+    )?;
     let c = &r.assistant_chars;
-    println!(
+    outln!(
         "assistant answer chars: min {}, median {}, p95 {}, max {}",
-        c.min, c.median, c.p95, c.max
-    );
+        c.min,
+        c.median,
+        c.p95,
+        c.max
+    )?;
     if let Some(t) = &r.tokens {
         let s = &t.sequence_tokens;
-        println!(
+        outln!(
             "tokens ({}): {} in all, {} loss tokens; per record min {}, median {}, p95 {}, max {}",
-            t.model, s.total, t.loss_tokens, s.min, s.median, s.p95, s.max
-        );
-        println!(
+            t.model,
+            s.total,
+            t.loss_tokens,
+            s.min,
+            s.median,
+            s.p95,
+            s.max
+        )?;
+        outln!(
             "at max_len {}: {} records truncated, {} dropped (no loss token left), {} tokens cut",
-            t.max_len, t.truncated, t.dropped, t.tokens_cut
-        );
+            t.max_len,
+            t.truncated,
+            t.dropped,
+            t.tokens_cut
+        )?;
     }
+    Ok(())
 }

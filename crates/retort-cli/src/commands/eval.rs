@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use indicatif::ProgressBar;
 use retort_data::{Dataset, ReadOptions, dataset};
 use retort_eval::eval::{self, EvalOptions, EvalReport, Phase};
+use retort_kernels::MatmulPrecision;
 use retort_model::{Model, Tokenizer, WeightFormat, checkpoint};
 
 use crate::cli::{EvalArgs, ProbeArgs};
@@ -18,6 +19,30 @@ fn load(path: &Path, ctx: &super::Ctx) -> Result<(Model, Tokenizer)> {
         .with_context(|| format!("cannot load the model `{}`", path.display()));
     pb.finish_and_clear();
     loaded
+}
+
+/// Loads a model for scoring with `matmul` products; with bf16 its weights are packed once
+/// where the CPU has a bf16 GEMM ([`Model::prepack_bf16`]). Returns the products it runs.
+fn load_for(
+    path: &Path,
+    matmul: MatmulPrecision,
+    ctx: &super::Ctx,
+) -> Result<(Model, Tokenizer, MatmulPrecision)> {
+    let (mut model, tok) = load(path, ctx)?;
+    model.set_matmul_precision(matmul);
+    let packed = model.prepack_bf16()?;
+    if packed > 0 {
+        tracing::debug!(
+            "{}: {packed} weights packed once for bf16 products",
+            path.display()
+        );
+    }
+    let runs = if matmul.bf16_runs_here() && ctx.device.is_cpu() {
+        MatmulPrecision::Bf16
+    } else {
+        MatmulPrecision::F32
+    };
+    Ok((model, tok, runs))
 }
 
 fn read(path: &Path) -> Result<Dataset> {
@@ -65,7 +90,7 @@ pub fn eval(args: EvalArgs, ctx: &super::Ctx) -> Result<()> {
     let quiet = ctx.quiet;
     let ds = read(&args.data)?;
     let teacher = match &args.teacher {
-        Some(t) => Some(load(t, ctx)?),
+        Some(t) => Some(load_for(t, args.matmul, ctx)?),
         None => None,
     };
     let opts = EvalOptions {
@@ -78,7 +103,7 @@ pub fn eval(args: EvalArgs, ctx: &super::Ctx) -> Result<()> {
     let mut reports: Vec<EvalReport> = Vec::new();
     for arg in &args.model {
         let (name, path) = labelled(arg);
-        let (model, tok) = load(&path, ctx)?;
+        let (model, tok, matmul) = load_for(&path, args.matmul, ctx)?;
         let context = model.config().max_position_embeddings;
         anyhow::ensure!(
             args.generate == 0 || args.max_new_tokens < context,
@@ -88,7 +113,7 @@ pub fn eval(args: EvalArgs, ctx: &super::Ctx) -> Result<()> {
             path.display(),
             context.saturating_sub(1)
         );
-        if let Some((_, ttok)) = &teacher
+        if let Some((_, ttok, _)) = &teacher
             && ttok.fingerprint() != tok.fingerprint()
         {
             anyhow::bail!(
@@ -100,18 +125,19 @@ pub fn eval(args: EvalArgs, ctx: &super::Ctx) -> Result<()> {
         let mut r = eval::evaluate(
             &model,
             &tok,
-            teacher.as_ref().map(|(m, _)| m),
+            teacher.as_ref().map(|(m, _, _)| m),
             &ds,
             &opts,
             bars(quiet, name.clone()),
         )
         .with_context(|| format!("evaluating `{name}` on `{}`", args.data.display()))?;
         r.model = name;
+        r.matmul = matmul.name().into();
         r.teacher = args.teacher.as_ref().map(|t| t.display().to_string());
         tracing::info!("{}: done in {:.1}s", r.model, r.seconds);
         reports.push(r);
     }
-    println!("{}", eval::markdown(&reports));
+    outln!("{}", eval::markdown(&reports))?;
     if let Some(path) = &args.json {
         let json = serde_json::to_string_pretty(&reports)?;
         retort_data::files::write_atomic(path, json.as_bytes())
@@ -152,13 +178,13 @@ pub fn probe(args: ProbeArgs, ctx: &super::Ctx) -> Result<()> {
     let v = retort_eval::verdict(&r.tokens, train_size);
     if args.json {
         let out = serde_json::json!({"holdout": r, "verdict": v});
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?)?;
         return Ok(());
     }
     let m = &r.tokens;
     let opt = |x: Option<f64>| x.map_or("—".into(), |x| format!("{x:.3}"));
     let skipped = r.records - r.samples;
-    println!(
+    outln!(
         "held-out slice of `{}`: {} conversations, {} answer tokens{}\n",
         args.data.display(),
         r.samples,
@@ -171,27 +197,27 @@ pub fn probe(args: ProbeArgs, ctx: &super::Ctx) -> Result<()> {
         } else {
             String::new()
         }
-    );
-    println!("| on the gold answers | teacher | student |\n| --- | ---: | ---: |");
-    println!(
+    )?;
+    outln!("| on the gold answers | teacher | student |\n| --- | ---: | ---: |")?;
+    outln!(
         "| NLL (nats/token) | {} | {:.3} |",
         opt(m.teacher_nll),
         m.nll
-    );
-    println!(
+    )?;
+    outln!(
         "| entropy (nats) | {} | {:.3} |",
         opt(m.teacher_entropy),
         m.entropy
-    );
-    println!("| KL(teacher ‖ student) | {} | |", opt(m.kl));
-    println!("| top-1 agreement | {} | |", opt(m.agreement));
-    println!(
+    )?;
+    outln!("| KL(teacher ‖ student) | {} | |", opt(m.kl))?;
+    outln!("| top-1 agreement | {} | |", opt(m.agreement))?;
+    outln!(
         "\nKD over SFT with {} training examples: {}",
         v.train_size,
         v.kd_pays_off.as_str().to_uppercase()
-    );
+    )?;
     for reason in &v.reasons {
-        println!("- {reason}");
+        outln!("- {reason}")?;
     }
     Ok(())
 }

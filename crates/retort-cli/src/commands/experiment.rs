@@ -168,6 +168,6 @@ pub fn run(args: ExperimentArgs, ctx: &super::Ctx) -> Result<()> {
             cells.len()
         );
     }
-    println!("{}", path.display());
+    outln!("{}", path.display())?;
     Ok(())
 }

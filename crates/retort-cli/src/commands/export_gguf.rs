@@ -58,7 +58,7 @@ pub fn run(args: ExportGgufArgs, ctx: &super::Ctx) -> Result<()> {
             )
         }
     );
-    println!("{}", e.path.display());
+    outln!("{}", e.path.display())?;
     if !ctx.quiet {
         eprintln!(
             "chat with it:\n  retort chat --model {p}\n  llama-cli -m {p} -cnv   # llama.cpp",

@@ -21,6 +21,6 @@ pub fn run(args: InfoArgs, ctx: &super::Ctx) -> Result<()> {
             "chat_template": tok.template().map(|t| t.source()),
         },
     });
-    println!("{}", serde_json::to_string_pretty(&out)?);
+    outln!("{}", serde_json::to_string_pretty(&out)?)?;
     Ok(())
 }

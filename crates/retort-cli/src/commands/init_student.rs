@@ -45,7 +45,7 @@ pub fn run(args: InitStudentArgs, ctx: &super::Ctx) -> Result<()> {
         c.num_parameters() as f64 / 1e6,
         args.out.display()
     );
-    println!("{}", args.out.display());
+    outln!("{}", args.out.display())?;
     Ok(())
 }
 

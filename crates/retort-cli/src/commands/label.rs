@@ -132,7 +132,7 @@ pub fn run(args: LabelArgs, ctx: &super::Ctx) -> Result<()> {
         r.seconds,
         r.positions_this_run as f64 / r.seconds.max(1e-9)
     );
-    println!(
+    outln!(
         "{}: {} samples, {} tokens, k={}, codec {}, {} bytes ({:.1} bytes/token){}",
         args.out.display(),
         m.samples,
@@ -142,6 +142,6 @@ pub fn run(args: LabelArgs, ctx: &super::Ctx) -> Result<()> {
         bytes,
         bytes as f64 / positions.max(1) as f64,
         if m.complete { "" } else { " — unfinished" }
-    );
+    )?;
     Ok(())
 }

@@ -34,7 +34,9 @@ pub fn review(args: ReviewArgs) -> Result<()> {
     review::serve(opts, |_, url| {
         // The URL on stdout (first line), so scripts can wait for it; it carries the token
         // when one is required.
-        println!("reviewing {} at {url}", db.display());
+        if let Err(e) = outln!("reviewing {} at {url}", db.display()) {
+            tracing::warn!("cannot print the address on stdout: {e}");
+        }
         tracing::info!("decisions are recorded as `{reviewer}` (Ctrl-C to stop)");
     })
     .with_context(|| format!("cannot review `{}`", db.display()))
@@ -45,7 +47,7 @@ pub fn export(args: ExportArgs) -> Result<()> {
     let store = Store::open(&db).with_context(|| format!("cannot open `{}`", db.display()))?;
     let s = exporting::export_with(&store, &args.out, args.auto_accept)
         .with_context(|| format!("cannot export into `{}`", args.out.display()))?;
-    println!(
+    outln!(
         "{}: {} items ({} accepted, {} rejected, {} pending, {} without answer)",
         db.display(),
         s.items,
@@ -53,7 +55,7 @@ pub fn export(args: ExportArgs) -> Result<()> {
         s.rejected,
         s.pending,
         s.no_answer
-    );
+    )?;
     for (file, n, what) in [
         (
             exporting::STAGE1,
@@ -71,7 +73,7 @@ pub fn export(args: ExportArgs) -> Result<()> {
             "pairs: human answer vs teacher original",
         ),
     ] {
-        println!("  {:<44} {n:>6}  {what}", args.out.join(file).display());
+        outln!("  {:<44} {n:>6}  {what}", args.out.join(file).display())?;
     }
     if s.auto_accepted > 0 {
         tracing::info!(

@@ -53,7 +53,9 @@ pub fn run(args: ServeArgs, ctx: &super::Ctx) -> Result<()> {
     let model = opts.model.display().to_string();
     serve(opts, |addr| {
         // The address on stdout (first line), so scripts can wait for it.
-        println!("serving {model} at http://{addr}/v1");
+        if let Err(e) = outln!("serving {model} at http://{addr}/v1") {
+            tracing::warn!("cannot print the address on stdout: {e}");
+        }
         tracing::info!("OpenAI-compatible API at http://{addr}/v1 (Ctrl-C to stop)");
     })
     .with_context(|| format!("cannot serve `{model}`"))

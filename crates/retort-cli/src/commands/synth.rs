@@ -122,8 +122,8 @@ pub fn run_cmd(args: SynthArgs, ctx: &super::Ctx) -> Result<()> {
         return Ok(());
     }
     let md = fs_err::read_to_string(report.dir.join(retort_teacher::synth::run::REPORT_MD))?;
-    println!("{md}");
-    println!(
+    outln!("{md}")?;
+    outln!(
         "wrote {} ({} answered inputs) in {:.1} s",
         report
             .dir
@@ -131,6 +131,6 @@ pub fn run_cmd(args: SynthArgs, ctx: &super::Ctx) -> Result<()> {
             .display(),
         f.answered,
         f.seconds
-    );
+    )?;
     Ok(())
 }

@@ -67,8 +67,8 @@ pub fn run(args: TrainArgs, ctx: &super::Ctx) -> Result<()> {
     pb.finish_and_clear();
     let plan = plan.with_context(|| format!("cannot prepare `{}`", args.recipe.display()))?;
     if args.dry_run {
-        print!("{}", plan.summary());
-        println!("dry run: nothing trained");
+        out!("{}", plan.summary())?;
+        outln!("dry run: nothing trained")?;
         return Ok(());
     }
     for line in plan.summary().lines() {
@@ -89,7 +89,7 @@ pub fn run(args: TrainArgs, ctx: &super::Ctx) -> Result<()> {
     match outcome? {
         Outcome::Finished(dir) => {
             tracing::info!("metrics in {}", args.out.join("metrics.jsonl").display());
-            println!("{}", dir.display());
+            outln!("{}", dir.display())?;
         }
         Outcome::Interrupted(ck) => {
             tracing::warn!(
@@ -98,7 +98,7 @@ pub fn run(args: TrainArgs, ctx: &super::Ctx) -> Result<()> {
                 args.recipe.display(),
                 args.out.display()
             );
-            println!("{}", ck.display());
+            outln!("{}", ck.display())?;
         }
     }
     Ok(())
