@@ -22,3 +22,4 @@ pub mod setup;
 pub mod sparse;
 pub mod targets;
 pub mod trainer;
+pub mod xtok;

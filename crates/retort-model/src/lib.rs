@@ -37,5 +37,5 @@ pub use config::{Arch, Config};
 pub use error::{Error, Result};
 pub use kv_cache::KvCache;
 pub use model::Model;
-pub use tokenizer::{EncodedChat, Tokenizer};
+pub use tokenizer::{EncodedChat, Tokenizer, TurnTokens};
 pub use weights::{WeightFormat, Weights};

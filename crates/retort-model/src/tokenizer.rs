@@ -24,6 +24,19 @@ pub struct EncodedChat {
     pub loss_mask: Vec<bool>,
 }
 
+/// The tokens of one trained assistant turn, for aligning two tokenizations of it
+/// ([`Tokenizer::encode_chat_turns`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TurnTokens {
+    /// Positions (indices into the encoded ids) of the tokens inside the turn's content, in order.
+    pub positions: Vec<usize>,
+    /// Their byte ranges relative to the start of the message's content as written (before any
+    /// trimming by the template), so both tokenizers' offsets share one coordinate system.
+    pub offsets: Vec<(usize, usize)>,
+    /// Positions of the turn's trained tokens after its content: the end-of-turn marker.
+    pub end_positions: Vec<usize>,
+}
+
 /// Tokenizer, chat template and the ids generation stops on.
 #[derive(Clone)]
 pub struct Tokenizer {
@@ -325,14 +338,72 @@ impl Tokenizer {
     /// answer and its end-of-turn marker carries loss; role headers, system and user turns don't.
     pub fn encode_chat(&self, messages: &[Message]) -> Result<EncodedChat> {
         let (text, spans) = self.require_template()?.assistant_spans(messages)?;
-        let enc = self.encode_raw(&text)?;
+        Ok(self.encode_spans(&text, &spans)?.0)
+    }
+
+    /// `text` as ids (BOS per the model) with the loss mask of `spans`, and the raw encoding.
+    fn encode_spans(
+        &self,
+        text: &str,
+        spans: &[std::ops::Range<usize>],
+    ) -> Result<(EncodedChat, tokenizers::Encoding)> {
+        let enc = self.encode_raw(text)?;
         let mut ids: Vec<u32> = self.bos_prefix().into_iter().collect();
         let mut loss_mask = vec![false; ids.len()];
         for (&id, &(start, _end)) in enc.get_ids().iter().zip(enc.get_offsets()) {
             ids.push(id);
             loss_mask.push(spans.iter().any(|s| s.contains(&start)));
         }
-        Ok(EncodedChat { ids, loss_mask })
+        Ok((EncodedChat { ids, loss_mask }, enc))
+    }
+
+    /// [`encode_chat`](Self::encode_chat), plus for every trained assistant turn the tokens of
+    /// its content with byte offsets relative to the content, and its end-of-turn tokens. Fails
+    /// when the template changes an answer's content other than by trimming whitespace: the
+    /// content is what two tokenizations are aligned on.
+    pub fn encode_chat_turns(
+        &self,
+        messages: &[Message],
+    ) -> Result<(EncodedChat, Vec<TurnTokens>)> {
+        let (text, spans) = self.require_template()?.assistant_spans(messages)?;
+        let (chat, enc) = self.encode_spans(&text, &spans)?;
+        let lead = usize::from(self.bos_prefix().is_some());
+        let trained = messages.iter().enumerate().filter(|(_, m)| m.trains());
+        let mut turns = Vec::with_capacity(spans.len());
+        for ((i, m), span) in trained.zip(&spans) {
+            let rendered = &text[span.clone()];
+            // (bytes of the content as rendered, bytes trimmed off its start)
+            let (len, shift) = if rendered.starts_with(m.content.as_str()) {
+                (m.content.len(), 0)
+            } else if rendered.starts_with(m.content.trim()) {
+                let t = m.content.trim();
+                (t.len(), m.content.len() - m.content.trim_start().len())
+            } else {
+                return Err(tok_err(
+                    &self.source,
+                    format!(
+                        "the chat template rewrites the content of message {i} (an assistant turn),                          so its tokens cannot be aligned with another tokenizer's"
+                    ),
+                    "cross-tokenizer distillation needs a template that renders answers verbatim                      (ChatML, Llama 3 and Qwen2 templates do)",
+                ));
+            };
+            let content = span.start..span.start + len;
+            let mut turn = TurnTokens::default();
+            // The loss tokens of the span (those starting in it): inside the content, or after
+            // it (a token starting in the content and running past its end counts as after).
+            for (j, &(s, e)) in enc.get_offsets().iter().enumerate() {
+                let pos = lead + j;
+                if content.contains(&s) && e <= content.end {
+                    turn.positions.push(pos);
+                    turn.offsets
+                        .push((s - content.start + shift, e - content.start + shift));
+                } else if span.contains(&s) {
+                    turn.end_positions.push(pos);
+                }
+            }
+            turns.push(turn);
+        }
+        Ok((chat, turns))
     }
 
     /// Write `tokenizer.json` and `tokenizer_config.json` (with the chat template) into `dir`.
