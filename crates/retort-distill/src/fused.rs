@@ -87,6 +87,38 @@ impl RowLoss {
     }
 
     /// The op's backward: the gradient kept by [`Self::forward`].
+    /// [`Self::forward`] for losses that couple rows: `whole(z)` returns the gradient of all
+    /// rows (already scaled) and the CE and KD sums.
+    pub fn forward_whole<F>(
+        &self,
+        what: &str,
+        (storage, layout): (&CpuStorage, &Layout),
+        (rows, vocab): (usize, usize),
+        whole: F,
+    ) -> candle_core::Result<(CpuStorage, Shape)>
+    where
+        F: Fn(&[f32]) -> (Vec<f32>, f64, f64),
+    {
+        let CpuStorage::F32(z) = storage else {
+            candle_core::bail!("{what}: student logits must be f32");
+        };
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("{what}: student logits must be contiguous");
+        };
+        if b - a != rows * vocab {
+            candle_core::bail!("{what}: {} logits for {rows} rows of {vocab}", b - a);
+        }
+        let (grad, ce, kd) = whole(&z[a..b]);
+        let loss = self.mix.loss(ce, kd) * self.scale as f64;
+        if let Ok(mut g) = self.grad.lock() {
+            *g = Some(grad);
+        }
+        if let Ok(mut s) = self.sums.lock() {
+            *s = (ce, kd);
+        }
+        Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
+    }
+
     pub fn backward(&self, arg: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
         stored_grad(&self.grad, arg, grad_res)
     }

@@ -49,7 +49,7 @@ impl SparseTargets {
 }
 
 /// Contribution of one outcome to L and `∂L/∂q` for that outcome, in f64.
-fn term(div: Divergence, p: f64, lp: f64, q: f64, lq: f64) -> (f64, f64) {
+pub(crate) fn term(div: Divergence, p: f64, lp: f64, q: f64, lq: f64) -> (f64, f64) {
     let xlogy = |x: f64, a: f64, b: f64| if x > 0.0 { x * (a - b) } else { 0.0 };
     match div {
         Divergence::ForwardKl

@@ -4,6 +4,7 @@
 //! boundaries; the losses compare the spans' probabilities.
 
 pub mod align;
+pub mod loss;
 
 use retort_model::TurnTokens;
 
