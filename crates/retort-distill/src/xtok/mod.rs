@@ -5,6 +5,7 @@
 
 pub mod align;
 pub mod loss;
+pub mod targets;
 
 use retort_model::TurnTokens;
 
