@@ -90,6 +90,7 @@ fn main() {
                 id: format!("s{b}"),
                 ids,
                 loss_mask,
+                teacher: None,
             }
         })
         .collect();
@@ -163,6 +164,7 @@ fn main() {
         chunk_rows: arg("--chunk", 1024),
         vocab_limit: None,
         checkpoint_layers: false,
+        cross: None,
     };
     let mut opt = AdamW::new(student.vars(), AdamWParams::default());
     let (mut online, mut cached) = (Vec::new(), Vec::new());

@@ -182,6 +182,7 @@ fn main() {
         loss_tokens: n,
         real_tokens: batch * seq,
         sparse: None,
+        cross: None,
     };
     let obj = Objective {
         kd: (teacher_mode != "none").then_some(KdTerm {
@@ -192,6 +193,7 @@ fn main() {
         chunk_rows,
         vocab_limit: None,
         checkpoint_layers: checkpointing,
+        cross: None,
     };
     if let (Some(teacher), true) = (&teacher, args.iter().any(|a| a == "--phases")) {
         // Where a step's time goes: forward passes alone (no backward), 3 runs each, median.

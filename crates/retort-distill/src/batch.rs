@@ -24,6 +24,9 @@ pub struct Sample {
     pub ids: Vec<u32>,
     /// `(T)` assistant-only mask: true where the token is a training target.
     pub loss_mask: Vec<bool>,
+    /// Cross-tokenizer KD: the same conversation in the teacher's tokenization, aligned with
+    /// this one ([`tokenize_pair`]).
+    pub teacher: Option<std::sync::Arc<crate::xtok::TeacherSide>>,
 }
 
 /// Refuse samples longer than a model's `context` before any compute: names the longest sample
@@ -113,6 +116,59 @@ pub fn tokenize(
             id: r.id.clone(),
             ids: enc.ids,
             loss_mask: enc.loss_mask,
+            teacher: None,
+        };
+        rep.max_len_seen = rep.max_len_seen.max(s.ids.len());
+        if !apply_truncation(&mut s, max_len, policy, &mut rep) {
+            continue;
+        }
+        rep.tokens += s.ids.len();
+        rep.loss_tokens += s.loss_tokens();
+        out.push(s);
+    }
+    rep.samples = out.len();
+    Ok((out, rep))
+}
+
+/// [`tokenize`] with the student's tokenizer `tok`, each sample also carrying the conversation
+/// in the teacher's tokenization (its own chat template, cut on the right at `max_len`) and
+/// the alignment of the two ([`crate::xtok::align_chat`]; tokens match when their vocabulary
+/// strings do).
+pub fn tokenize_pair(
+    ds: &Dataset,
+    tok: &Tokenizer,
+    teacher: &Tokenizer,
+    max_len: usize,
+    policy: Truncation,
+) -> Result<(Vec<Sample>, TokenizeReport)> {
+    let mut rep = TokenizeReport {
+        records: ds.records.len(),
+        ..Default::default()
+    };
+    let mut out = Vec::with_capacity(ds.records.len());
+    for r in &ds.records {
+        let messages = &r.conversation.messages;
+        let (enc, turns) = tok.encode_chat_turns(messages)?;
+        let (tenc, tturns) = teacher.encode_chat_turns(messages)?;
+        let alignment = crate::xtok::align_chat(&turns, &tturns, |a, b| {
+            let s = tok.inner().id_to_token(enc.ids[a]);
+            s.is_some() && s == teacher.inner().id_to_token(tenc.ids[b])
+        })?;
+        let keep = tenc.ids.len().min(max_len);
+        let side = crate::xtok::TeacherSide {
+            sample: Sample {
+                id: r.id.clone(),
+                ids: tenc.ids[..keep].to_vec(),
+                loss_mask: tenc.loss_mask[..keep].to_vec(),
+                teacher: None,
+            },
+            alignment,
+        };
+        let mut s = Sample {
+            id: r.id.clone(),
+            ids: enc.ids,
+            loss_mask: enc.loss_mask,
+            teacher: Some(std::sync::Arc::new(side)),
         };
         rep.max_len_seen = rep.max_len_seen.max(s.ids.len());
         if !apply_truncation(&mut s, max_len, policy, &mut rep) {
@@ -222,6 +278,7 @@ pub fn collate(samples: &[&Sample], pad_id: u32, device: &Device) -> Result<Micr
         loss_tokens: n,
         real_tokens,
         sparse: None,
+        cross: None,
     })
 }
 
@@ -251,6 +308,7 @@ mod tests {
             id: "s".into(),
             ids: ids.to_vec(),
             loss_mask: mask.to_vec(),
+            teacher: None,
         }
     }
 

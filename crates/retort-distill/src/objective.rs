@@ -50,6 +50,9 @@ pub struct Objective {
     /// recompute the layer in backward (one more forward of the decoder, a fraction of the
     /// activation memory). The gradients are those of the plain backward.
     pub checkpoint_layers: bool,
+    /// Cross-tokenizer KD ([`crate::xtok::loss`]): the KD term compares aligned groups, whose
+    /// targets the micro-batch carries in `cross`.
+    pub cross: Option<crate::xtok::loss::CrossKd>,
 }
 
 /// One micro-batch, ready for the model.
@@ -68,6 +71,9 @@ pub struct MicroBatch {
     /// The teacher's top-k targets at the N loss positions, from a logit cache (already at the
     /// training temperature). When set, KD uses them instead of running the teacher.
     pub sparse: Option<SparseTargets>,
+    /// Cross-tokenizer KD: the aligned groups over the N loss rows, with the teacher's side
+    /// (from [`crate::xtok::targets::online`]).
+    pub cross: Option<Vec<crate::xtok::loss::Group>>,
 }
 
 /// Loss sums of a micro-batch (not normalised): Σ CE and Σ KD (× T²) over its loss tokens.
@@ -187,19 +193,21 @@ fn run(
     if n == 0 {
         return Ok(LossSums::default()); // nothing to learn from: no gradient, no NaN
     }
-    let teacher = match (&obj.kd, teacher, &mb.sparse) {
-        (Some(_), _, Some(_)) => None, // targets from the logit cache
-        (Some(_), Some(t), None) => Some(t),
-        (Some(_), None, None) if backward.is_none() => None, // eval without targets: CE only
-        (Some(_), None, None) => {
+    let precomputed = mb.sparse.is_some() || mb.cross.is_some();
+    let teacher = match (&obj.kd, teacher) {
+        (Some(_), _) if precomputed => None, // targets from the cache or the aligned groups
+        // A cross-tokenizer teacher's logits are over another vocabulary: only its groups serve.
+        (Some(_), Some(t)) if obj.cross.is_none() => Some(t),
+        (Some(_), _) if backward.is_none() => None, // eval without targets: CE only
+        (Some(_), _) => {
             return Err(Error::invalid(
                 "the KD objective needs a teacher",
                 "set `teacher` in the recipe, or use `method = \"sft\"`",
             ));
         }
-        (None, _, _) => None,
+        (None, _) => None,
     };
-    let has_kd = obj.kd.is_some() && (teacher.is_some() || mb.sparse.is_some());
+    let has_kd = obj.kd.is_some() && (teacher.is_some() || precomputed);
     let layered = if obj.checkpoint_layers && backward.is_some() {
         Some(Layered::forward(student, &mb.ids)?)
     } else {
@@ -227,7 +235,7 @@ fn run(
     let mut hidden_grads = Vec::with_capacity(n.div_ceil(chunk));
     let mut start = 0;
     while start < n {
-        let len = chunk.min(n - start);
+        let len = chunk_len(mb, start, chunk.min(n - start));
         let hv = Var::from_tensor(&h.narrow(0, start, len)?)?; // (n, C) leaf
         let s_logits = narrow_vocab(student.lm_head(hv.as_tensor())?, obj.vocab_limit)?; // (n, V)
         let scale = backward.as_ref().map_or(1.0, |(n, _)| 1.0 / *n);
@@ -262,6 +270,22 @@ fn run(
         }
     }
     Ok(sums)
+}
+
+/// Rows of the chunk from `start` (at most `len`), ended at a group boundary when the batch has
+/// cross-tokenizer groups: a group's rows are in one chunk (its loss couples them). A group
+/// longer than the chunk gets a chunk of its own.
+fn chunk_len(mb: &MicroBatch, start: usize, len: usize) -> usize {
+    let Some(groups) = &mb.cross else { return len };
+    let end = start + len;
+    match groups
+        .iter()
+        .find(|g| g.rows.start < end && end < g.rows.end)
+    {
+        Some(g) if g.rows.start > start => g.rows.start - start,
+        Some(g) => g.rows.end - start,
+        None => len,
+    }
 }
 
 /// A forward pass that kept only each decoder layer's input (activation checkpointing).
@@ -339,6 +363,29 @@ fn chunk_loss(
     sums: &mut LossSums,
 ) -> Result<Tensor> {
     let targets = mb.targets.narrow(0, start, len)?;
+    if let (Some(k), Some(groups), Some(cross)) = (&obj.kd, &mb.cross, &obj.cross) {
+        let end = start + len;
+        let inside: Vec<crate::xtok::loss::Group> = groups
+            .iter()
+            .filter(|g| g.rows.start >= start && g.rows.end <= end)
+            .map(|g| crate::xtok::loss::Group {
+                rows: g.rows.start - start..g.rows.end - start,
+                teacher: g.teacher.clone(),
+            })
+            .collect();
+        let f = crate::xtok::loss::cross_kd_ce(
+            s_logits,
+            &targets,
+            &inside,
+            cross,
+            k.temperature,
+            k.alpha,
+            scale,
+        )?;
+        sums.ce += f.ce_sum;
+        sums.kd += f.kd_sum;
+        return Ok(f.loss);
+    }
     let fused = match (&obj.kd, t_hidden, teacher) {
         (Some(k), _, _) if mb.sparse.is_some() => {
             let sp = mb.sparse.as_ref().map(|s| s.slice(start, len));

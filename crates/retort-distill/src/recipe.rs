@@ -204,6 +204,17 @@ pub struct Stage {
     pub max_steps: Option<usize>,
     #[serde(default = "default_lr")]
     pub lr: f64,
+    /// KD from a teacher whose tokenizer is not the student's: `"uld"` or `"gold"` (its
+    /// matched tokens compared by `loss`). Needs a live teacher (`[teacher] path`, no `cache`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cross_tokenizer: Option<crate::xtok::loss::CrossLoss>,
+    /// Cross-tokenizer KD: the teacher's top-k per token (the rest is one tail bucket).
+    #[serde(default = "default_cross_top_k")]
+    pub cross_top_k: usize,
+}
+
+fn default_cross_top_k() -> usize {
+    64
 }
 
 fn default_loss() -> Divergence {
@@ -314,6 +325,7 @@ fn hint_for(field: &str) -> &'static str {
         "temperature" => "the KD temperature, usually 1 (softer: 2)",
         "epochs" => "passes over the stage's data, e.g. 1–3",
         "max_steps" => "leave it out to run every epoch",
+        "cross_top_k" => "the teacher's top-k per token for cross-tokenizer KD, e.g. 64",
         _ => "fix the [train] values; recipes/README.md documents each field",
     }
 }
@@ -563,6 +575,7 @@ impl Recipe {
                 checks.push(Check::count(&f("max_steps"), m, 1, usize::MAX));
             }
             checks.push(Check::real(&f("alpha"), st.alpha, Range::Closed(0.0, 1.0)));
+            checks.push(Check::count(&f("cross_top_k"), st.cross_top_k, 1, 4096));
             checks.push(Check::real(
                 &f("temperature"),
                 st.temperature,
@@ -581,6 +594,23 @@ impl Recipe {
                     format!("{at} uses method = \"kd\" but there is no [teacher]"),
                     "add [teacher] path = …, or use method = \"sft\"",
                 );
+            }
+            if st.cross_tokenizer.is_some() {
+                if st.method != Method::Kd {
+                    return err(
+                        format!("{at} sets cross_tokenizer but its method is not \"kd\""),
+                        "cross_tokenizer chooses the KD loss of a kd stage; remove it, or set method = \"kd\"",
+                    );
+                }
+                let t = self.teacher.as_ref();
+                if t.is_some_and(|t| t.cache.is_some()) || t.is_some_and(|t| t.path.is_none()) {
+                    return err(
+                        format!(
+                            "{at}: cross-tokenizer KD runs from a live teacher only (the logit cache stores positions of one tokenizer)"
+                        ),
+                        "give [teacher] a `path` and no `cache` for this recipe",
+                    );
+                }
             }
         }
         Ok(())

@@ -73,6 +73,8 @@ pub struct Plan {
     pub cache: Option<crate::cache::Reader>,
     pub stages: Vec<StagePlan>,
     pub pad_id: u32,
+    /// Padding of the teacher's own tokenization (cross-tokenizer stages).
+    pub teacher_pad_id: u32,
     pub memory: MemoryEstimate,
 }
 
@@ -283,15 +285,39 @@ pub fn prepare(recipe: Recipe, device: &Device) -> Result<Plan> {
         Some(dir) if needs_teacher => Some(Reader::open(dir, teacher_ck.is_some())?),
         _ => None,
     };
+    let same_tokenizer = teacher_ck
+        .as_ref()
+        .is_none_or(|ck| ck.tokenizer.fingerprint() == tokenizer.fingerprint());
+    if let (Some(ck), false) = (&teacher_ck, same_tokenizer)
+        && let Some(st) = recipe
+            .stages
+            .iter()
+            .find(|st| st.method == Method::Kd && st.cross_tokenizer.is_none())
+    {
+        return Err(Error::invalid(
+            format!(
+                "stage `{}`: the student's tokenizer differs from the teacher's (`{}`), and \
+                 token-level KD compares distributions over one vocabulary",
+                st.name,
+                ck.path.display()
+            ),
+            "set `cross_tokenizer = \"gold\"` (or \"uld\") on the stage for cross-tokenizer KD, \
+             use a student of the teacher's family, or use method = \"sft\" on teacher-written data",
+        ));
+    }
     let (teacher_id, vocab_limit) = match (&teacher_ck, needs_teacher) {
         (Some(ck), true) => {
-            let limit = shared_vocab(
-                &student,
-                &tokenizer,
-                ck.config.vocab_size,
-                &ck.tokenizer,
-                &ck.path,
-            )?;
+            let limit = if same_tokenizer {
+                shared_vocab(
+                    &student,
+                    &tokenizer,
+                    ck.config.vocab_size,
+                    &ck.tokenizer,
+                    &ck.path,
+                )?
+            } else {
+                None
+            };
             let id = TeacherId {
                 path: ck.path.clone(),
                 sha256: retort_model::checkpoint::weights_sha256(&ck.path)?,
@@ -307,11 +333,26 @@ pub fn prepare(recipe: Recipe, device: &Device) -> Result<Plan> {
         (None, id) => (id, vocab_limit),
     };
     let pad_id = tokenizer.stop_ids().first().copied().unwrap_or(0);
+    let teacher_pad_id = teacher_ck
+        .as_ref()
+        .and_then(|ck| ck.tokenizer.stop_ids().first().copied())
+        .unwrap_or(0);
+    let vocab_map = match &teacher_ck {
+        Some(ck) if recipe.stages.iter().any(|st| st.cross_tokenizer.is_some()) => {
+            Some(std::sync::Arc::new(crate::xtok::loss::VocabMap::by_string(
+                &ck.tokenizer,
+                &tokenizer,
+            )))
+        }
+        _ => None,
+    };
     let live_teacher = needs_teacher && teacher_ck.is_some();
     let mut stages = Vec::with_capacity(recipe.stages.len());
     for (index, stage) in recipe.stages.iter().enumerate() {
         let data = StageData {
             tokenizer: &tokenizer,
+            teacher_tokenizer: teacher_ck.as_ref().map(|ck| &ck.tokenizer),
+            vocab_map: vocab_map.clone(),
             context,
             cache: cache.as_ref(),
             live_teacher,
@@ -357,6 +398,7 @@ pub fn prepare(recipe: Recipe, device: &Device) -> Result<Plan> {
         cache,
         stages,
         pad_id,
+        teacher_pad_id,
         memory,
     })
 }
@@ -364,6 +406,10 @@ pub fn prepare(recipe: Recipe, device: &Device) -> Result<Plan> {
 /// What every stage's data is checked and planned against.
 struct StageData<'a> {
     tokenizer: &'a Tokenizer,
+    /// The teacher's tokenizer, for cross-tokenizer stages.
+    teacher_tokenizer: Option<&'a Tokenizer>,
+    /// Teacher id → student id of the same string (GOLD).
+    vocab_map: Option<std::sync::Arc<crate::xtok::loss::VocabMap>>,
     /// Longest sample the student and the teacher take.
     context: usize,
     cache: Option<&'a Reader>,
@@ -388,13 +434,37 @@ fn plan_stage(index: usize, stage: &Stage, t: &TrainParams, d: &StageData) -> Re
         skip_invalid: stage.skip_invalid,
     };
     let ds = dataset::read(&stage.data, &opts)?;
-    let (samples, tok_report) = batch::tokenize(&ds, tokenizer, t.max_len, t.truncation)?;
-    batch::check_context(&samples, context, &stage.data, "train.max_len")?;
+    let cross_teacher = match (stage.cross_tokenizer, d.teacher_tokenizer) {
+        (Some(_), Some(tt)) => Some(tt),
+        (Some(_), None) => {
+            return Err(Error::invalid(
+                format!(
+                    "stage `{}`: cross-tokenizer KD needs a live teacher",
+                    stage.name
+                ),
+                "give [teacher] a `path`",
+            ));
+        }
+        (None, _) => None,
+    };
+    let tokenize = |ds: &retort_data::Dataset, src: &Path| -> Result<_> {
+        let (samples, rep) = match cross_teacher {
+            Some(tt) => batch::tokenize_pair(ds, tokenizer, tt, t.max_len, t.truncation)?,
+            None => batch::tokenize(ds, tokenizer, t.max_len, t.truncation)?,
+        };
+        batch::check_context(&samples, context, src, "train.max_len")?;
+        let teacher_sides: Vec<Sample> = samples
+            .iter()
+            .filter_map(|s| s.teacher.as_ref().map(|x| x.sample.clone()))
+            .collect();
+        batch::check_context(&teacher_sides, context, src, "train.max_len")?;
+        Ok((samples, rep))
+    };
+    let (samples, tok_report) = tokenize(&ds, &stage.data)?;
     let (train, eval, eval_source) = match &stage.eval_data {
         Some(p) => {
             let eds = dataset::read(p, &opts)?;
-            let (e, _) = batch::tokenize(&eds, tokenizer, t.max_len, t.truncation)?;
-            batch::check_context(&e, context, p, "train.max_len")?;
+            let (e, _) = tokenize(&eds, p)?;
             (samples, e, p.display().to_string())
         }
         None => {
@@ -461,8 +531,19 @@ fn plan_stage(index: usize, stage: &Stage, t: &TrainParams, d: &StageData) -> Re
         objective: Objective {
             kd,
             chunk_rows: d.chunk_rows,
-            vocab_limit,
+            vocab_limit: if stage.cross_tokenizer.is_some() {
+                None
+            } else {
+                vocab_limit
+            },
             checkpoint_layers: t.activation_checkpointing,
+            cross: stage
+                .cross_tokenizer
+                .map(|loss| crate::xtok::loss::CrossKd {
+                    loss,
+                    div: stage.loss,
+                    map: d.vocab_map.clone(),
+                }),
         },
         train,
         eval,

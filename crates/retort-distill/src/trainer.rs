@@ -528,6 +528,19 @@ impl Run<'_> {
             }
             mb.sparse = targets;
         }
+        if let (Some(kd), Some(_), Some(teacher)) =
+            (&sp.objective.kd, &sp.objective.cross, &self.plan.teacher)
+            && mb.loss_tokens > 0
+        {
+            mb.cross = Some(crate::xtok::targets::online(
+                teacher,
+                samples,
+                self.plan.teacher_pad_id,
+                sp.stage.cross_top_k,
+                kd.temperature,
+                sp.objective.chunk_rows,
+            )?);
+        }
         Ok(mb)
     }
 
@@ -555,7 +568,9 @@ impl Run<'_> {
                 let samples: Vec<&Sample> = chunk.iter().map(|&i| &sp.eval[i]).collect();
                 let mb = self.micro_batch(sp, &samples, false)?;
                 let th = match (&sp.objective.kd, &self.plan.teacher) {
-                    (Some(_), Some(t)) if mb.loss_tokens > 0 && mb.sparse.is_none() => {
+                    (Some(_), Some(t))
+                        if mb.loss_tokens > 0 && mb.sparse.is_none() && mb.cross.is_none() =>
+                    {
                         Some(objective::teacher_hidden(t, &mb)?)
                     }
                     _ => None,

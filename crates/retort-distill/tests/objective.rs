@@ -30,6 +30,7 @@ fn samples(n: usize, vocab: u32, seed: u64) -> Vec<Sample> {
                 id: format!("s{i}"),
                 ids,
                 loss_mask,
+                teacher: None,
             }
         })
         .collect()
@@ -52,6 +53,7 @@ fn kd(div: Divergence) -> Objective {
         chunk_rows: 4,
         vocab_limit: None,
         checkpoint_layers: false,
+        cross: None,
     }
 }
 
@@ -189,6 +191,7 @@ fn activation_checkpointing_gives_the_plain_gradients() {
             let plain = kd(Divergence::ForwardKl);
             let ckpt = Objective {
                 checkpoint_layers: true,
+                cross: None,
                 ..plain.clone()
             };
             let (gp, lp) = grads_of(student, &teacher, &plain, std::slice::from_ref(&mb));

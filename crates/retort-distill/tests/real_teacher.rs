@@ -104,6 +104,7 @@ fn cached_forward_kl_matches_the_online_teacher() {
                 id: format!("c{i}"),
                 ids: enc.ids,
                 loss_mask: enc.loss_mask,
+                teacher: None,
             }
         })
         .collect();
@@ -117,6 +118,7 @@ fn cached_forward_kl_matches_the_online_teacher() {
         chunk_rows: 64,
         vocab_limit: None,
         checkpoint_layers: false,
+        cross: None,
     };
     let mb = batch::collate(&refs, 0, &dev).unwrap();
     let n = mb.loss_tokens as f64;

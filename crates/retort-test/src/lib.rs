@@ -60,13 +60,19 @@ pub const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + messag
 
 /// A word-level tokenizer over [`SPECIALS`] + [`WORDS`], splitting on whitespace.
 pub fn tiny_hf_tokenizer() -> tokenizers::Tokenizer {
+    tiny_hf_tokenizer_with_ids(|i| i)
+}
+
+/// [`tiny_hf_tokenizer`] with the token at position `i` of [`SPECIALS`] + [`WORDS`] given id
+/// `id(i)` (a permutation: another vocabulary order over the same strings).
+pub fn tiny_hf_tokenizer_with_ids(id: impl Fn(usize) -> usize) -> tokenizers::Tokenizer {
     use tokenizers::models::wordlevel::WordLevel;
     use tokenizers::pre_tokenizers::whitespace::WhitespaceSplit;
     let vocab: HashMap<String, u32> = SPECIALS
         .iter()
         .chain(WORDS)
         .enumerate()
-        .map(|(i, w)| (w.to_string(), i as u32))
+        .map(|(i, w)| (w.to_string(), id(i) as u32))
         .collect();
     let model = WordLevel::builder()
         .vocab(vocab.into_iter().collect())
@@ -85,9 +91,14 @@ pub fn tiny_hf_tokenizer() -> tokenizers::Tokenizer {
 
 /// The tiny tokenizer with ChatML and `<|im_end|>` as EOS.
 pub fn tiny_tokenizer() -> Tokenizer {
+    tiny_tokenizer_with_ids(|i| i)
+}
+
+/// [`tiny_tokenizer`] over [`tiny_hf_tokenizer_with_ids`]; `id` must keep the specials in place.
+pub fn tiny_tokenizer_with_ids(id: impl Fn(usize) -> usize) -> Tokenizer {
     let template = ChatTemplate::new(CHATML, "", "<|im_end|>").unwrap();
     Tokenizer::new(
-        tiny_hf_tokenizer(),
+        tiny_hf_tokenizer_with_ids(id),
         Some(template),
         None,
         false,

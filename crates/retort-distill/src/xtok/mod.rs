@@ -80,3 +80,12 @@ pub fn align_chat(
     }
     Ok(out)
 }
+
+/// A conversation in the teacher's tokenization, aligned with the student's
+/// ([`crate::batch::tokenize_pair`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TeacherSide {
+    /// The teacher's ids and loss mask (cut at `max_len`).
+    pub sample: crate::batch::Sample,
+    pub alignment: ChatAlignment,
+}

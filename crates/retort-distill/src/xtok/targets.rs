@@ -6,9 +6,15 @@
 //! the log-probability it gave the token actually there. A group's teacher side is the first
 //! token's top-k and the sum of the later tokens' log-probabilities.
 
+use retort_model::Model;
+
 use super::ChatAlignment;
 use super::loss::{Group, TeacherGroup};
+use crate::batch::{self, Sample};
+use crate::cache::label::loss_positions;
 use crate::cache::topk::{coarse_log_probs, top_k_rows};
+use crate::error::{Error, Result};
+use crate::objective;
 
 /// A teacher's labels of one sequence at its loss positions.
 #[derive(Debug, Clone, PartialEq)]
@@ -100,6 +106,89 @@ pub fn groups(
         .collect();
     out.sort_by_key(|g| g.rows.start);
     out
+}
+
+/// The loss groups of one micro-batch of student `samples` (each carrying its teacher side,
+/// [`crate::batch::tokenize_pair`]) from a live teacher: one forward of the teacher on its own
+/// tokenization, its LM head `chunk_rows` rows at a time (never all of `N × V`), top-`k` at
+/// temperature `t`. Group rows index the micro-batch's loss rows in
+/// [`crate::batch::collate`]'s order.
+pub fn online(
+    teacher: &Model,
+    samples: &[&Sample],
+    pad_id: u32,
+    k: usize,
+    t: f64,
+    chunk_rows: usize,
+) -> Result<Vec<Group>> {
+    let sides = samples
+        .iter()
+        .map(|s| {
+            s.teacher.as_deref().ok_or_else(|| {
+                Error::invalid(
+                    format!("sample `{}` has no teacher tokenization", s.id),
+                    "this is a bug in retort: cross-tokenizer stages tokenize with tokenize_pair",
+                )
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let t_samples: Vec<&Sample> = sides.iter().map(|x| &x.sample).collect();
+    let mb = batch::collate(&t_samples, pad_id, teacher.device())?;
+    let vocab = teacher.config().vocab_size;
+    let k = k.min(vocab);
+    let n = mb.loss_tokens;
+    let targets = mb.targets.to_vec1::<u32>()?;
+    let mut all = TeacherLabels {
+        k,
+        positions: Vec::new(),
+        ids: Vec::with_capacity(n * k),
+        logp: Vec::with_capacity(n * (k + 1)),
+        label_logp: Vec::with_capacity(n),
+    };
+    if n > 0 {
+        let h = objective::teacher_hidden(teacher, &mb)?; // (N, C)
+        let mut start = 0;
+        while start < n {
+            let len = chunk_rows.max(1).min(n - start);
+            let logits = teacher.lm_head(&h.narrow(0, start, len)?)?; // (len, V)
+            let flat = logits.flatten_all()?.to_vec1::<f32>()?;
+            let l = TeacherLabels::from_logits(
+                &flat,
+                vocab,
+                Vec::new(),
+                &targets[start..start + len],
+                k,
+                t,
+            );
+            all.ids.extend(l.ids);
+            all.logp.extend(l.logp);
+            all.label_logp.extend(l.label_logp);
+            start += len;
+        }
+    }
+    let (mut groups, mut t_row, mut s_row) = (Vec::new(), 0, 0);
+    for (s, side) in samples.iter().zip(&sides) {
+        let tpos = loss_positions(&side.sample);
+        let r = tpos.len();
+        let labels = TeacherLabels {
+            k,
+            // Row j predicts the token after loss position p: the token at p + 1.
+            positions: tpos.iter().map(|&p| p as usize + 1).collect(),
+            ids: all.ids[t_row * k..(t_row + r) * k].to_vec(),
+            logp: all.logp[t_row * (k + 1)..(t_row + r) * (k + 1)].to_vec(),
+            label_logp: all.label_logp[t_row..t_row + r].to_vec(),
+        };
+        let spos = loss_positions(s);
+        let row = |tok: usize| {
+            tok.checked_sub(1)
+                .and_then(|p| spos.binary_search(&(p as u32)).ok())
+                .map(|i| s_row + i)
+        };
+        groups.extend(self::groups(&side.alignment, row, &labels));
+        t_row += r;
+        s_row += spos.len();
+    }
+    Ok(groups)
 }
 
 #[cfg(test)]

@@ -1,0 +1,221 @@
+//! Cross-tokenizer KD end to end: a teacher whose vocabulary is the student's in another order
+//! (same strings, permuted ids; its embedding rows permuted to match, so it computes the same
+//! distributions over strings) trained with `cross_tokenizer = "gold"` and the teacher's full
+//! vocabulary as top-k gives the run of same-tokenizer KD from the original teacher: every
+//! token aligns one to one, every teacher token maps to a student token, and GOLD with all
+//! tokens matched is the same-tokenizer loss. And the recipe checks around it.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is a failed test
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use retort_distill::recipe::Recipe;
+use retort_distill::setup::prepare;
+use retort_distill::trainer::{RunOptions, Silent, run};
+use retort_model::Arch;
+use retort_test::{SPECIALS, WORDS, tiny_config, write_chat_data, write_tiny_model};
+
+/// New id of the tiny vocabulary's id `i`: specials stay, words in reverse order.
+fn perm(i: usize) -> usize {
+    let s = SPECIALS.len();
+    if i < s {
+        i
+    } else {
+        s + WORDS.len() - 1 - (i - s)
+    }
+}
+
+/// `dir/permuted`: the model at `src` with the tiny tokenizer's word ids reversed.
+fn permuted_copy(src: &Path, dir: &Path) -> PathBuf {
+    let out = dir.join("permuted");
+    fs_err::create_dir_all(&out).unwrap();
+    for e in fs_err::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        fs_err::copy(e.path(), out.join(e.file_name())).unwrap();
+    }
+    let mut tensors =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let name = "model.embed_tokens.weight";
+    let w = tensors[name].clone();
+    let v = w.dim(0).unwrap();
+    // new[perm(i)] = old[i]  ⇔  new[j] = old[perm⁻¹(j)] = old[perm(j)] (perm is an involution).
+    let idx: Vec<u32> = (0..v).map(|j| perm(j) as u32).collect();
+    let idx = Tensor::new(idx.as_slice(), &Device::Cpu).unwrap();
+    tensors.insert(name.into(), w.index_select(&idx, 0).unwrap());
+    candle_core::safetensors::save(&tensors, out.join("model.safetensors")).unwrap();
+    // The tokenizer: the same strings, permuted ids.
+    let tok = retort_test::tiny_tokenizer_with_ids(perm);
+    tok.save_hf(&out).unwrap();
+    out
+}
+
+fn recipe(
+    root: &Path,
+    name: &str,
+    teacher: &Path,
+    student: &Path,
+    data: &Path,
+    extra: &str,
+) -> PathBuf {
+    let text = format!(
+        r#"
+[teacher]
+path = "{}"
+[student]
+path = "{}"
+[train]
+batch_size = 2
+grad_accum = 2
+max_len = 24
+warmup_ratio = 0.1
+chunk_rows = 5
+[[stages]]
+name = "kd"
+data = "{}"
+method = "kd"
+loss = "forward_kl"
+alpha = 0.5
+temperature = 2.0
+epochs = 1
+lr = 0.01
+{extra}
+"#,
+        teacher.display(),
+        student.display(),
+        data.display()
+    );
+    let p = root.join(name);
+    fs_err::write(&p, text).unwrap();
+    p
+}
+
+fn records(recipe: &Path, out: &Path) -> Vec<serde_json::Value> {
+    let plan = prepare(Recipe::load(recipe, &[]).unwrap(), &Device::Cpu).unwrap();
+    run(
+        &plan,
+        &RunOptions {
+            out: out.to_path_buf(),
+            ..Default::default()
+        },
+        &mut Silent,
+    )
+    .unwrap();
+    fs_err::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn gold_from_a_permuted_vocabulary_teacher_trains_as_same_tokenizer_kd() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let mut cfg = tiny_config(Arch::Llama);
+    cfg.num_hidden_layers = 3;
+    let teacher = write_tiny_model(&root.join("t"), &cfg, 1);
+    cfg.num_hidden_layers = 1;
+    let student = write_tiny_model(&root.join("s"), &cfg, 9);
+    let permuted = permuted_copy(&teacher, root);
+    let data = root.join("d.jsonl");
+    write_chat_data(&data, 10);
+    let v = cfg.vocab_size;
+    let same = recipe(root, "same.toml", &teacher, &student, &data, "");
+    let cross = recipe(
+        root,
+        "cross.toml",
+        &permuted,
+        &student,
+        &data,
+        &format!("cross_tokenizer = \"gold\"\ncross_top_k = {v}"),
+    );
+    let a = records(&same, &root.join("run-same"));
+    let b = records(&cross, &root.join("run-cross"));
+    assert_eq!(a.len(), b.len());
+    let mut steps = 0;
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x["kind"], y["kind"]);
+        for f in ["loss", "ce", "kd", "grad_norm", "nll"] {
+            if let (Some(u), Some(w)) = (x[f].as_f64(), y[f].as_f64()) {
+                assert!(
+                    (u - w).abs() <= 1e-4 * u.abs().max(1.0),
+                    "{} {f}: same tokenizer {u} vs cross {w}",
+                    x["kind"]
+                );
+            }
+        }
+        steps += (x["kind"] == "train" && x["kd"].as_f64().is_some_and(|k| k > 0.0)) as usize;
+    }
+    assert!(steps >= 2, "{steps} KD steps");
+    // The permuted teacher without cross_tokenizer is refused, naming the option.
+    let plain = recipe(root, "plain.toml", &permuted, &student, &data, "");
+    let e = prepare(Recipe::load(&plain, &[]).unwrap(), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("cross_tokenizer"), "{e}");
+    // ULD trains too (no mapping needed) and gives another loss.
+    let uld = recipe(
+        root,
+        "uld.toml",
+        &permuted,
+        &student,
+        &data,
+        "cross_tokenizer = \"uld\"",
+    );
+    let c = records(&uld, &root.join("run-uld"));
+    assert!(c.iter().any(
+        |r| r["kind"] == "train" && r["kd"].as_f64().is_some_and(|k| k.is_finite() && k > 0.0)
+    ));
+}
+
+#[test]
+fn cross_tokenizer_needs_a_kd_stage_and_a_live_teacher() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let cfg = tiny_config(Arch::Llama);
+    let teacher = write_tiny_model(&root.join("t"), &cfg, 1);
+    let data = root.join("d.jsonl");
+    write_chat_data(&data, 4);
+    for (extra, edit, want) in [
+        (
+            "cross_tokenizer = \"gold\"",
+            Some(("[student]", "cache = \"c\"\n[student]")),
+            "live teacher",
+        ),
+        (
+            "cross_tokenizer = \"uld\"\ncross_top_k = 0",
+            None,
+            "cross_top_k",
+        ),
+    ] {
+        let p = recipe(root, "r.toml", &teacher, &teacher, &data, extra);
+        if let Some((from, to)) = edit {
+            let text = fs_err::read_to_string(&p).unwrap().replace(from, to);
+            fs_err::write(&p, text).unwrap();
+        }
+        let e = Recipe::load(&p, &[])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains(want), "{extra}: {e}");
+    }
+    let p = recipe(
+        root,
+        "r.toml",
+        &teacher,
+        &teacher,
+        &data,
+        "cross_tokenizer = \"gold\"",
+    );
+    let text = fs_err::read_to_string(&p)
+        .unwrap()
+        .replace("method = \"kd\"", "method = \"sft\"");
+    fs_err::write(&p, text).unwrap();
+    let e = Recipe::load(&p, &[])
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("not \"kd\""), "{e}");
+}
