@@ -737,7 +737,20 @@ impl Plan {
             let r = &st.report;
             let method = match &st.objective.kd {
                 None => "sft".to_string(),
-                Some(k) => format!("kd {} α={} T={}", k.divergence, k.alpha, k.temperature),
+                Some(k) => match &st.objective.cross {
+                    Some(c) => format!(
+                        "kd across tokenizers ({}, teacher top-{}) {} α={} T={}",
+                        match c.loss {
+                            crate::xtok::loss::CrossLoss::Gold => "gold",
+                            crate::xtok::loss::CrossLoss::Uld => "uld",
+                        },
+                        st.stage.cross_top_k,
+                        k.divergence,
+                        k.alpha,
+                        k.temperature
+                    ),
+                    None => format!("kd {} α={} T={}", k.divergence, k.alpha, k.temperature),
+                },
             };
             let _ = writeln!(
                 s,
