@@ -213,3 +213,30 @@ fn uld_on_a_hand_computed_case() {
     let want = (0.35 - 1.0 / 9.0f64).abs() + (2.0 / 9.0 - 0.15f64).abs();
     assert!((f.kd_sum - want).abs() < 1e-6, "{} vs {want}", f.kd_sum);
 }
+
+#[test]
+fn uld_with_a_teacher_top_k_larger_than_the_student_vocabulary() {
+    // Student V = 3 (uniform), teacher k = 5: p = (0.3, 0.25, 0.2, 0.15, 0.05), tail 0.05. The
+    // teacher's 4th and 5th entries join its tail: (0.3, 0.25, 0.2 | 0.25) against (⅓, ⅓, ⅓ | 0).
+    let z = Tensor::zeros((1, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let y = Tensor::new(&[0u32], &Device::Cpu).unwrap();
+    let p = [0.3f32, 0.25, 0.2, 0.15, 0.05, 0.05];
+    let g = Group {
+        rows: 0..1,
+        teacher: TeacherGroup {
+            ids: vec![7, 8, 9, 10, 11],
+            logp: p.iter().map(|x| x.ln()).collect(),
+            rest_logp: 0.0,
+            single: true,
+        },
+    };
+    let kd = CrossKd {
+        loss: CrossLoss::Uld,
+        div: Divergence::ForwardKl,
+        map: None,
+    };
+    let f = cross_kd_ce(&z, &y, &[g], &kd, 1.0, 1.0, 1.0).unwrap();
+    let third = 1.0 / 3.0f64;
+    let want = (third - 0.3) + (third - 0.25) + (third - 0.2) + 0.25;
+    assert!((f.kd_sum - want).abs() < 1e-6, "{} vs {want}", f.kd_sum);
+}

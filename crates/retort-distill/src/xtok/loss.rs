@@ -253,8 +253,11 @@ impl Op {
             .map(|&c| (t.logp[c] as f64).exp() * et)
             .collect();
         tv.sort_by(|a, b| b.total_cmp(a));
-        tv.push((t.logp[k] as f64).exp() * et);
         let top = top_n(z1, valid.len(), &[]);
+        // A student vocabulary smaller than the teacher's k: the teacher's extra entries join
+        // its tail, so both vectors are `top.len() + 1` long.
+        let extra: f64 = tv.drain(top.len()..).sum();
+        tv.push((t.logp[k] as f64).exp() * et + extra);
         let q: Vec<f64> = top.iter().map(|&a| self.lq(z1, st1, a).exp()).collect();
         let mut u: Vec<f64> = q.iter().map(|x| x * es).collect();
         u.push((1.0 - q.iter().sum::<f64>()).max(0.0) * es);
