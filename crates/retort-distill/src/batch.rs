@@ -105,29 +105,15 @@ pub fn tokenize(
     max_len: usize,
     policy: Truncation,
 ) -> Result<(Vec<Sample>, TokenizeReport)> {
-    let mut rep = TokenizeReport {
-        records: ds.records.len(),
-        ..Default::default()
-    };
-    let mut out = Vec::with_capacity(ds.records.len());
-    for r in &ds.records {
+    collect(ds, max_len, policy, |r| {
         let enc = tok.encode_chat(&r.conversation.messages)?;
-        let mut s = Sample {
+        Ok(Sample {
             id: r.id.clone(),
             ids: enc.ids,
             loss_mask: enc.loss_mask,
             teacher: None,
-        };
-        rep.max_len_seen = rep.max_len_seen.max(s.ids.len());
-        if !apply_truncation(&mut s, max_len, policy, &mut rep) {
-            continue;
-        }
-        rep.tokens += s.ids.len();
-        rep.loss_tokens += s.loss_tokens();
-        out.push(s);
-    }
-    rep.samples = out.len();
-    Ok((out, rep))
+        })
+    })
 }
 
 /// [`tokenize`] with the student's tokenizer `tok`, each sample also carrying the conversation
@@ -141,12 +127,7 @@ pub fn tokenize_pair(
     max_len: usize,
     policy: Truncation,
 ) -> Result<(Vec<Sample>, TokenizeReport)> {
-    let mut rep = TokenizeReport {
-        records: ds.records.len(),
-        ..Default::default()
-    };
-    let mut out = Vec::with_capacity(ds.records.len());
-    for r in &ds.records {
+    collect(ds, max_len, policy, |r| {
         let messages = &r.conversation.messages;
         let (enc, turns) = tok.encode_chat_turns(messages)?;
         let (tenc, tturns) = teacher.encode_chat_turns(messages)?;
@@ -164,12 +145,29 @@ pub fn tokenize_pair(
             },
             alignment,
         };
-        let mut s = Sample {
+        Ok(Sample {
             id: r.id.clone(),
             ids: enc.ids,
             loss_mask: enc.loss_mask,
             teacher: Some(std::sync::Arc::new(side)),
-        };
+        })
+    })
+}
+
+/// Every record of `ds` through `encode`, truncated by `policy` and counted.
+fn collect(
+    ds: &Dataset,
+    max_len: usize,
+    policy: Truncation,
+    mut encode: impl FnMut(&retort_data::Record) -> Result<Sample>,
+) -> Result<(Vec<Sample>, TokenizeReport)> {
+    let mut rep = TokenizeReport {
+        records: ds.records.len(),
+        ..Default::default()
+    };
+    let mut out = Vec::with_capacity(ds.records.len());
+    for r in &ds.records {
+        let mut s = encode(r)?;
         rep.max_len_seen = rep.max_len_seen.max(s.ids.len());
         if !apply_truncation(&mut s, max_len, policy, &mut rep) {
             continue;

@@ -12,20 +12,10 @@ use retort_distill::cache::topk::{coarse_log_probs, top_k_rows};
 use retort_distill::sparse::{SparseTargets, sparse_kd_ce};
 use retort_distill::xtok::loss::{CrossKd, CrossLoss, Group, TeacherGroup, VocabMap, cross_kd_ce};
 
-fn randn(seed: u64, n: usize, v: usize, std: f32) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n * v)
-        .map(|_| {
-            let mut s = 0f32;
-            for _ in 0..4 {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                s += (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-            }
-            s * std * 1.7
-        })
-        .collect()
+/// `(n, v)` seeded logits, uniform in [-3, 3) (`retort_test::random_logits`), as a flat vec.
+fn logits(seed: u64, n: usize, v: usize) -> Vec<f32> {
+    let t = retort_test::random_logits(seed, n, v);
+    t.flatten_all().unwrap().to_vec1().unwrap()
 }
 
 /// Top-k targets of teacher logits `(n, v)` at temperature `t`.
@@ -64,8 +54,8 @@ fn grad(loss: &Tensor, x: &Var) -> Vec<f32> {
 #[test]
 fn gold_with_one_tokenizer_equals_the_sparse_loss_in_value_and_gradient() {
     let (n, v, k) = (6, 40, 8);
-    let z = randn(1, n, v, 2.0);
-    let t = randn(2, n, v, 2.5);
+    let z = logits(1, n, v);
+    let t = logits(2, n, v);
     let y = Tensor::new(&[0u32, 5, 39, 3, 3, 17], &Device::Cpu).unwrap();
     let map = Some(Arc::new(VocabMap::identity(v)));
     for div in [
@@ -146,8 +136,8 @@ fn uld_and_gold_gradients_match_finite_differences() {
     // Rows 0 | 1..3 (a two-token student group) | 3 (GOLD: some teacher tokens unmatched) |
     // 4 (no group: CE only) | 5..8 (three tokens against a teacher group of several).
     let (n, vs, vt, k) = (8, 12, 15, 4);
-    let z = randn(3, n, vs, 2.0);
-    let t = randn(4, n, vt, 2.0);
+    let z = logits(3, n, vs);
+    let t = logits(4, n, vt);
     let y = Tensor::new(&[1u32, 4, 7, 2, 0, 11, 3, 9], &Device::Cpu).unwrap();
     // Teacher ids 0..12 map to student ids reversed; 12..15 have no student counterpart.
     let map = VocabMap(
