@@ -44,7 +44,7 @@ pub enum CrossLoss {
     Gold,
 }
 
-/// Teacher id → the student id of the same token string ([`NONE`] where the student has none).
+/// Teacher id → the student id of the same token string ([`codec::NONE`](crate::cache::codec::NONE) where the student has none).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VocabMap(pub Vec<u32>);
 
@@ -78,7 +78,7 @@ impl VocabMap {
 /// The teacher's side of one group.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TeacherGroup {
-    /// Top-k ids at the group's first teacher token, in the teacher's vocabulary ([`NONE`] for
+    /// Top-k ids at the group's first teacher token, in the teacher's vocabulary ([`codec::NONE`](crate::cache::codec::NONE) for
     /// entries dropped at labelling).
     pub ids: Vec<u32>,
     /// `k + 1` coarse log-probs at temperature T, the tail bucket last.
