@@ -69,24 +69,11 @@ impl RowLoss {
     where
         F: Fn(usize, &[f32], &mut [f32], &mut [bool]) -> (f64, f64) + Sync,
     {
-        let CpuStorage::F32(z) = storage else {
-            candle_core::bail!("{what}: student logits must be f32");
-        };
-        let Some((a, b)) = layout.contiguous_offsets() else {
-            candle_core::bail!("{what}: student logits must be contiguous");
-        };
-        let (grad, ce, kd) = rows_in_parallel(&z[a..b], rows, vocab, row);
-        let loss = self.mix.loss(ce, kd) * self.scale as f64;
-        if let Ok(mut g) = self.grad.lock() {
-            *g = Some(grad);
-        }
-        if let Ok(mut s) = self.sums.lock() {
-            *s = (ce, kd);
-        }
-        Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
+        self.forward_whole(what, (storage, layout), (rows, vocab), |z| {
+            rows_in_parallel(z, rows, vocab, &row)
+        })
     }
 
-    /// The op's backward: the gradient kept by [`Self::forward`].
     /// [`Self::forward`] for losses that couple rows: `whole(z)` returns the gradient of all
     /// rows (already scaled) and the CE and KD sums.
     pub fn forward_whole<F>(
@@ -119,6 +106,7 @@ impl RowLoss {
         Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
     }
 
+    /// The op's backward: the gradient kept by [`Self::forward`] or [`Self::forward_whole`].
     pub fn backward(&self, arg: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
         stored_grad(&self.grad, arg, grad_res)
     }
