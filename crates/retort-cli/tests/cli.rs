@@ -554,9 +554,17 @@ fn label_killed_with_sigkill_resumes_with_every_sample_exactly_once() {
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().to_string())
-        .filter(|n| !n.starts_with("shard-") && n != "manifest.json")
+        .filter(|n| !n.starts_with("shard-") && n != "manifest.json" && n != "tokenizer")
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+    // The teacher's tokenizer files (format 2) are there whole.
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        assert_eq!(
+            fs_err::read(once.join("tokenizer").join(f)).unwrap(),
+            fs_err::read(killed.join("tokenizer").join(f)).unwrap(),
+            "{f}"
+        );
+    }
 }
 
 /// Rows of the synth ledger's `requests` table (0 while the file does not exist yet).

@@ -105,7 +105,8 @@ fn main() {
     let mut b = ShardBuilder::default();
     for (i, (s, t)) in samples.iter().zip(&labels).enumerate() {
         let key = sample_key(&s.ids, &s.loss_mask);
-        b.push_topk(key, i as u32, t, Codec::Q8, vocab).unwrap();
+        b.push_topk(key, i as u32, t, Codec::Q8, vocab, FORMAT_VERSION)
+            .unwrap();
     }
     let bytes = b.finish();
     write_atomic(&dir.path().join(shard_name(0)), &bytes).unwrap();
@@ -121,6 +122,8 @@ fn main() {
             vocab_size: vocab,
         },
         tokenizer_fingerprint: String::new(),
+        tokenizer: None,
+        offsets: false,
         dataset: DatasetInfo {
             path: "synthetic".into(),
             sha256: String::new(),

@@ -10,7 +10,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use retort_data::Dataset;
-use retort_model::Tokenizer;
+use retort_model::{Tokenizer, TurnTokens};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
@@ -144,6 +144,7 @@ pub fn tokenize_pair(
                 teacher: None,
             },
             alignment,
+            turns: tturns,
         };
         Ok(Sample {
             id: r.id.clone(),
@@ -154,6 +155,30 @@ pub fn tokenize_pair(
     })
 }
 
+/// A sample with its trained turns' tokens and byte offsets.
+pub type SampleTurns = (Sample, Vec<TurnTokens>);
+
+/// [`tokenize`], each sample with its trained turns' tokens and byte offsets
+/// ([`Tokenizer::encode_chat_turns`]; positions index the whole conversation, before any cut).
+/// Fails where the chat template rewrites an answer's content.
+pub fn tokenize_turns(
+    ds: &Dataset,
+    tok: &Tokenizer,
+    max_len: usize,
+    policy: Truncation,
+) -> Result<(Vec<SampleTurns>, TokenizeReport)> {
+    collect_with(ds, max_len, policy, |r| {
+        let (enc, turns) = tok.encode_chat_turns(&r.conversation.messages)?;
+        let s = Sample {
+            id: r.id.clone(),
+            ids: enc.ids,
+            loss_mask: enc.loss_mask,
+            teacher: None,
+        };
+        Ok((s, turns))
+    })
+}
+
 /// Every record of `ds` through `encode`, truncated by `policy` and counted.
 fn collect(
     ds: &Dataset,
@@ -161,20 +186,31 @@ fn collect(
     policy: Truncation,
     mut encode: impl FnMut(&retort_data::Record) -> Result<Sample>,
 ) -> Result<(Vec<Sample>, TokenizeReport)> {
+    let (v, rep) = collect_with(ds, max_len, policy, |r| Ok((encode(r)?, ())))?;
+    Ok((v.into_iter().map(|(s, ())| s).collect(), rep))
+}
+
+/// [`collect`] with something `X` kept beside each sample.
+fn collect_with<X>(
+    ds: &Dataset,
+    max_len: usize,
+    policy: Truncation,
+    mut encode: impl FnMut(&retort_data::Record) -> Result<(Sample, X)>,
+) -> Result<(Vec<(Sample, X)>, TokenizeReport)> {
     let mut rep = TokenizeReport {
         records: ds.records.len(),
         ..Default::default()
     };
     let mut out = Vec::with_capacity(ds.records.len());
     for r in &ds.records {
-        let mut s = encode(r)?;
+        let (mut s, x) = encode(r)?;
         rep.max_len_seen = rep.max_len_seen.max(s.ids.len());
         if !apply_truncation(&mut s, max_len, policy, &mut rep) {
             continue;
         }
         rep.tokens += s.ids.len();
         rep.loss_tokens += s.loss_tokens();
-        out.push(s);
+        out.push((s, x));
     }
     rep.samples = out.len();
     Ok((out, rep))

@@ -205,7 +205,8 @@ pub struct Stage {
     #[serde(default = "default_lr")]
     pub lr: f64,
     /// KD from a teacher whose tokenizer is not the student's: `"uld"` or `"gold"` (its
-    /// matched tokens compared by `loss`). Needs a live teacher (`[teacher] path`, no `cache`).
+    /// matched tokens compared by `loss`). The teacher is live (`[teacher] path`), or a logit
+    /// cache of format 2, or both (hybrid).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cross_tokenizer: Option<crate::xtok::loss::CrossLoss>,
     /// Cross-tokenizer KD: the teacher's top-k per token (the rest is one tail bucket).
@@ -595,22 +596,11 @@ impl Recipe {
                     "add [teacher] path = …, or use method = \"sft\"",
                 );
             }
-            if st.cross_tokenizer.is_some() {
-                if st.method != Method::Kd {
-                    return err(
-                        format!("{at} sets cross_tokenizer but its method is not \"kd\""),
-                        "cross_tokenizer chooses the KD loss of a kd stage; remove it, or set method = \"kd\"",
-                    );
-                }
-                let t = self.teacher.as_ref();
-                if t.is_some_and(|t| t.cache.is_some()) || t.is_some_and(|t| t.path.is_none()) {
-                    return err(
-                        format!(
-                            "{at}: cross-tokenizer KD runs from a live teacher only (the logit cache stores positions of one tokenizer)"
-                        ),
-                        "give [teacher] a `path` and no `cache` for this recipe",
-                    );
-                }
+            if st.cross_tokenizer.is_some() && st.method != Method::Kd {
+                return err(
+                    format!("{at} sets cross_tokenizer but its method is not \"kd\""),
+                    "cross_tokenizer chooses the KD loss of a kd stage; remove it, or set method = \"kd\"",
+                );
             }
         }
         Ok(())

@@ -285,9 +285,44 @@ pub fn prepare(recipe: Recipe, device: &Device) -> Result<Plan> {
         Some(dir) if needs_teacher => Some(Reader::open(dir, teacher_ck.is_some())?),
         _ => None,
     };
+    // Cross-tokenizer stages align with the teacher's tokenizer: the live teacher's, else the
+    // one a format-2 cache stores.
+    let any_cross = recipe
+        .stages
+        .iter()
+        .any(|st| st.method == Method::Kd && st.cross_tokenizer.is_some());
+    let cache_tokenizer = match (&cache, any_cross) {
+        (Some(c), true) => Some(c.teacher_tokenizer()?),
+        _ => None,
+    };
+    let teacher_tokenizer = teacher_ck
+        .as_ref()
+        .map(|ck| &ck.tokenizer)
+        .or(cache_tokenizer.as_ref());
+    if let (Some(ck), Some(c)) = (&teacher_ck, &cache)
+        && ck.tokenizer.fingerprint() != c.manifest.tokenizer_fingerprint
+    {
+        return Err(Error::invalid(
+            format!(
+                "logit cache `{}` was labelled with another tokenizer than the teacher's (`{}`)",
+                c.dir.display(),
+                ck.path.display()
+            ),
+            format!(
+                "point [teacher] path at the cache's teacher, or relabel: {}",
+                c.manifest.command
+            ),
+        ));
+    }
     let same_tokenizer = teacher_ck
         .as_ref()
         .is_none_or(|ck| ck.tokenizer.fingerprint() == tokenizer.fingerprint());
+    // Stages that compare distributions over one vocabulary (a cache-only teacher's tokenizer
+    // is checked with the cache, `cache_identity`).
+    let one_vocabulary = recipe
+        .stages
+        .iter()
+        .any(|st| st.method == Method::Kd && st.cross_tokenizer.is_none());
     if let (Some(ck), false) = (&teacher_ck, same_tokenizer)
         && let Some(st) = recipe
             .stages
@@ -329,7 +364,7 @@ pub fn prepare(recipe: Recipe, device: &Device) -> Result<Plan> {
         _ => (None, None),
     };
     let (teacher_id, vocab_limit) = match (&cache, teacher_id) {
-        (Some(c), id) => cache_identity(c, id, &student, &tokenizer)?,
+        (Some(c), id) => cache_identity(c, id, &student, &tokenizer, one_vocabulary)?,
         (None, id) => (id, vocab_limit),
     };
     let pad_id = tokenizer.stop_ids().first().copied().unwrap_or(0);
@@ -337,13 +372,10 @@ pub fn prepare(recipe: Recipe, device: &Device) -> Result<Plan> {
         .as_ref()
         .and_then(|ck| ck.tokenizer.stop_ids().first().copied())
         .unwrap_or(0);
-    let vocab_map = match &teacher_ck {
-        Some(ck) if recipe.stages.iter().any(|st| st.cross_tokenizer.is_some()) => {
-            Some(std::sync::Arc::new(crate::xtok::loss::VocabMap::by_string(
-                &ck.tokenizer,
-                &tokenizer,
-            )))
-        }
+    let vocab_map = match teacher_tokenizer {
+        Some(tt) if any_cross => Some(std::sync::Arc::new(crate::xtok::loss::VocabMap::by_string(
+            tt, &tokenizer,
+        ))),
         _ => None,
     };
     let live_teacher = needs_teacher && teacher_ck.is_some();
@@ -351,7 +383,7 @@ pub fn prepare(recipe: Recipe, device: &Device) -> Result<Plan> {
     for (index, stage) in recipe.stages.iter().enumerate() {
         let data = StageData {
             tokenizer: &tokenizer,
-            teacher_tokenizer: teacher_ck.as_ref().map(|ck| &ck.tokenizer),
+            teacher_tokenizer,
             vocab_map: vocab_map.clone(),
             context,
             cache: cache.as_ref(),
@@ -439,10 +471,11 @@ fn plan_stage(index: usize, stage: &Stage, t: &TrainParams, d: &StageData) -> Re
         (Some(_), None) => {
             return Err(Error::invalid(
                 format!(
-                    "stage `{}`: cross-tokenizer KD needs a live teacher",
+                    "stage `{}`: cross-tokenizer KD needs the teacher's tokenizer",
                     stage.name
                 ),
-                "give [teacher] a `path`",
+                "give [teacher] a `path` (a live teacher), or a `cache` labelled by this retort \
+                 (format 2 stores the teacher's tokenizer)",
             ));
         }
         (None, _) => None,
@@ -509,6 +542,7 @@ fn plan_stage(index: usize, stage: &Stage, t: &TrainParams, d: &StageData) -> Re
             &train,
             &eval,
             live_teacher,
+            stage.cross_tokenizer.is_some(),
         )?),
         _ => None,
     };
@@ -554,15 +588,19 @@ fn plan_stage(index: usize, stage: &Stage, t: &TrainParams, d: &StageData) -> Re
 }
 
 /// The teacher's identity and the compared vocabulary when KD reads a cache: the cache must
-/// come from the live teacher (hybrid) and share the student's tokenizer.
+/// come from the live teacher (hybrid) and, when some KD stage compares one vocabulary
+/// (`one_vocabulary`, not across tokenizers), share the student's tokenizer.
 fn cache_identity(
     c: &Reader,
     live: Option<TeacherId>,
     student: &Model,
     tokenizer: &Tokenizer,
+    one_vocabulary: bool,
 ) -> Result<(Option<TeacherId>, Option<usize>)> {
     let m = &c.manifest;
-    c.check_matches(&tokenizer.fingerprint(), None)?;
+    if one_vocabulary {
+        c.check_matches(&tokenizer.fingerprint(), None)?;
+    }
     if let Some(id) = &live
         && id.sha256 != m.teacher.sha256
     {
@@ -582,7 +620,7 @@ fn cache_identity(
         ));
     }
     let (vs, vt) = (student.config().vocab_size, m.teacher.vocab_size);
-    let limit = if vs == vt {
+    let limit = if !one_vocabulary || vs == vt {
         None
     } else if tokenizer.vocab_size() <= vs.min(vt) {
         Some(vs.min(vt))
@@ -601,8 +639,9 @@ fn cache_identity(
     Ok((Some(id), limit))
 }
 
-/// How many of a KD stage's samples the cache holds. Without a live teacher every training
-/// sample must be there and the data must be the labelled file.
+/// How many of a KD stage's samples the cache holds (across tokenizers: their teacher sides,
+/// where one without loss tokens needs nothing). Without a live teacher every training sample
+/// must be there and the data must be the labelled file.
 fn cache_coverage(
     c: &Reader,
     stage: &str,
@@ -610,12 +649,16 @@ fn cache_coverage(
     train: &[Sample],
     eval: &[Sample],
     hybrid: bool,
+    cross: bool,
 ) -> Result<(usize, usize)> {
-    let hits = |v: &[Sample]| {
-        v.iter()
-            .filter(|s| c.contains(&crate::cache::sample_key(&s.ids, &s.loss_mask)))
-            .count()
+    let held = |s: &Sample| match (&s.teacher, cross) {
+        (Some(side), true) => {
+            let t = &side.sample;
+            t.loss_tokens() == 0 || c.contains(&crate::cache::sample_key(&t.ids, &t.loss_mask))
+        }
+        _ => c.contains(&crate::cache::sample_key(&s.ids, &s.loss_mask)),
     };
+    let hits = |v: &[Sample]| v.iter().filter(|s| held(s)).count();
     let (tr, ev) = (hits(train), hits(eval));
     if !hybrid {
         c.check_matches(&c.manifest.tokenizer_fingerprint, Some(data_sha256))?;
@@ -744,7 +787,10 @@ impl Plan {
                             crate::xtok::loss::CrossLoss::Gold => "gold",
                             crate::xtok::loss::CrossLoss::Uld => "uld",
                         },
-                        st.stage.cross_top_k,
+                        // From a cache, the teacher's top-k is the labelled one.
+                        self.cache
+                            .as_ref()
+                            .map_or(st.stage.cross_top_k, |c| c.manifest.k),
                         k.divergence,
                         k.alpha,
                         k.temperature

@@ -505,7 +505,9 @@ impl Run<'_> {
     /// Training needs targets for every sample; evaluation without them reports NLL only.
     fn micro_batch(&self, sp: &StagePlan, samples: &[&Sample], train: bool) -> Result<MicroBatch> {
         let mut mb = batch::collate(samples, self.plan.pad_id, self.plan.student.device())?;
-        if let (Some(cache), Some(kd)) = (&self.plan.cache, &sp.objective.kd) {
+        if let (Some(cache), Some(kd), None) =
+            (&self.plan.cache, &sp.objective.kd, &sp.objective.cross)
+        {
             let (targets, prov) = targets::for_samples(
                 cache,
                 self.plan.teacher.as_ref(),
@@ -528,18 +530,42 @@ impl Run<'_> {
             }
             mb.sparse = targets;
         }
-        if let (Some(kd), Some(_), Some(teacher)) =
-            (&sp.objective.kd, &sp.objective.cross, &self.plan.teacher)
+        if let (Some(kd), Some(_)) = (&sp.objective.kd, &sp.objective.cross)
             && mb.loss_tokens > 0
         {
-            mb.cross = Some(crate::xtok::targets::online(
-                teacher,
-                samples,
-                self.plan.teacher_pad_id,
-                sp.stage.cross_top_k,
-                kd.temperature,
-                sp.objective.chunk_rows,
-            )?);
+            let from_cache = match &self.plan.cache {
+                Some(c) => crate::xtok::targets::cached(c, samples, kd.temperature)?,
+                None => None,
+            };
+            mb.cross = match (from_cache, &self.plan.teacher) {
+                (Some(g), _) => Some(g),
+                (None, Some(teacher)) => Some(crate::xtok::targets::online(
+                    teacher,
+                    samples,
+                    self.plan.teacher_pad_id,
+                    // Hybrid: the live teacher fills in with the cache's k.
+                    self.plan
+                        .cache
+                        .as_ref()
+                        .map_or(sp.stage.cross_top_k, |c| c.manifest.k),
+                    kd.temperature,
+                    sp.objective.chunk_rows,
+                )?),
+                (None, None) if train => {
+                    let hint = self.plan.cache.as_ref().map_or_else(
+                        || "give [teacher] a `path` or a `cache`".to_string(),
+                        |c| format!("relabel: {}", c.manifest.command),
+                    );
+                    return Err(Error::invalid(
+                        format!(
+                            "training samples of stage `{}` have no teacher labels",
+                            sp.stage.name
+                        ),
+                        hint,
+                    ));
+                }
+                (None, None) => None,
+            };
         }
         Ok(mb)
     }

@@ -412,3 +412,88 @@ fn guards_refuse_mismatched_or_damaged_caches_with_the_rebuild_command() {
         "{e}"
     );
 }
+
+/// `dst`: the format-2 cache `src` rewritten as retort wrote format 1 (no label log-probs, no
+/// turns, no tokenizer files, a manifest without the new fields).
+fn as_format_1(src: &Path, dst: &Path) {
+    use retort_distill::cache::codec;
+    use retort_distill::cache::shard::{Entry, ShardBuilder};
+    let r = Reader::open(src, false).unwrap();
+    let mut m = r.manifest.clone();
+    fs_err::create_dir_all(dst).unwrap();
+    for (si, s) in m.shards.iter_mut().enumerate() {
+        let mut b = ShardBuilder::default();
+        for (e, t) in r.shard_entries(si).unwrap() {
+            let (block, raw_len) =
+                codec::encode(&t, m.encoding.codec, m.teacher.vocab_size, 1).unwrap();
+            b.push(
+                Entry {
+                    raw_len: raw_len as u32,
+                    ..e
+                },
+                &block,
+            );
+        }
+        let bytes = b.finish();
+        fs_err::write(dst.join(&s.file), &bytes).unwrap();
+        s.bytes = bytes.len() as u64;
+        s.sha256 = retort_data::files::sha256_hex(&bytes);
+    }
+    m.format_version = 1;
+    let mut json = serde_json::to_value(&m).unwrap();
+    let o = json.as_object_mut().unwrap();
+    assert!(o.remove("tokenizer").is_some() && o.remove("offsets").is_some());
+    fs_err::write(
+        dst.join("manifest.json"),
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .unwrap();
+}
+
+/// Caches written before format 2 keep loading: same-tokenizer training from a format-1 copy
+/// equals training from the format-2 original, and resuming a format-1 cache with this retort
+/// is refused (its blocks would mix formats).
+#[test]
+fn format_1_caches_keep_loading() {
+    let fx = fixture();
+    let m = label_ok(&opts(&fx, "v2", 8, Codec::Q8));
+    assert_eq!(m.format_version, 2);
+    assert!(fx.root.join("v2/tokenizer/tokenizer.json").exists());
+    let v1 = fx.root.join("v1");
+    as_format_1(&fx.root.join("v2"), &v1);
+    let old = Reader::open(&v1, false).unwrap();
+    assert_eq!(old.manifest.format_version, 1);
+    assert!(!old.manifest.serves_any_tokenizer());
+    let e = old.teacher_tokenizer().unwrap_err().to_string();
+    assert!(e.contains("format 1") && e.contains("retort label"), "{e}");
+    let t = format!("path = \"{}\"", fx.teacher.display());
+    let runs: Vec<Vec<serde_json::Value>> = ["v2", "v1"]
+        .iter()
+        .map(|c| {
+            let r = recipe(
+                &fx,
+                &format!("{t}\ncache = \"{}\"", fx.root.join(c).display()),
+                "num_layers = 2",
+                &format!("{c}.toml"),
+            );
+            train_records(&r, &fx.root.join(format!("run-{c}")))
+        })
+        .collect();
+    assert_eq!(runs[0].len(), runs[1].len());
+    assert!(
+        runs[1]
+            .iter()
+            .any(|r| r["kind"] == "train" && r["kd"].as_f64().is_some())
+    );
+    for (x, y) in runs[0].iter().zip(&runs[1]) {
+        for f in ["loss", "kd", "grad_norm"] {
+            assert_eq!(x[f], y[f], "{f}");
+        }
+    }
+    let mut resume = opts(&fx, "v1", 8, Codec::Q8);
+    resume.out = v1;
+    let e = label(&resume, &AtomicBool::new(false), &mut SilentLabel)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("format_version differs"), "{e}");
+}

@@ -73,8 +73,8 @@ fn targets(labels: &[TopK], codec_: Codec, vocab: usize) -> SparseTargets {
         logp: Vec::new(),
     };
     for t in labels {
-        let (block, n) = codec::encode(t, codec_, vocab).unwrap();
-        let d = codec::decode(&block, n, codec_, vocab, k, t.tokens.len(), t.rows()).unwrap();
+        let (block, n) = codec::encode(t, codec_, vocab, 2).unwrap();
+        let d = codec::decode(&block, n, codec_, vocab, k, t.tokens.len(), t.rows(), 2).unwrap();
         out.ids.extend_from_slice(&d.ids);
         out.logp
             .extend(coarse_log_probs(&d.logp, &d.log_tail, k, vocab, 1.0));

@@ -7,6 +7,9 @@
 //! `1 − Σ top-k probabilities` (computed in f64) and labelling runs at temperature 1 (training
 //! re-tempers). vLLM caps `prompt_logprobs` at its `--max-logprobs` (default 20): start it with
 //! `--max-logprobs K` for larger k.
+//!
+//! The cache stores the log-prob of each answer token too (format 2, for students of another
+//! tokenizer): servers return it beside the top-k, as vLLM's `prompt_logprobs` does.
 
 use retort_distill::batch::Sample;
 use retort_distill::cache::TopK;
@@ -121,11 +124,22 @@ impl RemoteScorer {
             ids: Vec::with_capacity(positions.len() * k),
             logp: Vec::with_capacity(positions.len() * k),
             log_tail: Vec::with_capacity(positions.len()),
+            label_logp: Vec::with_capacity(positions.len()),
+            turns: None,
             positions,
         };
         for &p in &t.positions {
             // Row p predicts token p + 1: the server's entry for prompt position p + 1.
             let mut entries = rows[p as usize + 1].clone().unwrap_or_default();
+            // vLLM and `retort serve` return the prompt's own token beside the top-k; NaN
+            // where a server does not (only cross-tokenizer training needs it, and says so).
+            let own = s.ids[p as usize + 1];
+            t.label_logp.push(
+                entries
+                    .iter()
+                    .find(|e| e.0 == own)
+                    .map_or(f32::NAN, |e| e.1),
+            );
             entries.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
             entries.retain(|e| (e.0 as usize) < self.vocab);
             entries.truncate(k);

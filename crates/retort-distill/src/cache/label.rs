@@ -18,14 +18,16 @@ use retort_model::{Model, Tokenizer, WeightFormat, checkpoint};
 
 use super::codec::{Codec, TopK};
 use super::manifest::{
-    DatasetInfo, Encoding, FORMAT_NAME, FORMAT_VERSION, MANIFEST, Manifest, ShardInfo, TeacherInfo,
+    DatasetInfo, Encoding, FORMAT_NAME, FORMAT_VERSION, MANIFEST, Manifest, ShardInfo,
+    TOKENIZER_DIR, TeacherInfo,
 };
 use super::shard::{ShardBuilder, sample_key, shard_name};
-use super::topk::{drop_below, top_k_rows};
+use super::topk::{drop_below, label_log_probs, top_k_rows};
 use crate::batch::{self, Sample, Truncation};
 use crate::error::{Error, Result};
 use crate::objective;
 use retort_data::files::write_atomic;
+use retort_model::TurnTokens;
 
 #[derive(Debug, Clone)]
 pub struct LabelOptions {
@@ -84,7 +86,9 @@ pub struct LabelReport {
 
 /// What labels a batch of samples: the local f32 model, or a server reached over HTTP
 /// (`retort_teacher::remote_label`). Rows follow [`loss_positions`]; each row holds exactly
-/// `k` entries (unused slots [`super::codec::NONE`] with log-prob `-inf`), sorted descending.
+/// `k` entries (unused slots [`super::codec::NONE`] with log-prob `-inf`), sorted descending,
+/// and the label log-prob of the token that follows (`TopK::label_logp`; the caller adds the
+/// turns).
 pub trait Scorer: Sync {
     fn vocab_size(&self) -> usize;
     /// Tokens a sample may have, where the scorer knows it (a local model); samples longer than
@@ -170,12 +174,14 @@ pub fn label_batch(
     let vocab = teacher.config().vocab_size;
     let k = k.min(vocab);
     let n = mb.loss_tokens;
-    let (mut ids, mut logp, mut tail) = (
+    let (mut ids, mut logp, mut tail, mut label) = (
         Vec::with_capacity(n * k),
         Vec::with_capacity(n * k),
         Vec::with_capacity(n),
+        Vec::with_capacity(n),
     );
     if n > 0 {
+        let targets = mb.targets.to_vec1::<u32>()?; // (N): the token each row predicts
         let h = objective::teacher_hidden(teacher, &mb)?; // (N, C)
         let mut start = 0;
         while start < n {
@@ -184,6 +190,12 @@ pub fn label_batch(
             let flat = logits.flatten_all()?.to_vec1::<f32>()?;
             let (mut i, mut l, mut t) = top_k_rows(&flat, vocab, k, temperature);
             drop_below(&mut i, &mut l, &mut t, k, min_prob);
+            label.extend(label_log_probs(
+                &flat,
+                vocab,
+                &targets[start..start + len],
+                temperature,
+            ));
             ids.extend(i);
             logp.extend(l);
             tail.extend(t);
@@ -202,6 +214,8 @@ pub fn label_batch(
             ids: ids[row * k..(row + r) * k].to_vec(),
             logp: logp[row * k..(row + r) * k].to_vec(),
             log_tail: tail[row..row + r].to_vec(),
+            label_logp: label[row..row + r].to_vec(),
+            turns: None,
         });
         row += r;
     }
@@ -288,7 +302,7 @@ fn write_shard(
     opts: &LabelOptions,
     si: usize,
     first: usize,
-    samples: &[Sample],
+    samples: &[(Sample, Option<Vec<TurnTokens>>)],
     results: Vec<Option<TopK>>,
     vocab: usize,
 ) -> Result<ShardInfo> {
@@ -301,10 +315,21 @@ fn write_shard(
                 "this is a bug in retort",
             ));
         };
-        let s = &samples[first + j];
+        let (s, turns) = &samples[first + j];
+        let t = TopK {
+            turns: turns.clone(),
+            ..t
+        };
         rows += t.rows();
         let key = sample_key(&s.ids, &s.loss_mask);
-        builder.push_topk(key, (first + j) as u32, &t, opts.codec, vocab)?;
+        builder.push_topk(
+            key,
+            (first + j) as u32,
+            &t,
+            opts.codec,
+            vocab,
+            FORMAT_VERSION,
+        )?;
     }
     let samples_in = builder.len();
     let bytes = builder.finish();
@@ -320,6 +345,44 @@ fn write_shard(
     })
 }
 
+/// The dataset in `tok`'s tokenization, each sample with its turns' offsets — or, where the
+/// chat template rewrites answers (so no other tokenizer can be aligned with it), without them
+/// for every sample: the cache then serves students of the teacher's tokenizer only.
+fn tokenize(
+    ds: &retort_data::Dataset,
+    tok: &Tokenizer,
+    opts: &LabelOptions,
+) -> Result<Vec<(Sample, Option<Vec<TurnTokens>>)>> {
+    match batch::tokenize_turns(ds, tok, opts.max_len, opts.truncation) {
+        Ok((v, _)) => Ok(v.into_iter().map(|(s, t)| (s, Some(t))).collect()),
+        Err(e) => {
+            let (v, _) = batch::tokenize(ds, tok, opts.max_len, opts.truncation)?;
+            tracing::warn!(
+                "teacher token offsets not stored ({e}): the cache serves students of the \
+                 teacher's tokenizer only"
+            );
+            Ok(v.into_iter().map(|s| (s, None)).collect())
+        }
+    }
+}
+
+/// The teacher's tokenizer files into `opts.out/tokenizer/` (written aside, then renamed), so a
+/// student of another tokenizer can align with the cache without the teacher.
+fn save_tokenizer(tok: &Tokenizer, opts: &LabelOptions) -> Result<()> {
+    let dest = opts.out.join(TOKENIZER_DIR);
+    let tmp = opts.out.join(format!(".{TOKENIZER_DIR}.partial"));
+    if tmp.exists() {
+        fs_err::remove_dir_all(&tmp)?;
+    }
+    fs_err::create_dir_all(&tmp)?;
+    tok.save_hf(&tmp)?;
+    if dest.exists() {
+        fs_err::remove_dir_all(&dest)?;
+    }
+    fs_err::rename(&tmp, &dest)?;
+    Ok(())
+}
+
 /// [`label`] with any [`Scorer`] and the tokenizer that matches it (`opts.teacher` is only
 /// recorded).
 pub fn label_with(
@@ -332,9 +395,11 @@ pub fn label_with(
     let t0 = Instant::now();
     check_options(opts)?;
     let ds = dataset::read(&opts.data, &opts.read)?;
-    let (samples, _) = batch::tokenize(&ds, tok, opts.max_len, opts.truncation)?;
+    let samples = tokenize(&ds, tok, opts)?;
+    let offsets = samples.iter().all(|(_, t)| t.is_some());
     if let Some(context) = scorer.context() {
-        batch::check_context(&samples, context, &opts.data, "--max-len")?;
+        let plain: Vec<Sample> = samples.iter().map(|(s, _)| s.clone()).collect();
+        batch::check_context(&plain, context, &opts.data, "--max-len")?;
     }
     let vocab = scorer.vocab_size();
     let k = opts.k.min(vocab);
@@ -345,6 +410,8 @@ pub fn label_with(
         command: opts.command.clone(),
         teacher: scorer.info()?,
         tokenizer_fingerprint: tok.fingerprint(),
+        tokenizer: Some(TOKENIZER_DIR.into()),
+        offsets,
         dataset: DatasetInfo {
             path: opts.data.clone(),
             sha256: ds.sha256.clone(),
@@ -364,9 +431,10 @@ pub fn label_with(
         complete: false,
     };
     let mut manifest = resume_or_start(opts, fresh)?;
+    save_tokenizer(tok, opts)?;
     let n_shards = samples.len().div_ceil(opts.shard_samples);
     let done_shards = manifest.shards.len();
-    let total_positions: usize = samples.iter().map(Sample::loss_tokens).sum();
+    let total_positions: usize = samples.iter().map(|(s, _)| s.loss_tokens()).sum();
     obs.start(total_positions, manifest.positions());
     let pad_id = tok.stop_ids().first().copied().unwrap_or(0);
     let mut positions_this_run = 0;
@@ -376,14 +444,14 @@ pub fn label_with(
         let range = first..(first + opts.shard_samples).min(samples.len());
         // Longest first, so each batch holds similar lengths.
         let mut order: Vec<usize> = range.clone().collect();
-        order.sort_by_key(|&i| (std::cmp::Reverse(samples[i].ids.len()), i));
+        order.sort_by_key(|&i| (std::cmp::Reverse(samples[i].0.ids.len()), i));
         let mut results: Vec<Option<TopK>> = vec![None; range.len()];
         for b in order.chunks(opts.batch_size.max(1)) {
             if stop.load(Ordering::Relaxed) {
                 interrupted = true;
                 break;
             }
-            let batch: Vec<&Sample> = b.iter().map(|&i| &samples[i]).collect();
+            let batch: Vec<&Sample> = b.iter().map(|&i| &samples[i].0).collect();
             let out = scorer.label_batch(&batch, pad_id, k, opts.temperature, opts.min_prob)?;
             let rows: usize = out.iter().map(TopK::rows).sum();
             for (&i, t) in b.iter().zip(out) {

@@ -11,8 +11,14 @@ use crate::error::{Error, Result};
 use retort_data::files::write_atomic;
 use retort_kernels::MatmulPrecision;
 
-/// Bumped on any change a reader of the previous version would misread.
-pub const FORMAT_VERSION: u32 = 1;
+/// Bumped on any change a reader of the previous version would misread. Version 2 adds to every
+/// sample the teacher's label log-probs and its turns' byte offsets, and the teacher's tokenizer
+/// files to the directory ([`TOKENIZER_DIR`]): a cache any student can train from.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest version this retort reads.
+pub const OLDEST_VERSION: u32 = 1;
+/// The directory (inside the cache) of the teacher's `tokenizer.json` and `tokenizer_config.json`.
+pub const TOKENIZER_DIR: &str = "tokenizer";
 pub const FORMAT_NAME: &str = "retort-logit-cache";
 pub const MANIFEST: &str = "manifest.json";
 
@@ -99,6 +105,13 @@ pub struct Manifest {
     pub command: String,
     pub teacher: TeacherInfo,
     pub tokenizer_fingerprint: String,
+    /// Format 2: the directory (inside the cache) holding the tokenizer the positions belong to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<String>,
+    /// Format 2: every sample stores its turns' teacher token offsets (false when the teacher's
+    /// chat template rewrites answers, so only students of the same tokenizer can use it).
+    #[serde(default)]
+    pub offsets: bool,
     pub dataset: DatasetInfo,
     pub k: usize,
     pub temperature: f64,
@@ -121,7 +134,12 @@ pub struct Manifest {
 impl Manifest {
     /// The settings that must match for `retort label` to resume into an existing cache.
     pub fn same_settings(&self, o: &Manifest) -> std::result::Result<(), String> {
-        let checks: [(&str, String, String); 10] = [
+        let checks: [(&str, String, String); 11] = [
+            (
+                "format_version",
+                self.format_version.to_string(),
+                o.format_version.to_string(),
+            ),
             (
                 "min_prob",
                 self.min_prob.to_string(),
@@ -177,6 +195,11 @@ impl Manifest {
         Ok(())
     }
 
+    /// Whether a student of another tokenizer can train from this cache (format 2 with offsets).
+    pub fn serves_any_tokenizer(&self) -> bool {
+        self.format_version >= 2 && self.offsets && self.tokenizer.is_some()
+    }
+
     pub fn positions(&self) -> usize {
         self.shards.iter().map(|s| s.positions).sum()
     }
@@ -199,15 +222,26 @@ impl Manifest {
                 "the manifest is damaged; rebuild the cache with `retort label` into a new directory",
             )
         })?;
-        if m.format != FORMAT_NAME || m.format_version != FORMAT_VERSION {
+        if m.format != FORMAT_NAME || !(OLDEST_VERSION..=FORMAT_VERSION).contains(&m.format_version)
+        {
+            let hint = if m.format == FORMAT_NAME && m.format_version > FORMAT_VERSION {
+                format!(
+                    "the cache was written by a newer retort ({}); use that version, or rebuild \
+                     the cache with this one: {}",
+                    m.created_by, m.command
+                )
+            } else {
+                format!("rebuild the cache: {}", m.command)
+            };
             return Err(Error::invalid(
                 format!(
-                    "`{}`: format {} version {}; this retort reads {FORMAT_NAME} version {FORMAT_VERSION}",
+                    "`{}`: format {} version {}; this retort reads {FORMAT_NAME} versions \
+                     {OLDEST_VERSION} to {FORMAT_VERSION}",
                     path.display(),
                     m.format,
                     m.format_version
                 ),
-                format!("rebuild the cache: {}", m.command),
+                hint,
             ));
         }
         Ok(m)

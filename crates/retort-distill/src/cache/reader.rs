@@ -142,6 +142,7 @@ impl Reader {
             m.k,
             e.tokens as usize,
             e.rows as usize,
+            m.format_version,
         )
         .map_err(|err| {
             Error::invalid(
@@ -155,6 +156,67 @@ impl Reader {
             )
         })?;
         Ok(t)
+    }
+
+    /// The tokenizer the cache's positions belong to (the teacher's, stored with format 2), for a
+    /// student of another tokenizer to align with. Errors name what is missing and how to fix it.
+    pub fn teacher_tokenizer(&self) -> Result<retort_model::Tokenizer> {
+        let m = &self.manifest;
+        let relabel = format!(
+            "label again with this retort (format {}): {}",
+            super::manifest::FORMAT_VERSION,
+            m.command
+        );
+        if m.format_version < 2 {
+            return Err(Error::invalid(
+                format!(
+                    "logit cache `{}` is format {}, which stores no teacher token offsets: only a \
+                     student of the teacher's tokenizer can train from it",
+                    self.dir.display(),
+                    m.format_version
+                ),
+                relabel,
+            ));
+        }
+        if !m.offsets {
+            return Err(Error::invalid(
+                format!(
+                    "logit cache `{}` has no teacher token offsets: the teacher's chat template \
+                     rewrites answers, so its tokens cannot be aligned with another tokenizer's",
+                    self.dir.display()
+                ),
+                "use a teacher whose template renders answers verbatim (ChatML, Llama 3, Qwen2), \
+                 or a student of the teacher's tokenizer",
+            ));
+        }
+        let dir = self.dir.join(
+            m.tokenizer
+                .as_deref()
+                .unwrap_or(super::manifest::TOKENIZER_DIR),
+        );
+        let tok = retort_model::Tokenizer::from_hf_dir(&dir, &[]).map_err(|e| {
+            Error::invalid(
+                format!(
+                    "logit cache `{}`: the teacher's tokenizer: {e}",
+                    self.dir.display()
+                ),
+                relabel.clone(),
+            )
+        })?;
+        if tok.fingerprint() != m.tokenizer_fingerprint {
+            return Err(Error::invalid(
+                format!(
+                    "logit cache `{}`: `{}` is not the tokenizer the cache was labelled with \
+                     (fingerprint {}…, the manifest says {}…)",
+                    self.dir.display(),
+                    dir.display(),
+                    &tok.fingerprint()[..12],
+                    &m.tokenizer_fingerprint[..12.min(m.tokenizer_fingerprint.len())]
+                ),
+                relabel,
+            ));
+        }
+        Ok(tok)
     }
 
     /// Refuse a cache built with another tokenizer, or (unless `None`) for another data file.
@@ -173,7 +235,9 @@ impl Reader {
                     &tokenizer_fingerprint[..12.min(tokenizer_fingerprint.len())]
                 ),
                 format!(
-                    "label the data again with a teacher that shares the student's tokenizer: {}",
+                    "for KD across tokenizers set `cross_tokenizer = \"gold\"` (or \"uld\") on \
+                     the stage; otherwise label the data again with a teacher that shares the \
+                     student's tokenizer: {}",
                     m.command
                 ),
             ));

@@ -24,6 +24,8 @@ pub fn truncate(t: &TopK, k: usize) -> TopK {
         ids: Vec::with_capacity(t.rows() * k),
         logp: Vec::with_capacity(t.rows() * k),
         log_tail: Vec::with_capacity(t.rows()),
+        label_logp: t.label_logp.clone(),
+        turns: t.turns.clone(),
     };
     for r in 0..t.rows() {
         out.ids.extend_from_slice(&t.ids[r * k0..r * k0 + k]);
@@ -74,6 +76,11 @@ pub fn recode(
     m.command = command.to_string();
     m.shards.clear();
     m.complete = false;
+    // The copy keeps the source's format version (a format-1 cache has no teacher offsets to
+    // carry over) and its teacher tokenizer.
+    if let Some(dir) = &m0.tokenizer {
+        copy_dir(&src.dir.join(dir), &out.join(dir))?;
+    }
     for (si, s) in m0.shards.iter().enumerate() {
         let mut b = ShardBuilder::default();
         let mut rows = 0;
@@ -81,7 +88,7 @@ pub fn recode(
             let mut t = truncate(&t, k);
             drop_below(&mut t.ids, &mut t.logp, &mut t.log_tail, k, min_prob);
             rows += t.rows();
-            let (block, raw_len) = codec::encode(&t, codec, vocab)?;
+            let (block, raw_len) = codec::encode(&t, codec, vocab, m.format_version)?;
             let e = Entry {
                 raw_len: raw_len as u32,
                 ..e
@@ -105,6 +112,18 @@ pub fn recode(
     m.complete = m0.complete;
     m.write(out)?;
     Ok(m)
+}
+
+/// Copy the files of directory `from` into `to` (each written atomically).
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    fs_err::create_dir_all(to)?;
+    for e in fs_err::read_dir(from)? {
+        let e = e?;
+        if e.file_type()?.is_file() {
+            write_atomic(&to.join(e.file_name()), &fs_err::read(e.path())?)?;
+        }
+    }
+    Ok(())
 }
 
 /// How far cache `b`'s distributions are from cache `a`'s, on the samples both hold.

@@ -81,8 +81,9 @@ impl ShardBuilder {
         t: &super::codec::TopK,
         codec: super::codec::Codec,
         vocab: usize,
+        version: u32,
     ) -> std::io::Result<()> {
-        let (block, raw_len) = super::codec::encode(t, codec, vocab)?;
+        let (block, raw_len) = super::codec::encode(t, codec, vocab, version)?;
         let e = Entry {
             key,
             sample,

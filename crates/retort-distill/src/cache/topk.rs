@@ -103,6 +103,25 @@ pub fn top_k_rows(
     (ids, logp, tail)
 }
 
+/// `log_softmax(z / t)` of each row of `logits (N, V)` at its `targets[r]` (the token that
+/// followed), in f64 and rounded to f32; ids outside the row are `-inf`.
+pub fn label_log_probs(logits: &[f32], vocab: usize, targets: &[u32], t: f64) -> Vec<f32> {
+    logits
+        .chunks(vocab.max(1))
+        .zip(targets)
+        .map(|(row, &y)| {
+            let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+            let lse: f64 = row
+                .iter()
+                .map(|&x| ((x as f64 - m) / t).exp())
+                .sum::<f64>()
+                .ln();
+            row.get(y as usize)
+                .map_or(f32::NEG_INFINITY, |&z| ((z as f64 - m) / t - lse) as f32)
+        })
+        .collect()
+}
+
 /// Drop entries (after the first) whose probability is below `min_prob` from rows of
 /// `(ids (N, k), logp (N, k), log_tail (N))`: their mass joins the tail, their slots become
 /// [`super::codec::NONE`] with log-prob `-inf`. Rows are sorted, so the dropped ones end a row.

@@ -88,4 +88,6 @@ pub struct TeacherSide {
     /// The teacher's ids and loss mask (cut at `max_len`).
     pub sample: crate::batch::Sample,
     pub alignment: ChatAlignment,
+    /// The teacher's trained turns the alignment was made from (compared with a logit cache's).
+    pub turns: Vec<TurnTokens>,
 }

@@ -8,11 +8,12 @@
 
 use retort_model::Model;
 
-use super::ChatAlignment;
 use super::loss::{Group, TeacherGroup};
+use super::{ChatAlignment, TeacherSide};
 use crate::batch::{self, Sample};
 use crate::cache::label::loss_positions;
-use crate::cache::topk::{coarse_log_probs, top_k_rows};
+use crate::cache::topk::{coarse_log_probs, label_log_probs, top_k_rows};
+use crate::cache::{Reader, TopK, sample_key};
 use crate::error::{Error, Result};
 use crate::objective;
 
@@ -42,19 +43,7 @@ impl TeacherLabels {
         t: f64,
     ) -> Self {
         let (ids, logp, tail) = top_k_rows(logits, vocab, k, t);
-        let label_logp = logits
-            .chunks(vocab)
-            .zip(tokens)
-            .map(|(row, &y)| {
-                let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-                let lse: f64 = row
-                    .iter()
-                    .map(|&x| ((x as f64 - m) / t).exp())
-                    .sum::<f64>()
-                    .ln();
-                ((row[y as usize] as f64 - m) / t - lse) as f32
-            })
-            .collect();
+        let label_logp = label_log_probs(logits, vocab, tokens, t);
         TeacherLabels {
             k,
             positions,
@@ -121,17 +110,7 @@ pub fn online(
     t: f64,
     chunk_rows: usize,
 ) -> Result<Vec<Group>> {
-    let sides = samples
-        .iter()
-        .map(|s| {
-            s.teacher.as_deref().ok_or_else(|| {
-                Error::invalid(
-                    format!("sample `{}` has no teacher tokenization", s.id),
-                    "this is a bug in retort: cross-tokenizer stages tokenize with tokenize_pair",
-                )
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let sides = sides(samples)?;
     let t_samples: Vec<&Sample> = sides.iter().map(|x| &x.sample).collect();
     let mb = batch::collate(&t_samples, pad_id, teacher.device())?;
     let vocab = teacher.config().vocab_size;
@@ -178,22 +157,176 @@ pub fn online(
             logp: all.logp[t_row * (k + 1)..(t_row + r) * (k + 1)].to_vec(),
             label_logp: all.label_logp[t_row..t_row + r].to_vec(),
         };
-        let spos = loss_positions(s);
-        let row = |tok: usize| {
-            tok.checked_sub(1)
-                .and_then(|p| spos.binary_search(&(p as u32)).ok())
-                .map(|i| s_row + i)
-        };
-        groups.extend(self::groups(&side.alignment, row, &labels));
+        s_row = push_groups(&mut groups, s, side, &labels, s_row);
         t_row += r;
-        s_row += spos.len();
     }
     Ok(groups)
+}
+
+/// The groups of sample `s` (whose loss rows start at batch row `s_row`) appended to `out`;
+/// returns the batch row after its last.
+fn push_groups(
+    out: &mut Vec<Group>,
+    s: &Sample,
+    side: &TeacherSide,
+    labels: &TeacherLabels,
+    s_row: usize,
+) -> usize {
+    let spos = loss_positions(s);
+    let row = |tok: usize| {
+        tok.checked_sub(1)
+            .and_then(|p| spos.binary_search(&(p as u32)).ok())
+            .map(|i| s_row + i)
+    };
+    out.extend(groups(&side.alignment, row, labels));
+    s_row + spos.len()
+}
+
+/// The teacher side of every sample, or an error naming the first without one.
+fn sides<'a>(samples: &[&'a Sample]) -> Result<Vec<&'a TeacherSide>> {
+    samples
+        .iter()
+        .map(|s| {
+            s.teacher.as_deref().ok_or_else(|| {
+                Error::invalid(
+                    format!("sample `{}` has no teacher tokenization", s.id),
+                    "this is a bug in retort: cross-tokenizer stages tokenize with tokenize_pair",
+                )
+            })
+        })
+        .collect()
+}
+
+/// A cached sample's labels at training temperature `t`: the stored top-k re-tempered as for
+/// same-tokenizer KD ([`coarse_log_probs`]), and the label log-probs moved by the same shift
+/// (`lp' = (T_label / t)·lp + c`, `c` read off the re-tempered top-1, so exact where the
+/// tail's spread is).
+pub fn labels_from_cache(tk: &TopK, vocab: usize, t_label: f64, t: f64) -> TeacherLabels {
+    let k = tk.k;
+    let ratio = t_label / t;
+    let logp = coarse_log_probs(&tk.logp, &tk.log_tail, k, vocab, ratio);
+    let label_logp = if ratio == 1.0 {
+        tk.label_logp.clone()
+    } else {
+        tk.label_logp
+            .iter()
+            .enumerate()
+            .map(|(r, &lp)| {
+                let c = logp[r * (k + 1)] as f64 - ratio * tk.logp[r * k] as f64;
+                (ratio * lp as f64 + c) as f32
+            })
+            .collect()
+    };
+    TeacherLabels {
+        k,
+        positions: tk.positions.iter().map(|&p| p as usize + 1).collect(),
+        ids: tk.ids.clone(),
+        logp,
+        label_logp,
+    }
+}
+
+/// The loss groups of one micro-batch from a format-2 logit cache ([`online`]'s result without
+/// the teacher): each sample's teacher side is found by its key, its stored turns checked
+/// against the ones the alignment was made from. `None` when some sample is not in the cache
+/// (the caller labels live, or refuses). Samples whose teacher side has no loss token left
+/// (cut at `max_len`) need nothing.
+pub fn cached(cache: &Reader, samples: &[&Sample], t: f64) -> Result<Option<Vec<Group>>> {
+    let m = &cache.manifest;
+    let (mut groups, mut s_row) = (Vec::new(), 0);
+    for (s, side) in samples.iter().zip(sides(samples)?) {
+        if side.sample.loss_tokens() == 0 {
+            s_row += loss_positions(s).len();
+            continue;
+        }
+        let Some(tk) = cache.get(&sample_key(&side.sample.ids, &side.sample.loss_mask))? else {
+            return Ok(None);
+        };
+        let damaged = |what: &str| {
+            Error::invalid(
+                format!(
+                    "logit cache `{}`: sample `{}` has the right key but {what}",
+                    cache.dir.display(),
+                    s.id
+                ),
+                format!(
+                    "the cache or its tokenizer files were changed; rebuild it: {}",
+                    m.command
+                ),
+            )
+        };
+        if tk.tokens != side.sample.ids || tk.label_logp.len() != tk.rows() {
+            return Err(damaged("other tokens or no label log-probs"));
+        }
+        if tk.turns.as_ref() != Some(&side.turns) {
+            return Err(damaged("other teacher token offsets"));
+        }
+        let labels = labels_from_cache(&tk, m.teacher.vocab_size, m.temperature, t);
+        let before = groups.len();
+        s_row = push_groups(&mut groups, s, side, &labels, s_row);
+        if groups[before..]
+            .iter()
+            .any(|g| g.teacher.rest_logp.is_nan())
+        {
+            return Err(Error::invalid(
+                format!(
+                    "logit cache `{}`: sample `{}` lacks the teacher's log-prob of some answer \
+                     tokens (the server that labelled it did not return the prompt's own tokens)",
+                    cache.dir.display(),
+                    s.id
+                ),
+                "label with a server that returns them (vLLM, SGLang, `retort serve`) or with \
+                 the teacher locally",
+            ));
+        }
+    }
+    Ok(Some(groups))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Labels read from a cache labelled at T = 1 and re-tempered to T = 2 equal labels computed
+    /// at T = 2 from the logits, when the top-k is the whole vocabulary (no tail to spread) —
+    /// the label log-probs of tokens included.
+    #[test]
+    fn cached_labels_re_tempered_equal_labels_at_the_training_temperature() {
+        let (v, n) = (7, 4);
+        let logits: Vec<f32> = (0..v * n)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.7)
+            .collect();
+        let tokens = [3u32, 0, 6, 2];
+        let positions = vec![4usize, 5, 6, 7];
+        let want = TeacherLabels::from_logits(&logits, v, positions.clone(), &tokens, v, 2.0);
+        let (ids, logp, tail) = top_k_rows(&logits, v, v, 1.0);
+        let tk = TopK {
+            k: v,
+            tokens: vec![0; 9],
+            positions: positions.iter().map(|&p| p as u32 - 1).collect(),
+            ids,
+            logp,
+            log_tail: tail,
+            label_logp: label_log_probs(&logits, v, &tokens, 1.0),
+            turns: None,
+        };
+        let got = labels_from_cache(&tk, v, 1.0, 2.0);
+        assert_eq!((&got.positions, &got.ids), (&want.positions, &want.ids));
+        for (a, b) in got
+            .logp
+            .iter()
+            .zip(&want.logp)
+            .chain(got.label_logp.iter().zip(&want.label_logp))
+        {
+            assert!(
+                (a - b).abs() < 1e-5 || (a.is_infinite() && b.is_infinite()),
+                "{a} vs {b}"
+            );
+        }
+        // At the labelling temperature the stored values pass through.
+        let same = labels_from_cache(&tk, v, 1.0, 1.0);
+        assert_eq!(same.label_logp, tk.label_logp);
+    }
 
     #[test]
     fn groups_take_the_first_tokens_distribution_and_the_later_tokens_log_probs() {
