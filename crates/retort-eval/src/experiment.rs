@@ -113,6 +113,22 @@ pub struct Arm {
     /// Training sizes for this arm only (default: the grid's).
     #[serde(default)]
     pub train_size: Option<Vec<usize>>,
+    /// Seeds for this arm only (default: the grid's), e.g. a costly check run once.
+    #[serde(default)]
+    pub seeds: Option<Vec<u64>>,
+    /// Other files cut to the subset's prompts: each `pool`'s records whose `id` is one of the
+    /// subset's go to recipe key `key` (e.g. the teacher's answers to the same N prompts for a
+    /// sequence-level KD stage).
+    #[serde(default)]
+    pub paired: Vec<Paired>,
+}
+
+/// A file cut to each cell's subset by record `id` ([`Arm::paired`]).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Paired {
+    pub key: String,
+    pub pool: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -182,6 +198,9 @@ impl Experiment {
         e.eval.teacher = e.eval.teacher.as_deref().map(abs);
         for a in &mut e.arms {
             a.recipe = a.recipe.as_deref().map(abs);
+            for p in &mut a.paired {
+                p.pool = abs(&p.pool);
+            }
         }
         for b in &mut e.baselines {
             b.model = abs(&b.model);
@@ -190,6 +209,22 @@ impl Experiment {
             return Err(Error::invalid(
                 format!("experiment `{}` has an empty grid", path.display()),
                 "give at least one [[arms]], one seed and one train_size",
+            ));
+        }
+        if let Some(a) = e.arms.iter().find(|a| {
+            a.seeds
+                .as_ref()
+                .is_some_and(|s| s.is_empty() || s.iter().any(|x| !e.grid.seeds.contains(x)))
+        }) {
+            return Err(Error::invalid(
+                format!(
+                    "experiment `{}`: arm `{}` has seeds {:?}, the grid {:?}",
+                    path.display(),
+                    a.name,
+                    a.seeds.as_deref().unwrap_or_default(),
+                    e.grid.seeds
+                ),
+                "an arm's seeds must be a non-empty subset of [grid] seeds",
             ));
         }
         let mut names: Vec<&str> = e.arms.iter().map(|a| a.name.as_str()).collect();
@@ -222,7 +257,8 @@ impl Experiment {
             for &seed in &self.grid.seeds {
                 for a in &self.arms {
                     let arm_sizes = a.train_size.as_ref().unwrap_or(&self.grid.train_size);
-                    if arm_sizes.contains(&n) {
+                    let arm_seeds = a.seeds.as_ref().unwrap_or(&self.grid.seeds);
+                    if arm_sizes.contains(&n) && arm_seeds.contains(&seed) {
                         out.push((a, n, seed));
                     }
                 }
@@ -259,6 +295,65 @@ pub fn write_subset(pool: &Path, n: usize, seed: u64, out: &Path) -> Result<Path
     }
     fs_err::create_dir_all(out)?;
     let path = out.join(format!("train-n{n}-s{seed}.jsonl"));
+    retort_data::files::write_atomic(&path, body.as_bytes())?;
+    Ok(path)
+}
+
+/// The records of `pool` whose `id` is one of `subset`'s, in `pool`'s order, written to
+/// `out/STEM-of-SUBSET`. Errors name a record without an `id` or a subset that matches nothing.
+pub fn write_paired(pool: &Path, subset: &Path, out: &Path) -> Result<PathBuf> {
+    let id_of = |file: &Path, line_no: usize, line: &str| -> Result<String> {
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| {
+            Error::invalid(
+                format!("`{}` line {line_no}: {e}", file.display()),
+                "each line must be one JSON record",
+            )
+        })?;
+        match v.get("id") {
+            Some(serde_json::Value::String(s)) => Ok(s.clone()),
+            Some(x) if !x.is_null() => Ok(x.to_string()),
+            _ => Err(Error::invalid(
+                format!("`{}` line {line_no} has no `id`", file.display()),
+                "paired files are matched to the subset by record id; give every record one",
+            )),
+        }
+    };
+    let lines = |file: &Path| -> Result<Vec<(usize, String)>> {
+        Ok(fs_err::read_to_string(file)?
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| (i + 1, l.to_string()))
+            .collect())
+    };
+    let wanted: std::collections::HashSet<String> = lines(subset)?
+        .iter()
+        .map(|(i, l)| id_of(subset, *i, l))
+        .collect::<Result<_>>()?;
+    let mut body = String::new();
+    for (i, l) in lines(pool)? {
+        if wanted.contains(&id_of(pool, i, &l)?) {
+            body.push_str(&l);
+            body.push('\n');
+        }
+    }
+    if body.is_empty() {
+        return Err(Error::invalid(
+            format!(
+                "no record of `{}` has an id of the subset `{}`",
+                pool.display(),
+                subset.display()
+            ),
+            "a paired file must carry the pool's record ids (e.g. the teacher's answers written \
+             with the prompts' ids)",
+        ));
+    }
+    let stem = |p: &Path| {
+        p.file_stem()
+            .map_or_else(String::new, |s| s.to_string_lossy().into_owned())
+    };
+    fs_err::create_dir_all(out)?;
+    let path = out.join(format!("{}-of-{}.jsonl", stem(pool), stem(subset)));
     retort_data::files::write_atomic(&path, body.as_bytes())?;
     Ok(path)
 }
@@ -363,6 +458,10 @@ pub fn run(
         let key = arm.subset_key.as_deref().unwrap_or("stages.0.data");
         // Unquoted: an absolute path is never valid TOML, so it is read as a string.
         sets.push(format!("{key}={}", subset.display()));
+        for p in &arm.paired {
+            let f = write_paired(&p.pool, &subset, &out.join("data"))?;
+            sets.push(format!("{}={}", p.key, f.display()));
+        }
         sets.push(format!("train.seed={seed}"));
         let recipe_path = arm.recipe.as_ref().unwrap_or(&exp.recipe);
         let recipe = Recipe::load(recipe_path, &sets)?;
@@ -444,5 +543,58 @@ mod tests {
             seen += 1;
         }
         assert!(seen >= 3, "found {seen} experiments in {}", dir.display());
+    }
+
+    #[test]
+    fn paired_files_are_cut_to_the_subsets_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let rec = |id: &str, a: &str| {
+            format!(
+                r#"{{"id": "{id}", "messages": [{{"role": "user", "content": "q"}}, {{"role": "assistant", "content": "{a}"}}]}}"#
+            )
+        };
+        let pool: String = (0..10)
+            .map(|i| rec(&format!("r{i}"), "human") + "\n")
+            .collect();
+        fs_err::write(d.join("pool.jsonl"), pool).unwrap();
+        // The teacher answered some prompts only, in another order.
+        let answers: String = [7, 2, 9, 4, 0]
+            .iter()
+            .map(|i| rec(&format!("r{i}"), "teacher") + "\n")
+            .collect();
+        fs_err::write(d.join("answers.jsonl"), answers).unwrap();
+        let subset = write_subset(&d.join("pool.jsonl"), 4, 0, &d.join("data")).unwrap();
+        let ids = |p: &Path| -> Vec<String> {
+            fs_err::read_to_string(p)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].to_string())
+                .collect()
+        };
+        let paired = write_paired(&d.join("answers.jsonl"), &subset, &d.join("data")).unwrap();
+        let (want, got) = (ids(&subset), ids(&paired));
+        assert!(
+            !got.is_empty() && got.iter().all(|i| want.contains(i)),
+            "{got:?} ⊄ {want:?}"
+        );
+        let all_answers = ids(&d.join("answers.jsonl"));
+        let expected = all_answers.iter().filter(|i| want.contains(i)).count();
+        assert_eq!(got.len(), expected);
+        // Nothing in common: an error naming both files.
+        fs_err::write(d.join("other.jsonl"), rec("zz", "x") + "\n").unwrap();
+        let e = write_paired(&d.join("other.jsonl"), &subset, &d.join("data"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("other.jsonl") && e.contains("train-n4-s0"),
+            "{e}"
+        );
+        // A record without an id: named by file and line.
+        fs_err::write(d.join("noid.jsonl"), "{\"messages\": []}\n").unwrap();
+        let e = write_paired(&d.join("noid.jsonl"), &subset, &d.join("data"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("noid.jsonl` line 1"), "{e}");
     }
 }
