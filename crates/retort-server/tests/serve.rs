@@ -249,10 +249,25 @@ fn labelling_over_http_writes_the_cache_local_labelling_writes() {
                 // The server's tail is 1 − Σ top-k (f64 from f32 log-probs): close, not exact.
                 assert!((x.exp() - y.exp()).abs() < 1e-5, "tail {x} vs {y}");
             }
+            // Format 2 from a server too: the answer tokens' own log-probs (the server returns
+            // the prompt token beside the top-k, in it or not) and the teacher's turn offsets.
+            assert_eq!(ta.label_logp.len(), ta.rows());
+            for (x, y) in ta.label_logp.iter().zip(&tb.label_logp) {
+                assert!((x - y).abs() < 1e-5, "label {x} vs {y}");
+            }
+            assert!(ta.turns.as_ref().is_some_and(|t| !t.is_empty()));
+            assert_eq!(ta.turns, tb.turns);
             rows += ta.rows();
         }
     }
     assert_eq!(rows, local.manifest.positions());
     let c = retort_distill::cache::recode::compare(&a, &b).unwrap();
     assert!(c.mean_kl < 1e-6 && c.top1_agreement == 1.0, "{c:?}");
+    // The remote cache serves a student of another tokenizer as the local one does: it holds
+    // the tokenizer given for the server (`--tokenizer`).
+    assert!(b.manifest.serves_any_tokenizer());
+    assert_eq!(
+        b.teacher_tokenizer().unwrap().fingerprint(),
+        tok.fingerprint()
+    );
 }
