@@ -549,6 +549,15 @@ fn label_killed_with_sigkill_resumes_with_every_sample_exactly_once() {
     let (ia, ib) = (inspect_json(&once), inspect_json(&killed));
     assert_eq!(ia["samples"], 600);
     assert_eq!(ia["samples"], ib["samples"]);
+    // Format 2, usable by a student of any tokenizer, in the resumed cache as well.
+    assert_eq!(
+        (&ia["format_version"], &ib["format_version"]),
+        (&2.into(), &2.into())
+    );
+    assert_eq!(
+        (&ia["any_tokenizer"], &ib["any_tokenizer"]),
+        (&true.into(), &true.into())
+    );
     assert_eq!(ia["tokens"], ib["tokens"]);
     let leftovers: Vec<_> = fs_err::read_dir(&killed)
         .unwrap()

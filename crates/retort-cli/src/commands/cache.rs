@@ -11,6 +11,11 @@ use crate::progress;
 struct Report {
     dir: String,
     format_version: u32,
+    /// Format 2 with offsets and a tokenizer that matches its fingerprint: a student of any
+    /// tokenizer can train from it (`cross_tokenizer`).
+    any_tokenizer: bool,
+    /// The tokenizer the positions belong to (its fingerprint).
+    tokenizer_fingerprint: String,
     complete: bool,
     teacher: String,
     teacher_sha256: String,
@@ -47,9 +52,16 @@ pub fn inspect(args: CacheInspectArgs, quiet: bool) -> Result<()> {
     };
     let m = &r.manifest;
     let tokens = m.positions();
+    // A cache that claims to serve any tokenizer must hold the one it names.
+    if m.serves_any_tokenizer() {
+        r.teacher_tokenizer()
+            .with_context(|| format!("`{}`: its teacher tokenizer", args.dir.display()))?;
+    }
     let rep = Report {
         dir: args.dir.display().to_string(),
         format_version: m.format_version,
+        any_tokenizer: m.serves_any_tokenizer(),
+        tokenizer_fingerprint: m.tokenizer_fingerprint.clone(),
         complete: m.complete,
         teacher: m.teacher.path.display().to_string(),
         teacher_sha256: m.teacher.sha256.clone(),
@@ -90,6 +102,15 @@ pub fn inspect(args: CacheInspectArgs, quiet: bool) -> Result<()> {
         "data    {} (sha256 {}…)",
         rep.dataset,
         &rep.dataset_sha256[..12]
+    )?;
+    outln!(
+        "tokens  of tokenizer {}… — {}",
+        &rep.tokenizer_fingerprint[..12.min(rep.tokenizer_fingerprint.len())],
+        if rep.any_tokenizer {
+            "serves students of any tokenizer (teacher offsets and tokenizer stored, checked)"
+        } else {
+            "serves students of this tokenizer only (no teacher offsets stored)"
+        }
     )?;
     outln!(
         "k={} T={} codec {}: {} samples ({} distinct), {} tokens, {} bytes = {:.1} bytes/token",
