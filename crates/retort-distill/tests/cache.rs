@@ -248,6 +248,20 @@ fn recoding_to_a_smaller_k_equals_labelling_at_that_k() {
     let c = recode::compare(&a, &q).unwrap();
     assert!(c.mean_kl < 1e-3 && c.top1_agreement > 0.95, "{c:?}");
     assert!(q.manifest.bytes() < a.manifest.bytes());
+    // A recoded format-2 cache still serves any tokenizer: label log-probs and turns carried
+    // over unchanged, the tokenizer copied.
+    assert!(q.manifest.serves_any_tokenizer());
+    assert_eq!(
+        q.teacher_tokenizer().unwrap().fingerprint(),
+        a.manifest.tokenizer_fingerprint
+    );
+    for si in 0..b.manifest.shards.len() {
+        for (e, t) in b.shard_entries(si).unwrap() {
+            let o = full.get(&e.key).unwrap().unwrap();
+            assert_eq!((&t.label_logp, &t.turns), (&o.label_logp, &o.turns));
+            assert!(t.turns.is_some());
+        }
+    }
 }
 
 /// `--matmul bf16` labels (weights packed once, bf16 products) stay within a small KL of f32's,
