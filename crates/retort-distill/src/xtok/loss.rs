@@ -107,6 +107,15 @@ pub struct CrossKd {
     pub map: Option<Arc<VocabMap>>,
 }
 
+/// `log Σ exp(x)` in f64 (`-inf` for no terms or all `-inf`).
+fn log_sum_exp(xs: impl Iterator<Item = f64> + Clone) -> f64 {
+    let m = xs.clone().fold(f64::NEG_INFINITY, f64::max);
+    if m == f64::NEG_INFINITY {
+        return m;
+    }
+    m + xs.map(|x| (x - m).exp()).sum::<f64>().ln()
+}
+
 /// Indices of the `n` largest entries of `z` (ties by lower index), largest first, skipping
 /// `skip`.
 fn top_n(z: &[f32], n: usize, skip: &[u32]) -> Vec<usize> {
@@ -208,19 +217,27 @@ impl Op {
             let mut loss = 0.0;
             let mut grads: Vec<(usize, f64)> = Vec::with_capacity(matched.len() + unmatched.len());
             let mut h = 0.0;
-            let mut q_matched = 0.0;
             for &(sid, lp) in &matched {
                 let lq = self.lq(z1, st1, sid as usize);
                 let q = lq.exp();
-                q_matched += q;
                 let (val, gc) = term(self.kd.div, lp.exp(), lp, q, lq);
                 loss += val;
                 let gc = if q > 0.0 { gc } else { 0.0 };
                 grads.push((sid as usize, gc));
                 h += q * gc;
             }
-            let q_rest = (1.0 - q_matched).max(0.0);
-            let (val, g_rest) = term(self.kd.div, p_rest, p_rest.ln(), q_rest, q_rest.ln());
+            // The student's mass outside the matched tokens, summed over them in log space: not
+            // `1 − Σ matched`, which rounds to 0 for a confident student and makes the forward
+            // KL's `log q_rest` −∞ (an infinite loss, seen in training).
+            let mut ids: Vec<usize> = matched.iter().map(|m| m.0 as usize).collect();
+            ids.sort_unstable();
+            let lq_rest = log_sum_exp(
+                (0..v)
+                    .filter(|a| ids.binary_search(a).is_err())
+                    .map(|a| self.lq(z1, st1, a)),
+            );
+            let q_rest = lq_rest.exp();
+            let (val, g_rest) = term(self.kd.div, p_rest, p_rest.ln(), q_rest, lq_rest);
             loss += val;
             let g_rest = if q_rest > 0.0 { g_rest } else { 0.0 };
             h += q_rest * g_rest;
