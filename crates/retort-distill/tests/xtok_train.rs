@@ -114,19 +114,50 @@ fn records(recipe: &Path, out: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// A 3-layer teacher, its permuted-vocabulary copy, a 1-layer student and 10 conversations.
+struct Pair {
+    dir: tempfile::TempDir,
+    teacher: PathBuf,
+    student: PathBuf,
+    permuted: PathBuf,
+    data: PathBuf,
+    vocab: usize,
+}
+
+impl Pair {
+    fn new() -> Pair {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let mut cfg = tiny_config(Arch::Llama);
+        cfg.num_hidden_layers = 3;
+        let teacher = write_tiny_model(&root.join("t"), &cfg, 1);
+        cfg.num_hidden_layers = 1;
+        let student = write_tiny_model(&root.join("s"), &cfg, 9);
+        let permuted = permuted_copy(&teacher, root);
+        let data = root.join("d.jsonl");
+        write_chat_data(&data, 10);
+        Pair {
+            teacher,
+            student,
+            permuted,
+            data,
+            vocab: cfg.vocab_size,
+            dir,
+        }
+    }
+}
+
 #[test]
 fn gold_from_a_permuted_vocabulary_teacher_trains_as_same_tokenizer_kd() {
-    let dir = tempfile::tempdir().unwrap();
+    let Pair {
+        dir,
+        teacher,
+        student,
+        permuted,
+        data,
+        vocab: v,
+    } = Pair::new();
     let root = dir.path();
-    let mut cfg = tiny_config(Arch::Llama);
-    cfg.num_hidden_layers = 3;
-    let teacher = write_tiny_model(&root.join("t"), &cfg, 1);
-    cfg.num_hidden_layers = 1;
-    let student = write_tiny_model(&root.join("s"), &cfg, 9);
-    let permuted = permuted_copy(&teacher, root);
-    let data = root.join("d.jsonl");
-    write_chat_data(&data, 10);
-    let v = cfg.vocab_size;
     let same = recipe(root, "same.toml", &teacher, &student, &data, "");
     let cross = recipe(
         root,
@@ -228,17 +259,15 @@ fn assert_same_runs(a: &[serde_json::Value], b: &[serde_json::Value], tol: f64, 
 /// guards around it refuse with hints.
 #[test]
 fn gold_from_a_cache_trains_as_gold_online() {
-    let dir = tempfile::tempdir().unwrap();
+    let Pair {
+        dir,
+        student,
+        permuted,
+        data,
+        vocab: v,
+        ..
+    } = Pair::new();
     let root = dir.path();
-    let mut cfg = tiny_config(Arch::Llama);
-    cfg.num_hidden_layers = 3;
-    let teacher = write_tiny_model(&root.join("t"), &cfg, 1);
-    cfg.num_hidden_layers = 1;
-    let student = write_tiny_model(&root.join("s"), &cfg, 9);
-    let permuted = permuted_copy(&teacher, root);
-    let data = root.join("d.jsonl");
-    write_chat_data(&data, 10);
-    let v = cfg.vocab_size;
     let online = recipe(
         root,
         "online.toml",
