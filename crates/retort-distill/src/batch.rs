@@ -31,13 +31,13 @@ pub struct Sample {
 
 /// Refuse samples longer than a model's `context` before any compute: names the longest sample
 /// of `source` and the setting that cuts it (`what`, e.g. `train.max_len` or `--max-len`).
-pub fn check_context(
-    samples: &[Sample],
+pub fn check_context<'a>(
+    samples: impl IntoIterator<Item = &'a Sample>,
     context: usize,
     source: &std::path::Path,
     what: &str,
 ) -> crate::error::Result<()> {
-    if let Some(s) = samples.iter().max_by_key(|s| s.ids.len())
+    if let Some(s) = samples.into_iter().max_by_key(|s| s.ids.len())
         && s.ids.len() > context
     {
         return Err(crate::error::Error::invalid(

@@ -486,11 +486,10 @@ fn plan_stage(index: usize, stage: &Stage, t: &TrainParams, d: &StageData) -> Re
             None => batch::tokenize(ds, tokenizer, t.max_len, t.truncation)?,
         };
         batch::check_context(&samples, context, src, "train.max_len")?;
-        let teacher_sides: Vec<Sample> = samples
+        let teacher_sides = samples
             .iter()
-            .filter_map(|s| s.teacher.as_ref().map(|x| x.sample.clone()))
-            .collect();
-        batch::check_context(&teacher_sides, context, src, "train.max_len")?;
+            .filter_map(|s| s.teacher.as_ref().map(|x| &x.sample));
+        batch::check_context(teacher_sides, context, src, "train.max_len")?;
         Ok((samples, rep))
     };
     let (samples, tok_report) = tokenize(&ds, &stage.data)?;

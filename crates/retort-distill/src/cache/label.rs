@@ -398,8 +398,8 @@ pub fn label_with(
     let samples = tokenize(&ds, tok, opts)?;
     let offsets = samples.iter().all(|(_, t)| t.is_some());
     if let Some(context) = scorer.context() {
-        let plain: Vec<Sample> = samples.iter().map(|(s, _)| s.clone()).collect();
-        batch::check_context(&plain, context, &opts.data, "--max-len")?;
+        let plain = samples.iter().map(|(s, _)| s);
+        batch::check_context(plain, context, &opts.data, "--max-len")?;
     }
     let vocab = scorer.vocab_size();
     let k = opts.k.min(vocab);
