@@ -183,6 +183,7 @@ fn main() {
         real_tokens: batch * seq,
         sparse: None,
         cross: None,
+        sampled: None,
     };
     let obj = Objective {
         kd: (teacher_mode != "none").then_some(KdTerm {

@@ -313,6 +313,7 @@ pub fn collate(samples: &[&Sample], pad_id: u32, device: &Device) -> Result<Micr
         real_tokens,
         sparse: None,
         cross: None,
+        sampled: None,
     })
 }
 

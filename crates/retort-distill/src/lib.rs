@@ -16,6 +16,7 @@ pub mod cache;
 pub mod fused;
 pub mod grads;
 pub mod objective;
+pub mod onpolicy;
 pub mod recipe;
 pub mod schedule;
 pub mod setup;

@@ -74,6 +74,10 @@ pub struct MicroBatch {
     /// Cross-tokenizer KD: the aligned groups over the N loss rows, with the teacher's side
     /// (from [`crate::xtok::targets::online`]).
     pub cross: Option<Vec<crate::xtok::loss::Group>>,
+    /// On-policy stages with `estimator = "sampled"`: the teacher's log-prob of each of the N
+    /// target tokens (sampled by the student). The KD term is then the policy-gradient estimate
+    /// of reverse KL ([`crate::onpolicy::sampled_loss`]) instead of a divergence.
+    pub sampled: Option<Vec<f32>>,
 }
 
 /// Loss sums of a micro-batch (not normalised): Σ CE and Σ KD (× T²) over its loss tokens.
@@ -193,7 +197,7 @@ fn run(
     if n == 0 {
         return Ok(LossSums::default()); // nothing to learn from: no gradient, no NaN
     }
-    let precomputed = mb.sparse.is_some() || mb.cross.is_some();
+    let precomputed = mb.sparse.is_some() || mb.cross.is_some() || mb.sampled.is_some();
     let teacher = match (&obj.kd, teacher) {
         (Some(_), _) if precomputed => None, // targets from the cache or the aligned groups
         // A cross-tokenizer teacher's logits are over another vocabulary: only its groups serve.
@@ -363,6 +367,12 @@ fn chunk_loss(
     sums: &mut LossSums,
 ) -> Result<Tensor> {
     let targets = mb.targets.narrow(0, start, len)?;
+    if let (Some(_), Some(t_logp)) = (&obj.kd, &mb.sampled) {
+        let f = crate::onpolicy::sampled_loss(s_logits, &targets, &t_logp[start..start + len])?;
+        sums.ce += f.ce_sum;
+        sums.kd += f.kd_sum;
+        return Ok((f.loss * scale)?);
+    }
     if let (Some(k), Some(groups), Some(cross)) = (&obj.kd, &mb.cross, &obj.cross) {
         let end = start + len;
         let inside: Vec<crate::xtok::loss::Group> = groups

@@ -59,6 +59,17 @@ pub struct TeacherSpec {
     /// running the teacher. With `path` too, samples missing from the cache are labelled live.
     #[serde(default)]
     pub cache: Option<PathBuf>,
+    /// An OpenAI-compatible server (`http://host:8000/v1`) that scores on-policy stages'
+    /// samples through vLLM's `prompt_logprobs` (vLLM, SGLang, `retort serve`). It must serve a
+    /// model with the student's tokenizer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The served model's name (default: the first the server lists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// The environment variable holding the server's API key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_env: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -172,6 +183,90 @@ pub enum Method {
     Sft,
     /// `(1 − α)·CE + α·KD` against the teacher's distributions.
     Kd,
+    /// On-policy distillation: the student answers the stage's prompts and the teacher grades
+    /// every token of its answers ([`OnPolicy`]).
+    #[serde(rename = "on_policy")]
+    OnPolicy,
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Method::Sft => "sft",
+            Method::Kd => "kd",
+            Method::OnPolicy => "on_policy",
+        })
+    }
+}
+
+impl Method {
+    /// Whether the stage needs a teacher.
+    pub fn needs_teacher(self) -> bool {
+        self != Method::Sft
+    }
+}
+
+/// How an on-policy stage's gradient is estimated from the student's samples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Estimator {
+    /// The stage's divergence between the teacher's and the student's next-token distributions
+    /// at every sampled position (GKD): exact per position, no sampling noise in the token's
+    /// distribution, but blind to how a token changes the rest of the answer.
+    #[default]
+    Full,
+    /// Policy gradient with the sampled token's `log p_student − log p_teacher` as its per-token
+    /// cost, undiscounted (the "on-policy distillation" recipe): needs only the teacher's
+    /// log-prob of the sampled token, noisier per token.
+    Sampled,
+}
+
+/// An on-policy stage's schedule, sampling and estimator (`[stages.on_policy]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OnPolicy {
+    /// GKD's λ: the share of each round's prompts the student answers; the others keep the
+    /// data's answer (off-policy KD on them). 1 = fully on-policy.
+    pub lambda: f64,
+    /// Prompts answered per round (default: `updates_per_round × batch_size × grad_accum`, each
+    /// sample used once).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub samples_per_round: Option<usize>,
+    /// Optimizer steps per round on the round's samples; the last step's samples are
+    /// `updates_per_round − 1` updates stale.
+    pub updates_per_round: usize,
+    /// Longest student answer, in tokens (cut further to fit `train.max_len`).
+    pub max_new_tokens: usize,
+    /// Sampling temperature of the student (1 samples the student's own distribution).
+    pub temperature: f64,
+    pub top_p: f64,
+    pub estimator: Estimator,
+    /// The teacher's top-k per token (the rest is one tail bucket); servers cap it (vLLM's
+    /// `--max-logprobs`, default 20).
+    pub top_k: usize,
+}
+
+impl Default for OnPolicy {
+    fn default() -> Self {
+        OnPolicy {
+            lambda: 1.0,
+            samples_per_round: None,
+            updates_per_round: 4,
+            max_new_tokens: 128,
+            temperature: 1.0,
+            top_p: 1.0,
+            estimator: Estimator::Full,
+            top_k: 20,
+        }
+    }
+}
+
+impl OnPolicy {
+    /// Prompts per round for micro-batches of `batch` and `accum` of them per step.
+    pub fn samples_per_round_for(&self, batch: usize, accum: usize) -> usize {
+        self.samples_per_round
+            .unwrap_or(self.updates_per_round * batch * accum)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -212,6 +307,9 @@ pub struct Stage {
     /// Cross-tokenizer KD: the teacher's top-k per token (the rest is one tail bucket).
     #[serde(default = "default_cross_top_k")]
     pub cross_top_k: usize,
+    /// `method = "on_policy"`: rounds, sampling and estimator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_policy: Option<OnPolicy>,
 }
 
 fn default_cross_top_k() -> usize {
@@ -418,6 +516,24 @@ fn where_is(field: &str, text: &str, sets: &[String]) -> String {
     }
 }
 
+/// Defaults that depend on a stage's method: an on-policy stage's divergence is reverse KL (the
+/// mode-seeking loss on the student's own samples) and it has an `[on_policy]` table.
+fn method_defaults(doc: &mut toml::Table) {
+    let Some(toml::Value::Array(stages)) = doc.get_mut("stages") else {
+        return;
+    };
+    for st in stages {
+        if let toml::Value::Table(t) = st
+            && t.get("method").and_then(|m| m.as_str()) == Some("on_policy")
+        {
+            t.entry("loss")
+                .or_insert_with(|| toml::Value::String("reverse_kl".into()));
+            t.entry("on_policy")
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        }
+    }
+}
+
 impl Recipe {
     /// Read, override, resolve relative paths and validate.
     pub fn load(path: &Path, sets: &[String]) -> Result<Recipe> {
@@ -430,6 +546,7 @@ impl Recipe {
             )
         })?;
         apply_overrides(&mut doc, path, sets)?;
+        method_defaults(&mut doc);
         let mut recipe: Recipe = serde_path_to_error::deserialize(toml::Value::Table(doc))
             .map_err(|e| {
                 let field = e.path().to_string();
@@ -500,10 +617,22 @@ impl Recipe {
         if let Some(t) = &self.teacher
             && t.path.is_none()
             && t.cache.is_none()
+            && t.url.is_none()
         {
             return err(
-                "[teacher] needs `path` (a model), `cache` (from `retort label`), or both".into(),
+                "[teacher] needs `path` (a model), `cache` (from `retort label`) or `url` (a server)"
+                    .into(),
                 "add [teacher] path = \"model.gguf\" or cache = \"runs/cache\"",
+            );
+        }
+        if let Some(t) = &self.teacher
+            && t.url.is_some()
+            && t.path.is_some()
+        {
+            return err(
+                "[teacher] has both `path` and `url`: on-policy samples would have two graders"
+                    .into(),
+                "keep one: `path` scores in this process, `url` on a server",
             );
         }
         if self.teacher.as_ref().is_none_or(|t| t.path.is_none()) && s.path.is_none() {
@@ -582,6 +711,33 @@ impl Recipe {
                 st.temperature,
                 Range::Above(0.0),
             ));
+            if let Some(o) = &st.on_policy {
+                let g = |name: &str| format!("stages.{i}.on_policy.{name}");
+                checks.push(Check::real(&g("lambda"), o.lambda, Range::Closed(0.0, 1.0)));
+                if let Some(n) = o.samples_per_round {
+                    checks.push(Check::count(&g("samples_per_round"), n, 1, 1 << 20));
+                }
+                checks.push(Check::count(
+                    &g("updates_per_round"),
+                    o.updates_per_round,
+                    1,
+                    1 << 20,
+                ));
+                checks.push(Check::count(
+                    &g("max_new_tokens"),
+                    o.max_new_tokens,
+                    1,
+                    1 << 20,
+                ));
+                checks.push(Check::real(
+                    &g("temperature"),
+                    o.temperature,
+                    Range::Above(0.0),
+                ));
+                checks.push(Check::real(&g("top_p"), o.top_p, Range::Above(0.0)));
+                checks.push(Check::real(&g("top_p"), o.top_p, Range::Closed(0.0, 1.0)));
+                checks.push(Check::count(&g("top_k"), o.top_k, 1, 4096));
+            }
         }
         for c in checks {
             if let Some(problem) = c.problem() {
@@ -590,11 +746,81 @@ impl Recipe {
         }
         for (i, st) in self.stages.iter().enumerate() {
             let at = format!("stages[{i}] ({})", st.name);
-            if st.method == Method::Kd && self.teacher.is_none() {
+            if st.method.needs_teacher() && self.teacher.is_none() {
                 return err(
-                    format!("{at} uses method = \"kd\" but there is no [teacher]"),
+                    format!(
+                        "{at} uses method = \"{}\" but there is no [teacher]",
+                        st.method
+                    ),
                     "add [teacher] path = …, or use method = \"sft\"",
                 );
+            }
+            let url = self.teacher.as_ref().is_some_and(|t| t.url.is_some());
+            let cache = self.teacher.as_ref().is_some_and(|t| t.cache.is_some());
+            if st.method == Method::Kd && url && !cache {
+                return err(
+                    format!("{at}: a KD stage reads a server teacher's scores from a logit cache"),
+                    "label the data first (`retort label --teacher URL …`) and add [teacher] cache = …; \
+                     the server scores on-policy stages live",
+                );
+            }
+            if st.on_policy.is_some() && st.method != Method::OnPolicy {
+                return err(
+                    format!("{at} has an [on_policy] table but its method is not \"on_policy\""),
+                    "remove the table, or set method = \"on_policy\"",
+                );
+            }
+            if st.method == Method::OnPolicy {
+                let no_model = self
+                    .teacher
+                    .as_ref()
+                    .is_some_and(|t| t.path.is_none() && t.url.is_none());
+                if no_model {
+                    return err(
+                        format!(
+                            "{at}: on-policy samples are new, so a logit cache cannot grade them"
+                        ),
+                        "give [teacher] a `path` (a model) or a `url` (a server)",
+                    );
+                }
+                if st.cross_tokenizer.is_some() {
+                    return err(
+                        format!(
+                            "{at}: on-policy distillation across tokenizers is not supported yet"
+                        ),
+                        "use a teacher with the student's tokenizer, or an off-policy stage (method = \"kd\") with cross_tokenizer",
+                    );
+                }
+                if st.alpha != 1.0 {
+                    return err(
+                        format!(
+                            "`stages.{i}.alpha` = {}: an on-policy stage trains on the divergence alone",
+                            st.alpha
+                        ),
+                        "remove alpha: cross-entropy on the student's own samples would reinforce whatever it wrote",
+                    );
+                }
+                if let Some(o) = &st.on_policy
+                    && o.estimator == Estimator::Sampled
+                {
+                    if o.lambda != 1.0 {
+                        return err(
+                            format!(
+                                "`stages.{i}.on_policy.estimator` = \"sampled\" with lambda = {}",
+                                o.lambda
+                            ),
+                            "the policy gradient needs the student's own samples: set lambda = 1, or use estimator = \"full\"",
+                        );
+                    }
+                    if st.temperature != 1.0 || o.temperature != 1.0 {
+                        return err(
+                            format!(
+                                "`stages.{i}.on_policy.estimator` = \"sampled\" needs the student sampled and scored at temperature 1"
+                            ),
+                            "remove temperature and on_policy.temperature (both default to 1)",
+                        );
+                    }
+                }
             }
             if st.cross_tokenizer.is_some() && st.method != Method::Kd {
                 return err(
@@ -762,6 +988,152 @@ method = "sft"
         let (_d, p) = write(&TWO_STAGE.replace("[teacher]\npath = \"t.gguf\"", ""));
         let e = Recipe::load(&p, &[]).unwrap_err().to_string();
         assert!(e.contains("no [teacher]"), "{e}");
+    }
+
+    const ON_POLICY: &str = r#"
+[teacher]
+path = "t.gguf"
+[student]
+num_layers = 4
+[[stages]]
+name = "op"
+data = "a.jsonl"
+method = "on_policy"
+"#;
+
+    #[test]
+    fn on_policy_defaults_and_every_bad_value_is_refused() {
+        let (_d, p) = write(ON_POLICY);
+        let r = Recipe::load(&p, &[]).unwrap();
+        // Reverse KL and the [on_policy] defaults unless the recipe says otherwise.
+        assert_eq!(r.stages[0].loss, Divergence::ReverseKl);
+        let o = r.stages[0].on_policy.clone().unwrap();
+        assert_eq!(o, OnPolicy::default());
+        assert_eq!(o.samples_per_round_for(4, 2), 4 * 4 * 2);
+        let r = Recipe::load(&p, &["stages.0.loss=\"jsd:0.5\"".into()]).unwrap();
+        assert_eq!(r.stages[0].loss, Divergence::Jsd { beta: 0.5 });
+        let (_d2, p2) = write(&r.to_toml().unwrap());
+        assert_eq!(
+            Recipe::load(&p2, &[]).unwrap(),
+            r,
+            "the resolved recipe reads back"
+        );
+        let table = [
+            (
+                "stages.0.on_policy.lambda=1.5",
+                "`stages.0.on_policy.lambda` = 1.5",
+            ),
+            (
+                "stages.0.on_policy.lambda=nan",
+                "`stages.0.on_policy.lambda` = NaN",
+            ),
+            (
+                "stages.0.on_policy.updates_per_round=0",
+                "`stages.0.on_policy.updates_per_round` = 0",
+            ),
+            (
+                "stages.0.on_policy.samples_per_round=0",
+                "`stages.0.on_policy.samples_per_round` = 0",
+            ),
+            (
+                "stages.0.on_policy.max_new_tokens=0",
+                "`stages.0.on_policy.max_new_tokens` = 0",
+            ),
+            (
+                "stages.0.on_policy.temperature=0",
+                "`stages.0.on_policy.temperature` = 0",
+            ),
+            (
+                "stages.0.on_policy.top_p=0",
+                "`stages.0.on_policy.top_p` = 0",
+            ),
+            (
+                "stages.0.on_policy.top_p=1.5",
+                "`stages.0.on_policy.top_p` = 1.5",
+            ),
+            (
+                "stages.0.on_policy.top_k=0",
+                "`stages.0.on_policy.top_k` = 0",
+            ),
+            (
+                "stages.0.on_policy.estimator=\"k3\"",
+                "stages[0].on_policy.estimator",
+            ),
+            ("stages.0.on_policy.lambada=0.5", "lambada"),
+            (
+                "stages.0.alpha=0.5",
+                "`stages.0.alpha` = 0.5: an on-policy stage trains on the divergence alone",
+            ),
+            (
+                "stages.0.cross_tokenizer=\"uld\"",
+                "across tokenizers is not supported yet",
+            ),
+        ];
+        for (set, want) in table {
+            let e = Recipe::load(&p, &[set.to_string()])
+                .map(|_| String::new())
+                .unwrap_or_else(|e| e.to_string());
+            assert!(e.contains(want), "--set {set}: wanted `{want}` in: {e}");
+            assert!(e.contains("hint:"), "--set {set}: no hint in: {e}");
+        }
+        // The sampled estimator needs the student's own samples at temperature 1.
+        let sampled = "stages.0.on_policy.estimator=\"sampled\"".to_string();
+        assert!(Recipe::load(&p, std::slice::from_ref(&sampled)).is_ok());
+        for (other, want) in [
+            ("stages.0.on_policy.lambda=0.5", "with lambda = 0.5"),
+            ("stages.0.on_policy.temperature=0.7", "at temperature 1"),
+            ("stages.0.temperature=2", "at temperature 1"),
+        ] {
+            let e = Recipe::load(&p, &[sampled.clone(), other.into()])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{other}: {e}");
+        }
+        // Teachers: a cache cannot grade new samples; a server and a model are one too many;
+        // a server teaches KD stages only through a cache; [on_policy] only on on-policy stages.
+        let cases = [
+            (
+                ON_POLICY
+                    .replace("path = \"t.gguf\"", "cache = \"c\"")
+                    .replace("num_layers = 4", "path = \"s.gguf\""),
+                "a logit cache cannot grade them",
+            ),
+            (
+                ON_POLICY.replace(
+                    "path = \"t.gguf\"",
+                    "path = \"t.gguf\"\nurl = \"http://h/v1\"",
+                ),
+                "both `path` and `url`",
+            ),
+            (
+                ON_POLICY
+                    .replace("path = \"t.gguf\"", "url = \"http://h/v1\"")
+                    .replace("num_layers = 4", "path = \"s.gguf\"")
+                    .replace("on_policy\"", "kd\""),
+                "reads a server teacher's scores from a logit cache",
+            ),
+            (
+                ON_POLICY.replace("\"on_policy\"", "\"kd\"\n[stages.on_policy]\nlambda = 0.5"),
+                "its method is not \"on_policy\"",
+            ),
+        ];
+        for (text, want) in cases {
+            let (_d, p) = write(&text);
+            let e = Recipe::load(&p, &[]).unwrap_err().to_string();
+            assert!(
+                e.contains(want) && e.contains("hint:"),
+                "wanted `{want}` in: {e}"
+            );
+        }
+        let (_d, p) = write(
+            &ON_POLICY
+                .replace("path = \"t.gguf\"", "url = \"http://h/v1\"")
+                .replace("num_layers = 4", "path = \"s.gguf\""),
+        );
+        assert!(
+            Recipe::load(&p, &[]).is_ok(),
+            "a server teacher grades on-policy stages"
+        );
     }
 
     #[test]

@@ -71,6 +71,10 @@ pub struct Plan {
     pub teacher_id: Option<TeacherId>,
     /// The logit cache KD stages read targets from.
     pub cache: Option<crate::cache::Reader>,
+    /// A server teacher (`[teacher] url`) that grades on-policy samples; set by the caller
+    /// after [`prepare`] (the HTTP client lives in `retort-teacher`). Without it, on-policy
+    /// stages are graded by the live teacher.
+    pub scorer: Option<Box<dyn crate::cache::label::Scorer + Send>>,
     pub stages: Vec<StagePlan>,
     pub pad_id: u32,
     /// Padding of the teacher's own tokenization (cross-tokenizer stages).
@@ -280,7 +284,7 @@ pub fn prepare(recipe: Recipe, device: &Device) -> Result<Plan> {
         .as_ref()
         .map_or(usize::MAX, |ck| ck.config.max_position_embeddings)
         .min(student.config().max_position_embeddings);
-    let needs_teacher = recipe.stages.iter().any(|s| s.method == Method::Kd);
+    let needs_teacher = recipe.stages.iter().any(|s| s.method.needs_teacher());
     let cache = match recipe.teacher.as_ref().and_then(|t| t.cache.as_ref()) {
         Some(dir) if needs_teacher => Some(Reader::open(dir, teacher_ck.is_some())?),
         _ => None,
@@ -322,12 +326,12 @@ pub fn prepare(recipe: Recipe, device: &Device) -> Result<Plan> {
     let one_vocabulary = recipe
         .stages
         .iter()
-        .any(|st| st.method == Method::Kd && st.cross_tokenizer.is_none());
+        .any(|st| st.method.needs_teacher() && st.cross_tokenizer.is_none());
     if let (Some(ck), false) = (&teacher_ck, same_tokenizer)
         && let Some(st) = recipe
             .stages
             .iter()
-            .find(|st| st.method == Method::Kd && st.cross_tokenizer.is_none())
+            .find(|st| st.method.needs_teacher() && st.cross_tokenizer.is_none())
     {
         return Err(Error::invalid(
             format!(
@@ -366,6 +370,23 @@ pub fn prepare(recipe: Recipe, device: &Device) -> Result<Plan> {
     let (teacher_id, vocab_limit) = match (&cache, teacher_id) {
         (Some(c), id) => cache_identity(c, id, &student, &tokenizer, one_vocabulary)?,
         (None, id) => (id, vocab_limit),
+    };
+    // A server teacher (on-policy stages): its name and URL stand for its weights.
+    let teacher_id = match recipe.teacher.as_ref().and_then(|t| t.url.as_ref()) {
+        Some(url) if teacher_id.is_none() => Some(TeacherId {
+            path: url.into(),
+            sha256: format!(
+                "remote:{}@{url}",
+                recipe
+                    .teacher
+                    .as_ref()
+                    .and_then(|t| t.model.as_deref())
+                    .unwrap_or("default")
+            ),
+            arch: "remote".into(),
+            tokenizer_fingerprint: tokenizer.fingerprint(),
+        }),
+        _ => teacher_id,
     };
     let pad_id = tokenizer.stop_ids().first().copied().unwrap_or(0);
     let teacher_pad_id = teacher_ck
@@ -428,6 +449,7 @@ pub fn prepare(recipe: Recipe, device: &Device) -> Result<Plan> {
         teacher,
         teacher_id,
         cache,
+        scorer: None,
         stages,
         pad_id,
         teacher_pad_id,
@@ -521,20 +543,28 @@ fn plan_stage(index: usize, stage: &Stage, t: &TrainParams, d: &StageData) -> Re
     let lengths: Vec<usize> = train.iter().map(|s| s.ids.len()).collect();
     let plan0 = batch::plan_epoch(&lengths, t.batch_size, t.bucket_batches, t.seed, 0);
     let steps_per_epoch = plan0.len().div_ceil(t.grad_accum);
-    let mut total_steps = steps_per_epoch * stage.epochs;
+    let mut total_steps = match &stage.on_policy {
+        // Rounds of `samples_per_round` prompts over `epochs` passes, `updates_per_round` steps
+        // each (with λ = 0 and one use per sample: the off-policy stage's steps).
+        Some(o) => {
+            let per_round = o.samples_per_round_for(t.batch_size, t.grad_accum);
+            (train.len() * stage.epochs).div_ceil(per_round) * o.updates_per_round
+        }
+        None => steps_per_epoch * stage.epochs,
+    };
     if let Some(m) = stage.max_steps {
         total_steps = total_steps.min(m);
     }
     let kd = match stage.method {
         Method::Sft => None,
-        Method::Kd => Some(KdTerm {
+        Method::Kd | Method::OnPolicy => Some(KdTerm {
             divergence: stage.loss,
             temperature: stage.temperature,
             alpha: stage.alpha,
         }),
     };
-    let cache_hits = match (&cache, &kd) {
-        (Some(c), Some(_)) => Some(cache_coverage(
+    let cache_hits = match (&cache, stage.method) {
+        (Some(c), Method::Kd) => Some(cache_coverage(
             c,
             &stage.name,
             &ds.sha256,

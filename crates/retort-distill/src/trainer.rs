@@ -31,6 +31,8 @@ use crate::batch::{self, Sample};
 use crate::error::{Error, Result};
 use crate::grads::Grads;
 use crate::objective::{self, LossSums, MicroBatch};
+use crate::onpolicy::{self, PromptStream, RoundFile, RoundRecord};
+use crate::recipe::{Estimator, Method, OnPolicy};
 use crate::schedule::Schedule;
 use crate::setup::{Plan, StagePlan, TeacherId};
 use crate::targets;
@@ -77,6 +79,9 @@ pub struct StepRecord {
     /// Loss tokens per second: `tokens` over the step's time.
     #[serde(default)]
     pub loss_tokens_per_s: f64,
+    /// On-policy stages: updates since the policy that wrote this step's samples.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staleness: Option<usize>,
 }
 
 /// One evaluation on the held-out split.
@@ -128,6 +133,10 @@ pub trait Observer {
     fn step(&mut self, _r: &StepRecord) {}
     fn eval(&mut self, _r: &EvalRecord) {}
     fn checkpoint(&mut self, _path: &Path) {}
+    /// An on-policy round was sampled and scored (its training time is still 0).
+    fn round(&mut self, _r: &RoundRecord) {}
+    /// Work between steps that takes a while (sampling a round, scoring it).
+    fn phase(&mut self, _what: &str) {}
 }
 
 /// An observer that does nothing.
@@ -347,11 +356,7 @@ impl Run<'_> {
         let kd = sp.objective.kd.as_ref();
         LineageEntry {
             stage: sp.stage.name.clone(),
-            method: if kd.is_some() {
-                "kd".into()
-            } else {
-                "sft".into()
-            },
+            method: sp.stage.method.to_string(),
             loss: kd.map(|k| k.divergence.to_string()),
             alpha: kd.map(|k| k.alpha),
             temperature: kd.map(|k| k.temperature),
@@ -389,22 +394,39 @@ impl Run<'_> {
             obs.eval(&e);
         }
         let mut step = start;
+        let mut on_policy = sp.stage.on_policy.as_ref().map(|o| OnPolicyRun {
+            o,
+            stream: PromptStream::new(
+                &sp.train,
+                t.batch_size,
+                t.bucket_batches,
+                self.stage_seed(sp),
+            ),
+            per_round: o.samples_per_round_for(t.batch_size, t.grad_accum),
+            current: None,
+        });
         while step < sp.total_steps {
             let t0 = Instant::now();
             let epoch = step / sp.steps_per_epoch;
             let k = step % sp.steps_per_epoch;
             let seed = self.stage_seed(sp);
-            let batches = epoch_plans.entry(epoch).or_insert_with(|| {
-                batch::plan_epoch(&lengths, t.batch_size, t.bucket_batches, seed, epoch)
-            });
-            let micro = &batches[k * t.grad_accum..((k + 1) * t.grad_accum).min(batches.len())];
-            let mbs: Vec<MicroBatch> = micro
-                .iter()
-                .map(|b| {
-                    let samples: Vec<&Sample> = b.iter().map(|&i| &sp.train[i]).collect();
-                    self.micro_batch(sp, &samples, true)
-                })
-                .collect::<Result<_>>()?;
+            let mbs: Vec<MicroBatch> = match on_policy.as_mut() {
+                Some(op) => op.micro_batches(self, sp, step, obs)?,
+                None => {
+                    let batches = epoch_plans.entry(epoch).or_insert_with(|| {
+                        batch::plan_epoch(&lengths, t.batch_size, t.bucket_batches, seed, epoch)
+                    });
+                    let micro =
+                        &batches[k * t.grad_accum..((k + 1) * t.grad_accum).min(batches.len())];
+                    micro
+                        .iter()
+                        .map(|b| {
+                            let samples: Vec<&Sample> = b.iter().map(|&i| &sp.train[i]).collect();
+                            self.micro_batch(sp, &samples, true)
+                        })
+                        .collect::<Result<_>>()?
+                }
+            };
             let normalizer: usize = mbs.iter().map(|m| m.loss_tokens).sum();
             let mut grads = Grads::new(self.plan.student.vars().len());
             let mut sums = LossSums::default();
@@ -466,9 +488,15 @@ impl Run<'_> {
                 tokens_per_s: real as f64 / secs,
                 real_tokens: real,
                 loss_tokens_per_s: sums.tokens as f64 / secs,
+                staleness: on_policy
+                    .as_ref()
+                    .map(|op| (step - 1) % op.o.updates_per_round),
             };
             self.write_metric(&rec)?;
             obs.step(&rec);
+            if let Some(op) = on_policy.as_mut() {
+                op.stepped(self, step, sp.total_steps, t0.elapsed().as_secs_f64())?;
+            }
             let last = step == sp.total_steps;
             if has_eval && !last && t.eval_every > 0 && step.is_multiple_of(t.eval_every) {
                 let e = self.evaluate(sp)?;
@@ -505,9 +533,12 @@ impl Run<'_> {
     /// Training needs targets for every sample; evaluation without them reports NLL only.
     fn micro_batch(&self, sp: &StagePlan, samples: &[&Sample], train: bool) -> Result<MicroBatch> {
         let mut mb = batch::collate(samples, self.plan.pad_id, self.plan.student.device())?;
-        if let (Some(cache), Some(kd), None) =
-            (&self.plan.cache, &sp.objective.kd, &sp.objective.cross)
-        {
+        if let (Some(cache), Some(kd), None, Method::Kd) = (
+            &self.plan.cache,
+            &sp.objective.kd,
+            &sp.objective.cross,
+            sp.stage.method,
+        ) {
             let (targets, prov) = targets::for_samples(
                 cache,
                 self.plan.teacher.as_ref(),
@@ -693,6 +724,209 @@ impl Run<'_> {
         let n = steps.len();
         for p in steps.into_iter().take(n.saturating_sub(keep)) {
             fs_err::remove_dir_all(p)?;
+        }
+        Ok(())
+    }
+}
+
+/// An on-policy stage's rounds ([`crate::onpolicy`]).
+struct OnPolicyRun<'p> {
+    o: &'p OnPolicy,
+    stream: PromptStream,
+    per_round: usize,
+    current: Option<RoundState>,
+}
+
+/// The round being trained on: its samples and the teacher's scores of them.
+struct RoundState {
+    file: RoundFile,
+    samples: Vec<Sample>,
+    tops: Vec<crate::cache::TopK>,
+    vocab: usize,
+    record: RoundRecord,
+}
+
+impl OnPolicyRun<'_> {
+    /// The micro-batches of stage step `step` (0-based): the round's samples for it, with the
+    /// teacher's targets; the round is read back or sampled and scored first when it starts.
+    fn micro_batches(
+        &mut self,
+        run: &Run,
+        sp: &StagePlan,
+        step: usize,
+        obs: &mut dyn Observer,
+    ) -> Result<Vec<MicroBatch>> {
+        let round = step / self.o.updates_per_round;
+        if self.current.as_ref().is_none_or(|c| c.file.round != round) {
+            self.current = Some(self.start_round(run, sp, round, obs)?);
+        }
+        let Some(cur) = &self.current else {
+            return Err(Error::invalid(
+                "no on-policy round",
+                "this is a bug in retort",
+            ));
+        };
+        let t = &run.plan.recipe.train;
+        let kd = sp.objective.kd.as_ref().ok_or_else(|| {
+            Error::invalid(
+                "an on-policy stage without a KD term",
+                "this is a bug in retort",
+            )
+        })?;
+        let j = step % self.o.updates_per_round;
+        onpolicy::step_rows(j, cur.samples.len(), t.batch_size, t.grad_accum)
+            .into_iter()
+            .map(|rows| {
+                let samples: Vec<&Sample> = rows.iter().map(|&i| &cur.samples[i]).collect();
+                let tops: Vec<&crate::cache::TopK> = rows.iter().map(|&i| &cur.tops[i]).collect();
+                let mut mb = batch::collate(&samples, run.plan.pad_id, run.plan.student.device())?;
+                match self.o.estimator {
+                    Estimator::Full => {
+                        mb.sparse =
+                            Some(onpolicy::sparse_targets(&tops, cur.vocab, kd.temperature));
+                    }
+                    Estimator::Sampled => {
+                        mb.sampled = Some(
+                            tops.iter()
+                                .flat_map(|t| t.label_logp.iter().copied())
+                                .collect(),
+                        );
+                    }
+                }
+                Ok(mb)
+            })
+            .collect()
+    }
+
+    fn start_round(
+        &mut self,
+        run: &Run,
+        sp: &StagePlan,
+        round: usize,
+        obs: &mut dyn Observer,
+    ) -> Result<RoundState> {
+        let plan = run.plan;
+        let local;
+        let scorer: &dyn crate::cache::label::Scorer = match (&plan.scorer, &plan.teacher) {
+            (Some(s), _) => s.as_ref(),
+            (None, Some(teacher)) => {
+                local = crate::cache::label::LocalScorer {
+                    model: teacher,
+                    path: plan
+                        .teacher_id
+                        .as_ref()
+                        .map(|i| i.path.clone())
+                        .unwrap_or_default(),
+                    arch: plan
+                        .teacher_id
+                        .as_ref()
+                        .map(|i| i.arch.clone())
+                        .unwrap_or_default(),
+                    chunk_rows: sp.objective.chunk_rows,
+                };
+                &local
+            }
+            (None, None) => {
+                return Err(Error::invalid(
+                    format!(
+                        "on-policy stage `{}` has no teacher to grade its samples",
+                        sp.stage.name
+                    ),
+                    "give [teacher] a `path` (a model) or a `url` (a server)",
+                ));
+            }
+        };
+        let path = onpolicy::round_path(&run.opts.out, sp.index, round);
+        let file = match onpolicy::read_round(&path, &run.recipe_sha256)? {
+            Some(f) => f,
+            None => {
+                obs.phase(&format!(
+                    "round {round}: the student answers {} prompts",
+                    self.per_round
+                ));
+                let t = &plan.recipe.train;
+                let context = plan
+                    .student
+                    .config()
+                    .max_position_embeddings
+                    .min(scorer.context().unwrap_or(usize::MAX));
+                let inputs = onpolicy::RoundInputs {
+                    student: &plan.student,
+                    tokenizer: &plan.tokenizer,
+                    train: &sp.train,
+                    on_policy: self.o,
+                    max_len: t.max_len.min(context),
+                    matmul: t.matmul,
+                    seed: run.stage_seed(sp),
+                    stage: sp.index,
+                    recipe_sha256: &run.recipe_sha256,
+                };
+                let f = onpolicy::sample_round(
+                    &inputs,
+                    &mut self.stream,
+                    round,
+                    run.global_step,
+                    self.per_round,
+                )?;
+                if let Some(dir) = path.parent() {
+                    fs_err::create_dir_all(dir)?;
+                }
+                let json = serde_json::to_vec(&f).map_err(std::io::Error::from)?;
+                write_atomic(&path, &json)?;
+                f
+            }
+        };
+        let samples = file.samples(&sp.train)?;
+        obs.phase(&format!(
+            "round {round}: the teacher scores {} answers",
+            samples.len()
+        ));
+        let t0 = Instant::now();
+        let tops = onpolicy::score(
+            scorer,
+            &samples,
+            plan.pad_id,
+            self.o.top_k,
+            plan.recipe.train.batch_size,
+        )?;
+        for (s, t) in samples.iter().zip(&tops) {
+            if t.positions != crate::cache::label::loss_positions(s) {
+                return Err(Error::invalid(
+                    format!(
+                        "the teacher scored other positions than sample `{}` has",
+                        s.id
+                    ),
+                    "the server must score the prompt ids it is sent (vLLM's prompt_logprobs)",
+                ));
+            }
+        }
+        let record = RoundRecord::new(
+            &file,
+            &tops,
+            &sp.stage.name,
+            t0.elapsed().as_secs_f64(),
+            self.o.updates_per_round,
+        );
+        obs.round(&record);
+        Ok(RoundState {
+            file,
+            samples,
+            tops,
+            vocab: scorer.vocab_size(),
+            record,
+        })
+    }
+
+    /// After stage step `step` (1-based): add its time; at the round's last step (or the
+    /// stage's), write the round's record.
+    fn stepped(&mut self, run: &mut Run, step: usize, total: usize, secs: f64) -> Result<()> {
+        let Some(cur) = self.current.as_mut() else {
+            return Ok(());
+        };
+        cur.record.seconds_training += secs;
+        if step.is_multiple_of(self.o.updates_per_round) || step == total {
+            cur.record.global_step = run.global_step;
+            run.write_metric(&cur.record)?;
         }
         Ok(())
     }

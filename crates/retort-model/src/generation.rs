@@ -190,6 +190,8 @@ pub struct TokenLogprob {
     pub logprob: f32,
     /// `(id, logprob)`, most likely first.
     pub top: Vec<(u32, f32)>,
+    /// Entropy of the model's distribution at this position, in nats (temperature 1).
+    pub entropy: f32,
 }
 
 /// One generated answer.
@@ -342,7 +344,14 @@ pub fn generate_each(
 /// Log-softmax of `logits` at `id`, and the `n` most likely `(id, logprob)`.
 pub fn token_logprob(logits: &[f32], id: u32, n: usize) -> TokenLogprob {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
+    // One pass: Z = Σ e^(l − max) and Σ e^(l − max)·(l − max); H = ln Z − Σ p·(l − max).
+    let (z, zl) = logits.iter().fold((0.0f64, 0.0f64), |(z, zl), &l| {
+        let d = (l - max) as f64;
+        let e = d.exp();
+        (z + e, zl + e * d)
+    });
+    let lse = max + (z as f32).ln();
+    let entropy = (z.ln() - zl / z) as f32;
     let mut top: Vec<(u32, f32)> = Vec::new();
     if n > 0 {
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
@@ -362,6 +371,7 @@ pub fn token_logprob(logits: &[f32], id: u32, n: usize) -> TokenLogprob {
             .get(id as usize)
             .map_or(f32::NEG_INFINITY, |&l| l - lse),
         top,
+        entropy,
     }
 }
 

@@ -822,6 +822,13 @@ impl Model {
         Model::with_lora(&self.cfg, &self.dense_weights(source)?, lora, seed)
     }
 
+    /// A frozen f32 copy of this model's current weights (a LoRA student's merged), for
+    /// inference while it trains: generation from it tracks no gradients. `source` is recorded
+    /// as where the weights came from; products are f32 until `set_matmul_precision`.
+    pub fn snapshot(&self, source: &Path) -> Result<Model> {
+        Model::frozen(&self.cfg, &self.dense_weights(source)?, WeightFormat::F32)
+    }
+
     /// This model's weights as f32 [`Weights`] recorded as coming from `source`.
     fn dense_weights(&self, source: &Path) -> Result<Weights> {
         let tensors = self

@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
+use retort_distill::onpolicy::RoundRecord;
 use retort_distill::recipe::Recipe;
 use retort_distill::setup::{self, StagePlan};
 use retort_distill::trainer::{self, EvalRecord, Observer, Outcome, RunOptions, StepRecord};
@@ -54,9 +55,70 @@ impl Observer for Bars {
         }
     }
 
+    fn phase(&mut self, what: &str) {
+        match &self.bar {
+            Some(b) if !b.is_hidden() => b.set_message(what.to_string()),
+            _ => tracing::info!("{what}"),
+        }
+    }
+
+    fn round(&mut self, r: &RoundRecord) {
+        let line = format!(
+            "round {} @ step {}: {} of {} answers by the student, {:.0} tokens on average, {:.0}% cut off; \
+             per token: teacher NLL {:.3}, student entropy {:.3}, reverse KL {:.3}; sampled in {:.1}s, scored in {:.1}s",
+            r.round,
+            r.sampled_at_step,
+            r.student_samples,
+            r.samples,
+            r.mean_length,
+            r.cut_off * 100.0,
+            r.teacher_nll,
+            r.student_entropy,
+            r.reverse_kl,
+            r.seconds_sampling,
+            r.seconds_scoring
+        );
+        match &self.bar {
+            Some(b) if !b.is_hidden() => b.println(line),
+            _ => tracing::info!("{line}"),
+        }
+    }
+
     fn checkpoint(&mut self, path: &std::path::Path) {
         tracing::debug!("checkpoint {}", path.display());
     }
+}
+
+/// The server that grades on-policy samples (`[teacher] url`), checked to return
+/// `prompt_logprobs` with the largest `top_k` an on-policy stage asks for.
+fn connect_server(
+    url: &str,
+    t: &retort_distill::recipe::TeacherSpec,
+    plan: &setup::Plan,
+) -> Result<Box<dyn retort_distill::cache::label::Scorer + Send>> {
+    let api_key =
+        match &t.api_key_env {
+            Some(var) => Some(std::env::var(var).with_context(|| {
+                format!("[teacher] api_key_env names `{var}`, which is not set")
+            })?),
+            None => None,
+        };
+    let k = plan
+        .recipe
+        .stages
+        .iter()
+        .filter_map(|s| s.on_policy.as_ref().map(|o| o.top_k))
+        .max()
+        .unwrap_or(1);
+    let cfg = retort_teacher::HttpConfig {
+        model: t.model.clone(),
+        api_key,
+        ..retort_teacher::HttpConfig::new(url)
+    };
+    let scorer =
+        retort_teacher::remote_label::RemoteScorer::connect(cfg, plan.tokenizer.vocab_size(), k)
+            .with_context(|| format!("cannot use the teacher server `{url}`"))?;
+    Ok(Box::new(scorer))
 }
 
 pub fn run(args: TrainArgs, ctx: &super::Ctx) -> Result<()> {
@@ -65,7 +127,12 @@ pub fn run(args: TrainArgs, ctx: &super::Ctx) -> Result<()> {
     let pb = progress::spinner("loading models and validating data", quiet);
     let plan = setup::prepare(recipe, &ctx.device);
     pb.finish_and_clear();
-    let plan = plan.with_context(|| format!("cannot prepare `{}`", args.recipe.display()))?;
+    let mut plan = plan.with_context(|| format!("cannot prepare `{}`", args.recipe.display()))?;
+    if let Some(t) = plan.recipe.teacher.clone()
+        && let Some(url) = &t.url
+    {
+        plan.scorer = Some(connect_server(url, &t, &plan)?);
+    }
     if args.dry_run {
         out!("{}", plan.summary())?;
         outln!("dry run: nothing trained")?;
