@@ -78,6 +78,10 @@ pub struct GenReport {
     /// Answers that hit `max_new_tokens`.
     pub cut_off: usize,
     pub mean_new_tokens: f64,
+    /// With a teacher: its NLL per token of the greedy answers (how likely the teacher finds
+    /// what the model writes; the quality on-policy distillation trains for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher_nll: Option<f64>,
     /// The first few, to read.
     pub examples: Vec<GenExample>,
 }
@@ -127,7 +131,14 @@ pub fn evaluate(
     batch::check_context(&samples, context, &ds.path, "--max-len")?;
     let sums = score(model, tokenizer, teacher, &samples, opts, &mut progress)?;
     let generation = if opts.generate > 0 {
-        Some(generate(model, tokenizer, ds, opts, &mut progress)?)
+        Some(generate(
+            model,
+            tokenizer,
+            teacher,
+            ds,
+            opts,
+            &mut progress,
+        )?)
     } else {
         None
     };
@@ -204,6 +215,7 @@ pub fn score(
 fn generate(
     model: &Model,
     tokenizer: &Tokenizer,
+    teacher: Option<&Model>,
     ds: &Dataset,
     opts: &EvalOptions,
     progress: &mut impl FnMut(Phase, usize, usize),
@@ -253,7 +265,8 @@ fn generate(
     )?;
     let (mut rouge_sum, mut matches, mut cut_off, mut new_tokens) = (0.0, 0, 0, 0);
     let mut examples = Vec::new();
-    for ((id, _, reference), c) in items.iter().zip(outs) {
+    let mut answers = Vec::new(); // prompt + answer, the answer masked in: for the teacher
+    for ((id, prompt, reference), c) in items.iter().zip(outs) {
         let Some(c) = c else {
             return Err(Error::invalid(
                 format!("no answer was generated for record `{id}`"),
@@ -266,6 +279,16 @@ fn generate(
         matches += usize::from(text::exact_match(&text, reference));
         cut_off += usize::from(c.finish_reason == generation::FinishReason::Length);
         new_tokens += c.ids.len();
+        let mut ids = prompt.clone();
+        ids.extend(&c.ids);
+        let mut loss_mask = vec![false; prompt.len()];
+        loss_mask.resize(ids.len(), true);
+        answers.push(Sample {
+            id: id.clone(),
+            ids,
+            loss_mask,
+            teacher: None,
+        });
         if examples.len() < 5 {
             examples.push(GenExample {
                 id: id.clone(),
@@ -275,6 +298,13 @@ fn generate(
             });
         }
     }
+    let teacher_nll = match teacher {
+        Some(t) => {
+            let sums = score(t, tokenizer, None, &answers, opts, &mut |_, _, _| {})?;
+            (sums.tokens > 0).then(|| sums.means().nll)
+        }
+        None => None,
+    };
     let refs: Vec<&str> = items.iter().map(|(_, _, r)| r.as_str()).collect();
     let n = total.max(1) as f64;
     Ok(GenReport {
@@ -284,6 +314,7 @@ fn generate(
         exact_match: text::short_targets(&refs).then_some(matches as f64 / n),
         cut_off,
         mean_new_tokens: new_tokens as f64 / n,
+        teacher_nll,
         examples,
     })
 }
@@ -333,6 +364,16 @@ pub fn markdown(reports: &[EvalReport]) -> String {
     row(&mut out, "teacher entropy (nats)", &|r| {
         r.tokens.teacher_entropy.map(|x| format!("{x:.3}"))
     });
+    row(
+        &mut out,
+        "teacher NLL of greedy answers (nats/token)",
+        &|r| {
+            r.generation
+                .as_ref()
+                .and_then(|g| g.teacher_nll)
+                .map(|x| format!("{x:.3}"))
+        },
+    );
     row(&mut out, "ROUGE-L F of greedy answers", &|r| {
         r.generation
             .as_ref()
@@ -476,5 +517,61 @@ mod tests {
         assert!(md.starts_with("| metric | `a` | `b` |"), "{md}");
         assert!(md.contains("ROUGE-L F of greedy answers"));
         assert!(!md.contains("KL(teacher"), "no teacher, no KL row");
+        assert!(!md.contains("teacher NLL of greedy answers"));
+    }
+
+    #[test]
+    fn the_teachers_nll_of_greedy_answers_by_hand() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, t, ds) = setup(dir.path());
+        let cfg = retort_test::tiny_config(Arch::Llama);
+        let teacher = retort_test::tiny_model(&cfg, 11);
+        let opts = EvalOptions {
+            generate: 4,
+            max_new_tokens: 5,
+            ..Default::default()
+        };
+        let r = evaluate(&m, &t, Some(&teacher), &ds, &opts, |_, _, _| {}).unwrap();
+        let got = r.generation.as_ref().unwrap().teacher_nll.unwrap();
+        // Each greedy answer generated alone, scored by the teacher's full logits.
+        let (mut sum, mut n) = (0.0f64, 0usize);
+        for rec in ds.records.iter().take(4) {
+            let msgs = &rec.conversation.messages;
+            let last = msgs
+                .iter()
+                .rposition(|x| x.role == Role::Assistant)
+                .unwrap();
+            let prompt = t.encode_prompt(&msgs[..last]).unwrap();
+            let params = SamplingParams {
+                max_new_tokens: 5,
+                ..SamplingParams::default()
+            };
+            let c = generation::generate(&m, &t, std::slice::from_ref(&prompt), &params, |_, _| {})
+                .unwrap()
+                .remove(0);
+            let mut ids = prompt.clone();
+            ids.extend(&c.ids);
+            let x = Tensor::new(ids.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let lp =
+                retort_distill::loss::log_softmax(&teacher.logits(&x).unwrap().squeeze(0).unwrap())
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap();
+            for p in prompt.len() - 1..ids.len() - 1 {
+                sum -= f64::from(lp[p][ids[p + 1] as usize]);
+                n += 1;
+            }
+        }
+        assert!(n > 0);
+        assert!(
+            (got - sum / n as f64).abs() < 1e-4,
+            "{got} vs {}",
+            sum / n as f64
+        );
+        let md = markdown(&[r]);
+        assert!(md.contains("teacher NLL of greedy answers"), "{md}");
     }
 }

@@ -153,6 +153,9 @@ pub struct CellResult {
     /// Held-out NLL (nats/token), copied out of `eval` for the report.
     pub nll: f64,
     pub rouge_l: Option<f64>,
+    /// The eval teacher's NLL of the greedy answers (`[eval] generate` and `teacher`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher_nll_generated: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -161,6 +164,8 @@ pub struct BaselineResult {
     pub model: String,
     pub nll: f64,
     pub rouge_l: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher_nll_generated: Option<f64>,
 }
 
 /// What the runner tells its caller.
@@ -424,6 +429,7 @@ pub fn run(
             model: b.model.display().to_string(),
             nll: r.tokens.nll,
             rouge_l: r.generation.as_ref().map(|g| g.rouge_l),
+            teacher_nll_generated: r.generation.as_ref().and_then(|g| g.teacher_nll),
         };
         fs_err::create_dir_all(out.join("baselines"))?;
         retort_data::files::write_atomic(
@@ -490,6 +496,7 @@ pub fn run(
             steps: crate::report::optimizer_steps(&dir),
             nll: r.tokens.nll,
             rouge_l: r.generation.as_ref().map(|g| g.rouge_l),
+            teacher_nll_generated: r.generation.as_ref().and_then(|g| g.teacher_nll),
             eval: serde_json::to_value(&r).map_err(std::io::Error::from)?,
         };
         retort_data::files::write_atomic(

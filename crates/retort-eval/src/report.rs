@@ -154,27 +154,31 @@ pub fn markdown(
         }
     }
     if !baselines.is_empty() {
-        s.push_str("\n## Baselines\n\n| model | held-out NLL | ROUGE-L |\n| --- | ---: | ---: |\n");
+        s.push_str("\n## Baselines\n\n| model | held-out NLL | ROUGE-L | teacher NLL of its greedy answers |\n| --- | ---: | ---: | ---: |\n");
         for b in baselines {
             s.push_str(&format!(
-                "| {} (`{}`) | {:.3} | {} |\n",
+                "| {} (`{}`) | {:.3} | {} | {} |\n",
                 b.name,
                 b.model,
                 b.nll,
-                b.rouge_l.map_or("—".into(), |r| format!("{r:.3}"))
+                b.rouge_l.map_or("—".into(), |r| format!("{r:.3}")),
+                b.teacher_nll_generated
+                    .map_or("—".into(), |r| format!("{r:.3}"))
             ));
         }
     }
-    s.push_str("\n## Every cell\n\n| cell | arm | train size | seed | held-out NLL | ROUGE-L | steps | train s |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    s.push_str("\n## Every cell\n\n| cell | arm | train size | seed | held-out NLL | ROUGE-L | teacher NLL of greedy answers | steps | train s |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
     for c in cells {
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {:.4} | {} | {} | {:.0} |\n",
+            "| {} | {} | {} | {} | {:.4} | {} | {} | {} | {:.0} |\n",
             c.id,
             c.arm,
             c.train_size,
             c.seed,
             c.nll,
             c.rouge_l.map_or("—".into(), |r| format!("{r:.3}")),
+            c.teacher_nll_generated
+                .map_or("—".into(), |r| format!("{r:.3}")),
             c.steps.map_or("—".into(), |n| n.to_string()),
             c.train_seconds
         ));
@@ -453,6 +457,7 @@ mod tests {
             eval: serde_json::json!({ "seconds": 2.0 }),
             nll,
             rouge_l: None,
+            teacher_nll_generated: None,
         }
     }
 
