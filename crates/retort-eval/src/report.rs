@@ -491,7 +491,7 @@ mod tests {
         );
         assert!(md.contains("70 s training, 14 s evaluation"), "{md}");
         assert!(
-            md.contains("| kd-n4-s1 | kd | 4 | 1 | 3.1000 | — | 7 | 10 |"),
+            md.contains("| kd-n4-s1 | kd | 4 | 1 | 3.1000 | — | — | 7 | 10 |"),
             "{md}"
         );
     }
