@@ -576,6 +576,110 @@ fn label_killed_with_sigkill_resumes_with_every_sample_exactly_once() {
     }
 }
 
+#[test]
+#[allow(clippy::zombie_processes)] // the loop below always kills and waits for the child
+fn on_policy_train_killed_mid_round_with_sigkill_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = tiny(dir.path(), 4);
+    write_chat_data(&dir.path().join("train.jsonl"), 200);
+    let recipe = dir.path().join("op.toml");
+    fs_err::write(
+        &recipe,
+        format!(
+            "[teacher]\npath = \"{}\"\n[student]\nnum_layers = 2\n[train]\nbatch_size = 2\n\
+             max_len = 40\neval_fraction = 0.0\nsave_every = 1\n[[stages]]\nname = \"op\"\n\
+             data = \"train.jsonl\"\nmethod = \"on_policy\"\nmax_steps = 60\nlr = 0.01\n\
+             [stages.on_policy]\nlambda = 0.5\nupdates_per_round = 4\nsamples_per_round = 6\n\
+             max_new_tokens = 8\ntop_k = 8\n",
+            teacher.display()
+        ),
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_retort");
+    let args = |out: &Path, resume: bool| -> Vec<String> {
+        let mut a: Vec<String> = ["--quiet", "--threads", "1", "train"]
+            .map(String::from)
+            .to_vec();
+        a.push(recipe.display().to_string());
+        a.push("--out".into());
+        a.push(out.display().to_string());
+        if resume {
+            a.push("--resume".into());
+        }
+        a
+    };
+    let once = dir.path().join("once");
+    ok(&Command::new(bin).args(args(&once, false)).output().unwrap());
+    // Kill -9 as soon as a checkpoint in the middle of a round (not a multiple of 4) is written.
+    let killed = dir.path().join("killed");
+    let mut child = Command::new(bin)
+        .args(args(&killed, false))
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let step_at_kill = loop {
+        let step = fs_err::read_to_string(killed.join("checkpoints/latest"))
+            .ok()
+            .and_then(|n| {
+                n.trim()
+                    .strip_prefix("step-")
+                    .and_then(|s| s.parse::<usize>().ok())
+            });
+        if step.is_some_and(|s| s % 4 != 0) || t0.elapsed().as_secs() >= 120 {
+            child.kill().unwrap(); // SIGKILL on Unix
+            child.wait().unwrap();
+            break step.unwrap_or(0);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    };
+    assert!(
+        step_at_kill % 4 != 0,
+        "no mid-round checkpoint within 2 minutes"
+    );
+    assert!(
+        !killed.join("model").exists(),
+        "the run finished before the kill"
+    );
+    let done = ok(&Command::new(bin)
+        .args(args(&killed, true))
+        .output()
+        .unwrap());
+    assert!(done.trim().ends_with("model"), "{done}");
+    assert_eq!(
+        fs_err::read(once.join("model/model.safetensors")).unwrap(),
+        fs_err::read(killed.join("model/model.safetensors")).unwrap(),
+        "killed at step {step_at_kill}: the resumed student differs"
+    );
+    let losses = |d: &Path| -> Vec<String> {
+        fs_err::read_to_string(d.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("\"kind\":\"train\""))
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                format!("{} {} {}", v["global_step"], v["loss"], v["grad_norm"])
+            })
+            .collect()
+    };
+    assert_eq!(losses(&once), losses(&killed));
+    assert_eq!(losses(&once).len(), 60);
+    // Every round's answers were kept, the same in both runs.
+    for r in 0..15 {
+        let read = |d: &Path| -> serde_json::Value {
+            let p = d.join(format!("rounds/stage-0/round-{r:06}.json"));
+            let mut v: serde_json::Value =
+                serde_json::from_str(&fs_err::read_to_string(p).unwrap()).unwrap();
+            v["seconds_sampling"] = 0.into();
+            v
+        };
+        assert_eq!(
+            read(&once)["samples"],
+            read(&killed)["samples"],
+            "round {r}"
+        );
+    }
+}
+
 /// Rows of the synth ledger's `requests` table (0 while the file does not exist yet).
 fn ledger_rows(dir: &Path) -> i64 {
     let Ok(c) = rusqlite::Connection::open_with_flags(

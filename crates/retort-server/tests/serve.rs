@@ -271,3 +271,106 @@ fn labelling_over_http_writes_the_cache_local_labelling_writes() {
         tok.fingerprint()
     );
 }
+
+/// An on-policy stage graded by `retort serve` (top-k and the sampled tokens' log-probs through
+/// `prompt_logprobs`) trains as the same stage graded by the teacher in-process.
+#[test]
+fn an_on_policy_round_graded_by_a_server_equals_the_local_one() {
+    use retort_distill::onpolicy::RoundFile;
+    use retort_distill::recipe::Recipe;
+    use retort_distill::trainer::{Outcome, RunOptions, Silent, run};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny_config(Arch::Llama);
+    cfg.num_hidden_layers = 3;
+    let teacher = write_tiny_model(&dir.path().join("t"), &cfg, 6);
+    cfg.num_hidden_layers = 2;
+    let student = write_tiny_model(&dir.path().join("s"), &cfg, 7);
+    write_chat_data(&dir.path().join("chat.jsonl"), 16);
+    let addr = start(&teacher, None);
+    let recipe = |name: &str, teacher_line: &str| {
+        let p = dir.path().join(format!("{name}.toml"));
+        let text = format!(
+            "[teacher]\n{teacher_line}\n[student]\npath = \"{}\"\n[train]\nbatch_size = 2\n\
+             grad_accum = 2\nmax_len = 40\neval_fraction = 0.0\n[[stages]]\nname = \"op\"\n\
+             data = \"chat.jsonl\"\nmethod = \"on_policy\"\nmax_steps = 4\nlr = 0.01\n\
+             [stages.on_policy]\nupdates_per_round = 2\nsamples_per_round = 6\nmax_new_tokens = 6\ntop_k = 8\n",
+            student.display()
+        );
+        fs_err::write(&p, text).unwrap();
+        p
+    };
+    let local = recipe("local", &format!("path = \"{}\"", teacher.display()));
+    let remote = recipe("remote", &format!("url = \"http://{addr}/v1\""));
+    let train = |recipe: &Path, out: &str| {
+        let mut plan =
+            retort_distill::setup::prepare(Recipe::load(recipe, &[]).unwrap(), &Device::Cpu)
+                .unwrap();
+        if let Some(url) = plan.recipe.teacher.as_ref().and_then(|t| t.url.clone()) {
+            let scorer = retort_teacher::remote_label::RemoteScorer::connect(
+                HttpConfig::new(url),
+                plan.tokenizer.vocab_size(),
+                8,
+            )
+            .unwrap();
+            plan.scorer = Some(Box::new(scorer));
+        }
+        let opts = RunOptions {
+            out: dir.path().join(out),
+            ..Default::default()
+        };
+        assert!(matches!(
+            run(&plan, &opts, &mut Silent).unwrap(),
+            Outcome::Finished(_)
+        ));
+        let lines = fs_err::read_to_string(dir.path().join(out).join("metrics.jsonl")).unwrap();
+        let records: Vec<serde_json::Value> = lines
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let rounds: Vec<RoundFile> = (0..2)
+            .map(|r| {
+                let p = retort_distill::onpolicy::round_path(&dir.path().join(out), 0, r);
+                let mut f: RoundFile =
+                    serde_json::from_str(&fs_err::read_to_string(p).unwrap()).unwrap();
+                f.seconds_sampling = 0.0;
+                f.recipe_sha256.clear(); // the recipes differ in their [teacher]
+                f
+            })
+            .collect();
+        (records, rounds)
+    };
+    let (a, ra) = train(&local, "local");
+    let (b, rb) = train(&remote, "remote");
+    // The student wrote the same answers (its sampling does not depend on the grader) …
+    // (Round 0 bit for bit; round 1 from weights trained on grades that differ in the last
+    // float bits, so its log-probs may too.)
+    assert!(ra[0] == rb[0], "round 0 differs");
+    for (s, t) in ra[1].samples.iter().zip(&rb[1].samples) {
+        assert_eq!((&s.ids, &s.text, &s.finish), (&t.ids, &t.text, &t.finish));
+        for (p, q) in s
+            .logp
+            .iter()
+            .zip(&t.logp)
+            .chain(s.entropy.iter().zip(&t.entropy))
+        {
+            assert!((p - q).abs() < 1e-4, "{p} vs {q}");
+        }
+    }
+    assert!(ra.iter().all(|r| r.samples.iter().all(|s| s.student)));
+    // … and the teacher graded them alike, so every step and round record agrees.
+    assert_eq!(a.len(), b.len());
+    let mut compared = 0;
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x["kind"], y["kind"]);
+        for key in ["loss", "ce", "kd", "grad_norm", "teacher_nll", "reverse_kl"] {
+            if let (Some(p), Some(q)) = (x[key].as_f64(), y[key].as_f64()) {
+                assert!(
+                    (p - q).abs() <= 1e-4 * q.abs().max(1.0),
+                    "{key}: {p} (local) vs {q} (server)"
+                );
+                compared += 1;
+            }
+        }
+    }
+    assert!(compared >= 4 * 4 + 2 * 2, "{compared} values compared");
+}
