@@ -807,9 +807,31 @@ impl Plan {
         );
         for st in &self.stages {
             let r = &st.report;
-            let method = match &st.objective.kd {
-                None => "sft".to_string(),
-                Some(k) => match &st.objective.cross {
+            let t = &self.recipe.train;
+            let method = match (&st.objective.kd, &st.stage.on_policy) {
+                (Some(k), Some(o)) => format!(
+                    "on-policy {} ({} estimator) T={}, λ={}: rounds of {} answers (≤ {} new tokens, \
+                     sampled at T={}, top-p {}) × {} updates, teacher top-{} by {}",
+                    k.divergence,
+                    match o.estimator {
+                        crate::recipe::Estimator::Full => "full",
+                        crate::recipe::Estimator::Sampled => "sampled",
+                    },
+                    k.temperature,
+                    o.lambda,
+                    o.samples_per_round_for(t.batch_size, t.grad_accum),
+                    o.max_new_tokens,
+                    o.temperature,
+                    o.top_p,
+                    o.updates_per_round,
+                    o.top_k,
+                    match self.recipe.teacher.as_ref().and_then(|t| t.url.as_deref()) {
+                        Some(url) => format!("the server {url}"),
+                        None => "the live teacher".into(),
+                    }
+                ),
+                (None, _) => "sft".to_string(),
+                (Some(k), None) => match &st.objective.cross {
                     Some(c) => format!(
                         "kd across tokenizers ({}, teacher top-{}) {} α={} T={}",
                         match c.loss {
