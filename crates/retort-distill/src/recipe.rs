@@ -241,9 +241,11 @@ pub struct OnPolicy {
     pub temperature: f64,
     pub top_p: f64,
     pub estimator: Estimator,
-    /// The teacher's top-k per token (the rest is one tail bucket); servers cap it (vLLM's
-    /// `--max-logprobs`, default 20).
-    pub top_k: usize,
+    /// The teacher's top-k per token (plus the sampled token; the rest is one tail bucket).
+    /// Unset: the live teacher's whole distribution (exact, the teacher runs in every step), or
+    /// a server's top-20 (vLLM's `--max-logprobs` default caps it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<usize>,
 }
 
 impl Default for OnPolicy {
@@ -256,7 +258,7 @@ impl Default for OnPolicy {
             temperature: 1.0,
             top_p: 1.0,
             estimator: Estimator::Full,
-            top_k: 20,
+            top_k: None,
         }
     }
 }
@@ -267,7 +269,22 @@ impl OnPolicy {
         self.samples_per_round
             .unwrap_or(self.updates_per_round * batch * accum)
     }
+
+    /// The teacher's top-k when it is a server, or `top_k` of a live teacher (`None`: its whole
+    /// distribution).
+    pub fn teacher_k(&self, server: bool) -> Option<usize> {
+        match (self.top_k, server) {
+            (Some(k), _) => Some(k),
+            (None, true) => Some(SERVER_TOP_K),
+            (None, false) => None,
+        }
+    }
 }
+
+/// A server teacher's top-k when the recipe does not say: vLLM's default `--max-logprobs`.
+pub const SERVER_TOP_K: usize = 20;
+
+impl OnPolicy {}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -736,7 +753,9 @@ impl Recipe {
                 ));
                 checks.push(Check::real(&g("top_p"), o.top_p, Range::Above(0.0)));
                 checks.push(Check::real(&g("top_p"), o.top_p, Range::Closed(0.0, 1.0)));
-                checks.push(Check::count(&g("top_k"), o.top_k, 1, 4096));
+                if let Some(k) = o.top_k {
+                    checks.push(Check::count(&g("top_k"), k, 1, 4096));
+                }
             }
         }
         for c in checks {

@@ -811,7 +811,7 @@ impl Plan {
             let method = match (&st.objective.kd, &st.stage.on_policy) {
                 (Some(k), Some(o)) => format!(
                     "on-policy {} ({} estimator) T={}, λ={}: rounds of {} answers (≤ {} new tokens, \
-                     sampled at T={}, top-p {}) × {} updates, teacher top-{} by {}",
+                     sampled at T={}, top-p {}) × {} updates, graded by {} ({})",
                     k.divergence,
                     match o.estimator {
                         crate::recipe::Estimator::Full => "full",
@@ -824,10 +824,13 @@ impl Plan {
                     o.temperature,
                     o.top_p,
                     o.updates_per_round,
-                    o.top_k,
                     match self.recipe.teacher.as_ref().and_then(|t| t.url.as_deref()) {
                         Some(url) => format!("the server {url}"),
                         None => "the live teacher".into(),
+                    },
+                    match o.teacher_k(self.scorer.is_some() || self.teacher.is_none()) {
+                        Some(k) => format!("its top-{k} + the sampled token + a tail bucket"),
+                        None => "its whole distribution".into(),
                     }
                 ),
                 (None, _) => "sft".to_string(),

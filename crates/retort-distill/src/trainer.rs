@@ -743,6 +743,8 @@ struct RoundState {
     samples: Vec<Sample>,
     tops: Vec<crate::cache::TopK>,
     vocab: usize,
+    /// The teacher's top-k (`None`: its whole distribution, run in the step).
+    k: Option<usize>,
     record: RoundRecord,
 }
 
@@ -774,6 +776,8 @@ impl OnPolicyRun<'_> {
             )
         })?;
         let j = step % self.o.updates_per_round;
+        // The live teacher's whole distribution: the objective runs the teacher in the step.
+        let dense = self.o.estimator == Estimator::Full && cur.k.is_none();
         onpolicy::step_rows(j, cur.samples.len(), t.batch_size, t.grad_accum)
             .into_iter()
             .map(|rows| {
@@ -781,6 +785,7 @@ impl OnPolicyRun<'_> {
                 let tops: Vec<&crate::cache::TopK> = rows.iter().map(|&i| &cur.tops[i]).collect();
                 let mut mb = batch::collate(&samples, run.plan.pad_id, run.plan.student.device())?;
                 match self.o.estimator {
+                    Estimator::Full if dense => {}
                     Estimator::Full => {
                         mb.sparse =
                             Some(onpolicy::sparse_targets(&tops, cur.vocab, kd.temperature));
@@ -882,11 +887,14 @@ impl OnPolicyRun<'_> {
             samples.len()
         ));
         let t0 = Instant::now();
+        // Without a top-k (the live teacher's whole distribution in every step), the round's
+        // scoring only gives the sampled tokens' log-probs (diagnostics, the sampled estimator).
+        let k = self.o.teacher_k(plan.scorer.is_some());
         let tops = onpolicy::score(
             scorer,
             &samples,
             plan.pad_id,
-            self.o.top_k,
+            k.unwrap_or(1),
             plan.recipe.train.batch_size,
         )?;
         for (s, t) in samples.iter().zip(&tops) {
@@ -913,6 +921,7 @@ impl OnPolicyRun<'_> {
             samples,
             tops,
             vocab: scorer.vocab_size(),
+            k,
             record,
         })
     }

@@ -107,7 +107,7 @@ fn connect_server(
         .recipe
         .stages
         .iter()
-        .filter_map(|s| s.on_policy.as_ref().map(|o| o.top_k))
+        .filter_map(|s| s.on_policy.as_ref().and_then(|o| o.teacher_k(true)))
         .max()
         .unwrap_or(1);
     let cfg = retort_teacher::HttpConfig {
