@@ -7,10 +7,8 @@
 //! student and computes the gradient of the per-token reverse KL three ways on the same answers:
 //!
 //!   dense    the exact per-position reverse KL over the whole vocabulary (teacher live)
-//!   top-k    the same over the teacher's top-k + the sampled token + one tail bucket
-//!            (`estimator = "full"` with `top_k`, as a server teacher gives it)
-//!   top-k/tail  the same without the sampled token's own outcome: what comparing on the
-//!            teacher's top-k + tail alone would do (not what retort trains; for the record)
+//!   top-k    the same over the teacher's top-k + one tail bucket (`estimator = "full"` with
+//!            `top_k`, or a server teacher)
 //!   sampled  the policy gradient with the sampled token's cost `log q − log p`
 //!            (`estimator = "sampled"`): per position, an unbiased one-sample estimate of the
 //!            dense gradient at that prefix
@@ -32,12 +30,10 @@ use retort_distill::Divergence;
 use retort_distill::batch::{self, Truncation};
 use retort_distill::cache::TopK;
 use retort_distill::cache::label::LocalScorer;
-use retort_distill::cache::topk::coarse_log_probs;
 use retort_distill::grads::Grads;
 use retort_distill::objective::{KdTerm, MicroBatch, Objective, accumulate};
 use retort_distill::onpolicy::{self, PromptStream, RoundInputs};
 use retort_distill::recipe::OnPolicy;
-use retort_distill::sparse::SparseTargets;
 use retort_model::model::evenly_spaced_layers;
 use retort_model::{Model, WeightFormat, checkpoint};
 
@@ -224,20 +220,6 @@ fn main() {
                 0 => Some(&teacher),
                 1 => {
                     mb.sparse = Some(onpolicy::sparse_targets(&top_refs, vocab, 1.0));
-                    None
-                }
-                2 => {
-                    let mut sp = SparseTargets {
-                        k,
-                        ids: Vec::new(),
-                        logp: Vec::new(),
-                    };
-                    for t in &tops {
-                        sp.ids.extend_from_slice(&t.ids);
-                        sp.logp
-                            .extend(coarse_log_probs(&t.logp, &t.log_tail, k, vocab, 1.0));
-                    }
-                    mb.sparse = Some(sp);
                     None
                 }
                 _ => {

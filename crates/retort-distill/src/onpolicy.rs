@@ -34,7 +34,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::batch::{self, Sample};
 use crate::cache::TopK;
-use crate::cache::codec::NONE;
 use crate::cache::label::Scorer;
 use crate::cache::topk::coarse_log_probs;
 use crate::error::{Error, Result};
@@ -390,52 +389,26 @@ pub fn score(
     Ok(out)
 }
 
-/// Sparse targets of a micro-batch's samples (collate order) at the training temperature:
-/// each row's teacher top-k **plus the token the student sampled** when it is not among them
-/// (its log-prob is in the scores), then one tail bucket. Without that extra outcome a student
-/// that puts its mass outside the teacher's top-k would be compared on the tail bucket alone,
-/// which hides most of the reverse KL it should pay (measured in `docs/on-policy.md`).
+/// Sparse targets of a micro-batch's samples (collate order) at the training temperature: each
+/// row's teacher top-k and one tail bucket, as from a logit cache. (Giving the sampled token an
+/// outcome of its own was measured and did not bring the gradient closer to the exact one:
+/// `docs/on-policy.md`.)
 pub fn sparse_targets(tops: &[&TopK], vocab: usize, temperature: f64) -> SparseTargets {
     let k = tops.first().map_or(1, |t| t.k);
-    let k1 = k + 1;
     let mut out = SparseTargets {
-        k: k1,
+        k,
         ids: Vec::new(),
         logp: Vec::new(),
     };
     for t in tops {
-        let rows = t.rows();
-        let (mut ids, mut logp, mut tail) = (
-            Vec::with_capacity(rows * k1),
-            Vec::with_capacity(rows * k1),
-            Vec::with_capacity(rows),
-        );
-        for r in 0..rows {
-            let (row_ids, row_lp) = (&t.ids[r * k..(r + 1) * k], &t.logp[r * k..(r + 1) * k]);
-            ids.extend_from_slice(row_ids);
-            logp.extend_from_slice(row_lp);
-            let x = t.tokens[t.positions[r] as usize + 1];
-            let lx = t.label_logp.get(r).copied().unwrap_or(f32::NAN);
-            let lt = t.log_tail[r];
-            if row_ids.contains(&x) || !lx.is_finite() || lt == f32::NEG_INFINITY {
-                ids.push(NONE);
-                logp.push(f32::NEG_INFINITY);
-                tail.push(lt);
-            } else {
-                // The sampled token leaves the tail: its mass moves to its own outcome.
-                let rest = (lt as f64).exp() - (lx as f64).exp();
-                ids.push(x);
-                logp.push(lx);
-                tail.push(if rest > 0.0 {
-                    rest.ln() as f32
-                } else {
-                    f32::NEG_INFINITY
-                });
-            }
-        }
-        out.ids.extend(ids);
-        out.logp
-            .extend(coarse_log_probs(&logp, &tail, k1, vocab, 1.0 / temperature));
+        out.ids.extend_from_slice(&t.ids);
+        out.logp.extend(coarse_log_probs(
+            &t.logp,
+            &t.log_tail,
+            t.k,
+            vocab,
+            1.0 / temperature,
+        ));
     }
     out
 }
@@ -564,30 +537,6 @@ mod tests {
         assert_eq!(step_rows(0, 8, 2, 2), vec![vec![0, 1], vec![2, 3]]);
         assert_eq!(step_rows(1, 8, 2, 2), vec![vec![4, 5], vec![6, 7]]);
         assert_eq!(step_rows(1, 6, 2, 2), vec![vec![4, 5], vec![0, 1]]);
-    }
-
-    #[test]
-    fn the_sampled_token_leaves_the_tail_as_its_own_outcome() {
-        // V = 6, k = 2. Row 0 sampled token 4 (outside the top-2), row 1 token 1 (inside).
-        let lp = |p: f64| p.ln() as f32;
-        let t = TopK {
-            k: 2,
-            tokens: vec![9, 9, 4, 1],
-            positions: vec![1, 2],
-            ids: vec![0, 1, 1, 2],
-            logp: vec![lp(0.5), lp(0.2), lp(0.6), lp(0.3)],
-            log_tail: vec![lp(0.3), lp(0.1)],
-            label_logp: vec![lp(0.25), lp(0.6)],
-            turns: None,
-        };
-        let s = sparse_targets(&[&t], 6, 1.0);
-        assert_eq!(s.k, 3);
-        assert_eq!(s.ids, vec![0, 1, 4, 1, 2, NONE]);
-        let p: Vec<f64> = s.logp.iter().map(|&x| (x as f64).exp()).collect();
-        let want = [0.5, 0.2, 0.25, 0.05, 0.6, 0.3, 0.0, 0.1];
-        for (a, b) in p.iter().zip(want) {
-            assert!((a - b).abs() < 1e-6, "{p:?}");
-        }
     }
 
     #[test]

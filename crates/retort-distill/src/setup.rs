@@ -399,6 +399,22 @@ pub fn prepare(recipe: Recipe, device: &Device) -> Result<Plan> {
         ))),
         _ => None,
     };
+    for st in &recipe.stages {
+        let server = recipe.teacher.as_ref().is_some_and(|t| t.url.is_some());
+        if let Some(o) = &st.on_policy
+            && o.estimator == crate::recipe::Estimator::Full
+            && o.teacher_k(server).is_some()
+        {
+            tracing::warn!(
+                "stage `{}`: the teacher's top-{} per token stands in for its whole distribution; \
+                 on the student's own answers that gradient measured far from the exact one \
+                 (docs/on-policy.md); estimator = \"sampled\" needs only the sampled token's \
+                 log-prob and is unbiased",
+                st.name,
+                o.teacher_k(server).unwrap_or_default()
+            );
+        }
+    }
     let live_teacher = needs_teacher && teacher_ck.is_some();
     let mut stages = Vec::with_capacity(recipe.stages.len());
     for (index, stage) in recipe.stages.iter().enumerate() {
