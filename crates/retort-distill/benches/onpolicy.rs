@@ -37,14 +37,8 @@ use retort_distill::recipe::OnPolicy;
 use retort_model::model::evenly_spaced_layers;
 use retort_model::{Model, WeightFormat, checkpoint};
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+mod common;
+use common::arg;
 
 /// Running sums of one estimator's gradients.
 struct Moments {

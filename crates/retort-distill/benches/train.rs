@@ -38,18 +38,8 @@ use retort_model::lora::LoraConfig;
 use retort_model::model::evenly_spaced_layers;
 use retort_model::{WeightFormat, checkpoint};
 
-/// The value after `name` on the command line.
-fn arg_str(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    let i = args.iter().position(|a| a == name)?;
-    args.get(i + 1).cloned()
-}
-
-fn arg(name: &str, default: usize) -> usize {
-    arg_str(name)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+mod common;
+use common::{arg, arg_str};
 
 fn peak_rss_mb() -> f64 {
     let status = fs_err::read_to_string("/proc/self/status").unwrap_or_default();

@@ -42,19 +42,8 @@ use retort_distill::xtok::loss::{CrossKd, CrossLoss, VocabMap};
 use retort_model::model::evenly_spaced_layers;
 use retort_model::{WeightFormat, checkpoint};
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(mut x: Vec<f64>) -> f64 {
-    x.sort_by(f64::total_cmp);
-    x[x.len() / 2]
-}
+mod common;
+use common::{arg, median};
 
 fn main() {
     let (steps, batch_n, seq, k) = (
