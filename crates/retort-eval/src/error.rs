@@ -16,6 +16,9 @@ pub enum Error {
     #[error(transparent)]
     Io(#[from] std::io::Error),
 
+    #[error(transparent)]
+    Teacher(#[from] retort_teacher::Error),
+
     /// Anything passed in that cannot work, with a fix.
     #[error("{reason}\nhint: {hint}")]
     Invalid { reason: String, hint: String },

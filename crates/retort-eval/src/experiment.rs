@@ -471,7 +471,9 @@ pub fn run(
         sets.push(format!("train.seed={seed}"));
         let recipe_path = arm.recipe.as_ref().unwrap_or(&exp.recipe);
         let recipe = Recipe::load(recipe_path, &sets)?;
-        let plan = setup::prepare(recipe, device)?;
+        let mut plan = setup::prepare(recipe, device)?;
+        // A server teacher (`[teacher] url`) grades on-policy stages.
+        retort_teacher::remote_label::attach_server(&mut plan)?;
         let resume = dir.join("checkpoints").join("latest").exists();
         let opts = RunOptions {
             out: dir.clone(),

@@ -305,15 +305,9 @@ fn an_on_policy_round_graded_by_a_server_equals_the_local_one() {
         let mut plan =
             retort_distill::setup::prepare(Recipe::load(recipe, &[]).unwrap(), &Device::Cpu)
                 .unwrap();
-        if let Some(url) = plan.recipe.teacher.as_ref().and_then(|t| t.url.clone()) {
-            let scorer = retort_teacher::remote_label::RemoteScorer::connect(
-                HttpConfig::new(url),
-                plan.tokenizer.vocab_size(),
-                8,
-            )
-            .unwrap();
-            plan.scorer = Some(Box::new(scorer));
-        }
+        // `retort train`'s and `retort experiment`'s own step: [teacher] url → the grader.
+        retort_teacher::remote_label::attach_server(&mut plan).unwrap();
+        assert_eq!(plan.scorer.is_some(), recipe.ends_with("remote.toml"));
         let opts = RunOptions {
             out: dir.path().join(out),
             ..Default::default()

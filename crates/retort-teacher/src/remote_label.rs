@@ -23,6 +23,40 @@ use crate::http::{HttpConfig, HttpTeacher};
 use crate::openai::{CompletionRequest, CompletionResponse, Prompt};
 use crate::teacher::{Failure, Teacher};
 
+/// Connect the server teacher of `plan`'s recipe (`[teacher] url`), if it has one, as the
+/// grader of its on-policy stages: probed for `prompt_logprobs` with the largest top-k a stage
+/// asks for (`OnPolicy::teacher_k`). The API key is read from `[teacher] api_key_env`.
+pub fn attach_server(plan: &mut retort_distill::setup::Plan) -> Result<()> {
+    let Some(t) = plan.recipe.teacher.clone() else {
+        return Ok(());
+    };
+    let Some(url) = &t.url else {
+        return Ok(());
+    };
+    let api_key = match &t.api_key_env {
+        Some(var) => Some(std::env::var(var).map_err(|_| Error::Invalid {
+            reason: format!("[teacher] api_key_env names `{var}`, which is not set"),
+            hint: format!("export {var}=… (the server's API key), or remove api_key_env"),
+        })?),
+        None => None,
+    };
+    let k = plan
+        .recipe
+        .stages
+        .iter()
+        .filter_map(|s| s.on_policy.as_ref().and_then(|o| o.teacher_k(true)))
+        .max()
+        .unwrap_or(1);
+    let cfg = HttpConfig {
+        model: t.model.clone(),
+        api_key,
+        ..HttpConfig::new(url.clone())
+    };
+    let scorer = RemoteScorer::connect(cfg, plan.tokenizer.vocab_size(), k)?;
+    plan.scorer = Some(Box::new(scorer));
+    Ok(())
+}
+
 pub struct RemoteScorer {
     http: HttpTeacher,
     vocab: usize,

@@ -89,38 +89,6 @@ impl Observer for Bars {
     }
 }
 
-/// The server that grades on-policy samples (`[teacher] url`), checked to return
-/// `prompt_logprobs` with the largest `top_k` an on-policy stage asks for.
-fn connect_server(
-    url: &str,
-    t: &retort_distill::recipe::TeacherSpec,
-    plan: &setup::Plan,
-) -> Result<Box<dyn retort_distill::cache::label::Scorer + Send>> {
-    let api_key =
-        match &t.api_key_env {
-            Some(var) => Some(std::env::var(var).with_context(|| {
-                format!("[teacher] api_key_env names `{var}`, which is not set")
-            })?),
-            None => None,
-        };
-    let k = plan
-        .recipe
-        .stages
-        .iter()
-        .filter_map(|s| s.on_policy.as_ref().and_then(|o| o.teacher_k(true)))
-        .max()
-        .unwrap_or(1);
-    let cfg = retort_teacher::HttpConfig {
-        model: t.model.clone(),
-        api_key,
-        ..retort_teacher::HttpConfig::new(url)
-    };
-    let scorer =
-        retort_teacher::remote_label::RemoteScorer::connect(cfg, plan.tokenizer.vocab_size(), k)
-            .with_context(|| format!("cannot use the teacher server `{url}`"))?;
-    Ok(Box::new(scorer))
-}
-
 pub fn run(args: TrainArgs, ctx: &super::Ctx) -> Result<()> {
     let quiet = ctx.quiet;
     let recipe = Recipe::load(&args.recipe, &args.set)?;
@@ -128,11 +96,8 @@ pub fn run(args: TrainArgs, ctx: &super::Ctx) -> Result<()> {
     let plan = setup::prepare(recipe, &ctx.device);
     pb.finish_and_clear();
     let mut plan = plan.with_context(|| format!("cannot prepare `{}`", args.recipe.display()))?;
-    if let Some(t) = plan.recipe.teacher.clone()
-        && let Some(url) = &t.url
-    {
-        plan.scorer = Some(connect_server(url, &t, &plan)?);
-    }
+    retort_teacher::remote_label::attach_server(&mut plan)
+        .context("cannot use the recipe's teacher server")?;
     if args.dry_run {
         out!("{}", plan.summary())?;
         outln!("dry run: nothing trained")?;
