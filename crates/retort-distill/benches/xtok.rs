@@ -24,7 +24,6 @@
 
 #![allow(clippy::unwrap_used, clippy::print_stdout)] // a benchmark binary
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -52,13 +51,9 @@ fn main() {
         arg("--seq", 256),
         arg("--k", 64),
     );
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let path = root.join("assets/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let data = root.join("assets/data/healthbench/train.jsonl");
-    if !path.exists() || !data.exists() {
-        println!("skipped: run scripts/fetch-assets and scripts/fetch-data healthbench");
+    let Some((root, path, data)) = common::smollm_and_healthbench() else {
         return;
-    }
+    };
     let dev = Device::Cpu;
     let ck = checkpoint::read(&path, &dev).unwrap();
     let tok = ck.tokenizer.clone();
@@ -70,16 +65,7 @@ fn main() {
         .to_trainable(&path)
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let head: String = fs_err::read_to_string(&data)
-        .unwrap()
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .take(batch_n)
-        .map(|l| format!("{l}\n"))
-        .collect();
-    let small = dir.path().join("batch.jsonl");
-    fs_err::write(&small, head).unwrap();
-    let ds = retort_data::dataset::read(&small, &Default::default()).unwrap();
+    let (small, ds) = common::first_records(&data, batch_n, dir.path());
 
     // One-time: tokenizing alone vs both sides with the alignment (real tokenizers).
     let qwen = root.join("assets/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf");
