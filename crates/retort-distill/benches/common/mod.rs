@@ -17,10 +17,11 @@ pub fn arg(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// The median of `x` (the upper one for an even count); `x` must not be empty.
+/// The median of `x` (the upper one for an even count); NaN when `x` is empty (e.g. a bench
+/// run for its warm-up step only).
 pub fn median(mut x: Vec<f64>) -> f64 {
     x.sort_by(f64::total_cmp);
-    x[x.len() / 2]
+    x.get(x.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// The repository's root and the SmolLM2 teacher and HealthBench training data the real-model
