@@ -25,7 +25,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{D, DType, Tensor};
+use candle_core::{DType, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use retort_model::generation::{FinishReason, SamplingParams};
@@ -509,12 +509,6 @@ pub fn step_rows(j: usize, round_len: usize, batch: usize, accum: usize) -> Vec<
     let n = batch * accum;
     let rows: Vec<usize> = (0..n).map(|i| (j * n + i) % round_len.max(1)).collect();
     rows.chunks(batch.max(1)).map(<[usize]>::to_vec).collect()
-}
-
-/// Per-row entropies of `logits (n, V)` in nats (a test and diagnostic helper).
-pub fn entropies(logits: &Tensor) -> Result<Vec<f32>> {
-    let lp = log_softmax(logits)?;
-    Ok((lp.exp()? * &lp)?.sum(D::Minus1)?.neg()?.to_vec1::<f32>()?)
 }
 
 #[cfg(test)]

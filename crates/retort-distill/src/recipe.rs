@@ -353,6 +353,8 @@ enum Range {
     Closed(f64, f64),
     /// `[a, b)`
     ClosedOpen(f64, f64),
+    /// `(a, b]`
+    OpenClosed(f64, f64),
     /// `> a`
     Above(f64),
     /// `≥ a`
@@ -365,6 +367,7 @@ impl Range {
             && match self {
                 Range::Closed(a, b) => (a..=b).contains(&x),
                 Range::ClosedOpen(a, b) => (a..b).contains(&x),
+                Range::OpenClosed(a, b) => x > a && x <= b,
                 Range::Above(a) => x > a,
                 Range::AtLeast(a) => x >= a,
             }
@@ -374,6 +377,7 @@ impl Range {
         match self {
             Range::Closed(a, b) => format!("a finite number in [{a}, {b}]"),
             Range::ClosedOpen(a, b) => format!("a finite number in [{a}, {b})"),
+            Range::OpenClosed(a, b) => format!("a finite number in ({a}, {b}]"),
             Range::Above(a) => format!("a finite number > {a}"),
             Range::AtLeast(a) => format!("a finite number ≥ {a}"),
         }
@@ -751,8 +755,11 @@ impl Recipe {
                     o.temperature,
                     Range::Above(0.0),
                 ));
-                checks.push(Check::real(&g("top_p"), o.top_p, Range::Above(0.0)));
-                checks.push(Check::real(&g("top_p"), o.top_p, Range::Closed(0.0, 1.0)));
+                checks.push(Check::real(
+                    &g("top_p"),
+                    o.top_p,
+                    Range::OpenClosed(0.0, 1.0),
+                ));
                 if let Some(k) = o.top_k {
                     checks.push(Check::count(&g("top_k"), k, 1, 4096));
                 }
